@@ -1,0 +1,74 @@
+# visionr1: every target sets up what it needs. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORKDIR ?= .visionr1/tiny-cpu
+IMAGE_REPO ?= ghcr.io/visionr1
+TAG ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-16s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[operator,train,dev]'
+	touch $@
+
+.PHONY: setup
+setup: $(BIN)/.installed ## create .venv and install visionr1 with the operator, train and dev extras
+
+.PHONY: test
+test: setup ## lint, then run the test suite (no cluster, no GPU needed)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q
+
+.PHONY: lint
+lint: setup ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+.PHONY: format
+format: setup ## format the code
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+.PHONY: crd
+crd: setup ## regenerate crds/visionr1run.yaml (and the chart's copy) from the API models
+	$(BIN)/visionr1 crd > crds/visionr1run.yaml
+	@if [ -d charts/visionr1-operator/templates/crd ]; then $(BIN)/python -m visionr1_operator.chart_crd; fi
+
+.PHONY: reference
+reference: setup ## regenerate docs/manifest-reference.md from the field descriptions
+	$(BIN)/visionr1 reference > docs/manifest-reference.md
+
+.PHONY: validate-examples
+validate-examples: setup ## validate every example manifest
+	$(BIN)/visionr1 validate examples/*.yaml
+
+.PHONY: demo
+demo: setup ## the laptop demo: toy data + tiny model + the whole pipeline on CPU (examples/tiny-cpu.yaml)
+	$(BIN)/visionr1 toy data --out $(WORKDIR)/toy --n 400 --seed 0
+	$(BIN)/visionr1 toy model --out $(WORKDIR)/models/tiny-qwen25vl
+	$(BIN)/visionr1 run-local examples/tiny-cpu.yaml --workdir $(WORKDIR)
+
+.PHONY: images
+images: ## build the operator and trainer images (needs docker)
+	docker build -f images/operator/Dockerfile -t $(IMAGE_REPO)/operator:$(TAG) .
+	docker build -f images/trainer/Dockerfile -t $(IMAGE_REPO)/trainer:$(TAG) .
+
+.PHONY: push
+push: images ## push both images with TAG
+	docker push $(IMAGE_REPO)/operator:$(TAG)
+	docker push $(IMAGE_REPO)/trainer:$(TAG)
+
+.PHONY: clean
+clean: ## remove the demo workspace and caches (keeps .venv)
+	rm -rf .visionr1 .pytest_cache .ruff_cache

@@ -1,0 +1,516 @@
+"""Parameters of every stage program, as pydantic models.
+
+The stage programs own their parameters; the operator's VisionR1Run API embeds these models
+under ``spec.stages.<stage>.params``. Defaults reproduce the Vision-R1 paper (see VISION-R1.md);
+where the paper is silent the default is marked "not published" in the field description.
+
+This module imports only pydantic (and the standard library): the operator image has no torch.
+Field names are snake_case in Python and camelCase in manifests and in the resolved stage config.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+STAGES: tuple[str, ...] = ("synthesis", "filter", "sft", "grpo", "eval")
+StageName = Literal["synthesis", "filter", "sft", "grpo", "eval"]
+
+#: Exit status of a stage program whose config or input is invalid. Permanent: the operator maps
+#: it to ``FailJob`` in the Job's podFailurePolicy and never retries it.
+EXIT_INVALID_INPUT = 65
+
+
+class Model(BaseModel):
+    """Base for every manifest and config model: camelCase aliases, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    def dump(self) -> dict[str, Any]:
+        """The camelCase JSON form, as written into manifests and stage configs."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _cel(*rules: tuple[str, str]) -> dict[str, Any]:
+    """CEL rules for the CRD (``x-kubernetes-validations``); each is mirrored by a validator."""
+    return {"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]}
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+DatasetFormat = Literal[
+    "auto",
+    "visionr1",  # the pipeline's own sharded parquet (what our stages write)
+    "toy",  # the toy world written by `visionr1 toy data`
+    "llava_cot",
+    "mulberry",
+    "sharegpt",  # Vision-R1-cold (LLaMA-Factory sharegpt, both variants)
+    "geometry3k",  # Vision-R1-rl parquet: images, problem, answer
+    "jsonl",
+    "hf_disk",  # a datasets.save_to_disk directory
+]
+
+BackendKind = Literal["toy", "transformers", "vllm", "openai", "auto"]
+
+
+class SecretKeyRef(Model):
+    """A key of a Kubernetes Secret in the run's namespace."""
+
+    name: str = Field(description="Secret name.", min_length=1, max_length=253)
+    key: str = Field(description="Key inside the Secret.", min_length=1, max_length=253)
+
+
+class Sampling(Model):
+    """Sampling parameters of one generation call."""
+
+    temperature: float = Field(1.0, ge=0.0, le=5.0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: int = Field(
+        4096, ge=1, le=131072, description="Maximum new tokens per response (tokens)."
+    )
+    seed: int | None = Field(None, ge=0, description="Sampling seed; unset = nondeterministic.")
+
+
+class Backend(Model):
+    """Where text is generated: one interface over toy stand-ins, transformers, vLLM, or an API."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            (
+                "self.kind != 'openai' || has(self.baseUrl)",
+                "kind 'openai' needs baseUrl (e.g. http://vllm:8000/v1)",
+            )
+        )
+    )
+
+    kind: BackendKind = Field(
+        "auto",
+        description=(
+            "toy = the toy-world stand-in (toy data only); transformers = HF generate (CPU or GPU); "
+            "vllm = vLLM offline engine (GPU image only); openai = any OpenAI-compatible chat "
+            "endpoint; auto = vllm when installed and a GPU is present, else transformers."
+        ),
+    )
+    model: str | None = Field(
+        None,
+        description="Model: a path, a hub id, or the served model name for `openai`. "
+        "Unset = the stage's own model (the run's base model or the checkpoint under test).",
+        max_length=512,
+    )
+    base_url: str | None = Field(
+        None,
+        description="Base URL of the OpenAI-compatible endpoint, e.g. http://vllm:8000/v1.",
+        max_length=2048,
+        pattern=r"^https?://",
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="Environment variable holding the API key (fill it from a Secret with the "
+        "stage's `env`).",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        max_length=128,
+    )
+    max_concurrency: int = Field(16, ge=1, le=4096, description="Requests in flight (openai).")
+    timeout_s: float = Field(600.0, gt=0, le=86400, description="Per-request timeout (seconds).")
+    max_retries: int = Field(5, ge=0, le=50, description="Retries on 429/5xx/timeouts (openai).")
+    batch_size: int = Field(8, ge=1, le=4096, description="Prompts per batch (transformers).")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="vLLM tensor parallel degree.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype (auto = bf16 on GPU, fp32 on CPU)."
+    )
+    toy_error_rate: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="Toy reasoner stand-in only: share of wrong answers (the filter must drop them).",
+    )
+    toy_inconsistent_rate: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Toy reasoner stand-in only: share of CoTs whose final answer contradicts the "
+        "thinking's last conclusion, or that break the format.",
+    )
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> Backend:
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("kind 'openai' needs baseUrl (e.g. http://vllm:8000/v1)")
+        return self
+
+
+class Teacher(Model):
+    """A model used by synthesis, with its backend and sampling parameters."""
+
+    backend: Backend = Field(default_factory=Backend, description="How to generate.")
+    sampling: Sampling = Field(default_factory=Sampling, description="Sampling parameters.")
+
+
+class DatasetRef(Model):
+    """A dataset on the run's storage (relative paths are under the workspace)."""
+
+    path: str = Field(description="Directory or file.", min_length=1, max_length=4096)
+    format: DatasetFormat = Field("auto", description="Layout of the data; auto = detect.")
+    image_root: str | None = Field(
+        None, description="Folder that image paths are relative to (default: beside the data).",
+        max_length=4096,
+    )
+    limit: int | None = Field(None, ge=1, description="Use at most this many rows (rows).")
+
+
+# --------------------------------------------------------------------------- synthesis
+
+
+class SynthesisParams(Model):
+    """Modality bridging (VISION-R1.md §2): pseudo-CoT → detailed description → text reasoner."""
+
+    describer: Teacher = Field(
+        default_factory=lambda: Teacher(
+            backend=Backend(kind="vllm", model="Qwen/Qwen2.5-VL-72B-Instruct", tensor_parallel_size=8),
+            sampling=Sampling(temperature=0.7, top_p=0.95, max_tokens=4096),
+        ),
+        description="Multimodal teacher for steps 1–2 (paper: Qwen2.5-VL-72B).",
+    )
+    reasoner: Teacher = Field(
+        default_factory=lambda: Teacher(
+            backend=Backend(kind="openai", model="deepseek-reasoner",
+                            base_url="https://api.deepseek.com/v1", api_key_env="DEEPSEEK_API_KEY"),
+            sampling=Sampling(temperature=0.6, top_p=0.95, max_tokens=16384),
+        ),
+        description="Text-only reasoning model for step 3 (paper: DeepSeek-R1).",
+    )
+    prompts_version: str = Field(
+        "v1", pattern=r"^v[0-9]+$", description="Version of the prompt files to use (logged)."
+    )
+    give_answer_to_reasoner: bool = Field(
+        True, description="Show the ground-truth answer to the reasoner (the authors say they did)."
+    )
+    rows_per_shard: int = Field(
+        512, ge=1, le=1_000_000, description="Rows per output parquet file (rows)."
+    )
+    limit: int | None = Field(None, ge=1, description="Process at most this many input rows.")
+
+
+# --------------------------------------------------------------------------- filter
+
+
+class Replacement(Model):
+    """One wording replacement (regular expression, case-insensitive)."""
+
+    pattern: str = Field(min_length=1, max_length=1024, description="Regex to find.")
+    replacement: str = Field(max_length=1024, description="Replacement text.")
+
+
+DEFAULT_REPLACEMENTS: list[dict[str, str]] = [
+    {"pattern": r"\b(?:the|this) (?:detailed )?description (?:says|states|mentions|notes)", "replacement": "the image shows"},
+    {"pattern": r"\b(?:the|this) (?:detailed )?description (?:shows|indicates)", "replacement": "the image shows"},
+    {"pattern": r"\baccording to the (?:detailed )?description\b", "replacement": "according to the image"},
+    {"pattern": r"\b(?:the|this) (?:detailed )?description\b", "replacement": "the image"},
+    {"pattern": r"\b(?:the|this) (?:given )?text\b(?= (?:says|states|shows|mentions))", "replacement": "the image"},
+    {"pattern": r"\bas described\b", "replacement": "as shown"},
+    {"pattern": r"\bis described as\b", "replacement": "is shown as"},
+    {"pattern": r"\bdescribed\b", "replacement": "shown"},
+]
+
+
+class FilterParams(Model):
+    """Rules that turn raw reasoner outputs into Vision-R1-cold (VISION-R1.md §3–4)."""
+
+    require_correct: bool = Field(True, description="Keep only answers that match the ground truth.")
+    check_consistency: bool = Field(
+        True, description="Drop CoTs whose final answer contradicts the thinking's last conclusion."
+    )
+    max_chars: int = Field(
+        65536, ge=64, le=10_000_000, description="Drop responses longer than this (characters)."
+    )
+    min_think_chars: int = Field(
+        16, ge=0, le=1_000_000, description="Drop thinking shorter than this (characters)."
+    )
+    repetition_ngram: int = Field(
+        8, ge=2, le=256, description="n-gram size (words) for the runaway-repetition rule."
+    )
+    max_repeated_ngram_share: float = Field(
+        0.3, gt=0.0, le=1.0,
+        description="Drop when the most frequent n-gram covers more than this share of the thinking.",
+    )
+    replacements: list[Replacement] = Field(
+        default_factory=lambda: [Replacement(**r) for r in DEFAULT_REPLACEMENTS],
+        description="Wording that reveals the reasoner saw text, rewritten as about the image.",
+        max_length=256,
+    )
+    dedupe: bool = Field(True, description="Drop duplicate (image, question) pairs, keep the first.")
+    workers: int = Field(
+        1, ge=1, le=256, description="Worker processes for answer checking (processes)."
+    )
+    verify_timeout_s: float = Field(
+        5.0, gt=0, le=600, description="Time bound for one answer check (seconds)."
+    )
+    rows_per_shard: int = Field(4096, ge=1, le=1_000_000, description="Rows per output file (rows).")
+    sample_rows: int = Field(
+        50, ge=0, le=10_000, description="Kept and dropped rows logged to MLflow as a sample (rows)."
+    )
+
+
+# --------------------------------------------------------------------------- training shared
+
+DeepSpeedMode = Literal["none", "zero2", "zero3"]
+
+
+class TrainCommon(Model):
+    """Parameters shared by SFT and GRPO."""
+
+    bf16: bool = Field(True, description="bf16 on GPU (CPU always trains in fp32).")
+    deepspeed: DeepSpeedMode = Field("zero3", description="DeepSpeed ZeRO stage (none on CPU).")
+    gradient_checkpointing: bool = Field(True, description="Activation checkpointing.")
+    freeze_vision_tower: bool = Field(False, description="Do not train the vision encoder.")
+    min_pixels: int | None = Field(
+        None, ge=784, le=100_000_000, description="Processor min_pixels (pixels); unset = model default."
+    )
+    max_pixels: int | None = Field(
+        None, ge=784, le=100_000_000, description="Processor max_pixels (pixels); unset = model default."
+    )
+    save_steps: int = Field(50, ge=1, le=1_000_000, description="Checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, le=1000, description="Checkpoints kept on disk.")
+    logging_steps: int = Field(1, ge=1, le=10_000, description="Log metrics every N steps.")
+    seed: int = Field(42, ge=0, description="Training seed.")
+    register_model: str | None = Field(
+        None, max_length=256,
+        description="Register the final model in the MLflow Model Registry under this name.",
+    )
+
+    @model_validator(mode="after")
+    def _pixels_order(self) -> TrainCommon:
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError("minPixels must not exceed maxPixels")
+        return self
+
+
+_PIXELS_CEL = (
+    "!has(self.minPixels) || !has(self.maxPixels) || self.minPixels <= self.maxPixels",
+    "minPixels must not exceed maxPixels",
+)
+
+
+class SFTParams(TrainCommon):
+    """Cold-start SFT (VISION-R1.md §5): full fine-tune, bf16, ZeRO-3."""
+
+    model_config = ConfigDict(json_schema_extra=_cel(_PIXELS_CEL))
+
+    learning_rate: float = Field(5e-6, gt=0, le=1.0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="Share of steps spent warming up.")
+    epochs: float = Field(2.0, gt=0, le=100, description="Training epochs.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    global_batch_size: int = Field(
+        32, ge=1, le=65536, description="Sequences per optimizer step across all GPUs."
+    )
+    per_device_batch_size: int = Field(1, ge=1, le=1024, description="Sequences per GPU per micro-step.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    max_length: int = Field(16384, ge=16, le=262144, description="Max sequence length (tokens).")
+
+
+class PTSTStage(Model):
+    """One row of the Progressive Thinking Suppression table."""
+
+    max_completion_length: int = Field(
+        ge=1, le=131072, description="Completion budget of this sub-stage (tokens)."
+    )
+    num_generations: int = Field(
+        ge=2, le=512, description="Samples per prompt (GRPO needs at least 2 to compare)."
+    )
+    steps: int = Field(ge=1, le=1_000_000, description="Optimizer steps in this sub-stage.")
+
+
+PAPER_PTST: list[dict[str, int]] = [
+    {"max_completion_length": 4096, "num_generations": 16, "steps": 100},
+    {"max_completion_length": 8192, "num_generations": 8, "steps": 100},
+]
+
+
+class GRPOParams(TrainCommon):
+    """GRPO with PTST and the hard formatting result reward (VISION-R1.md §6)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            _PIXELS_CEL,
+            (
+                "self.rollout != 'vllm_server' || has(self.vllmServerUrl)",
+                "rollout 'vllm_server' needs vllmServerUrl",
+            ),
+        )
+    )
+
+    dataset: DatasetRef | None = Field(
+        None,
+        description="RL problems (paper: ~10K, geometry3k format: images, problem, answer). "
+        "Required when the stage is enabled.",
+    )
+    ptst: Annotated[list[PTSTStage], Field(min_length=1, max_length=16)] = Field(
+        default_factory=lambda: [PTSTStage(**row) for row in PAPER_PTST],
+        description="PTST table: sub-stages run in order, each from the previous one's weights.",
+    )
+    learning_rate: float = Field(1e-6, gt=0, le=1.0, description="Learning rate (not published; EasyR1's default).")
+    beta: float = Field(0.01, ge=0, le=10, description="KL coefficient to the reference model (k3).")
+    epsilon: float = Field(0.2, gt=0, le=1, description="PPO clip range.")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field("grpo", description="TRL loss type.")
+    reward: Literal["hard_format_result", "format_plus_accuracy"] = Field(
+        "hard_format_result",
+        description="hard_format_result = format × accuracy (Vision-R1); format_plus_accuracy = "
+        "0.5·format + 0.5·accuracy (Vision-R1-Zero).",
+    )
+    system_prompt: str | None = Field(
+        None, max_length=16384,
+        description="System prompt for rollouts (Vision-R1 uses none; Zero used a format instruction).",
+    )
+    prompts_per_step: int = Field(
+        32, ge=1, le=65536, description="Prompts per optimizer step, all GPUs (not published)."
+    )
+    temperature: float = Field(1.0, gt=0, le=5, description="Rollout temperature (not published).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Rollout nucleus mass.")
+    max_prompt_length: int = Field(
+        4096, ge=16, le=262144, description="Prompts longer than this are dropped and counted (tokens)."
+    )
+    reset_reference_each_stage: bool = Field(
+        False,
+        description="Use each sub-stage's starting weights as its KL reference (not published).",
+    )
+    rollout: Literal["auto", "vllm_colocate", "vllm_server", "transformers"] = Field(
+        "auto", description="How completions are generated (auto = vLLM colocate when installed)."
+    )
+    vllm_server_url: str | None = Field(
+        None, max_length=2048, pattern=r"^https?://", description="TRL vLLM server for rollout=vllm_server."
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.35, gt=0, le=1, description="GPU share for colocated vLLM."
+    )
+    verify_timeout_s: float = Field(5.0, gt=0, le=600, description="Time bound per reward check (s).")
+
+    @model_validator(mode="after")
+    def _server_needs_url(self) -> GRPOParams:
+        if self.rollout == "vllm_server" and not self.vllm_server_url:
+            raise ValueError("rollout 'vllm_server' needs vllmServerUrl")
+        return self
+
+
+# --------------------------------------------------------------------------- eval
+
+BenchmarkName = Literal["mathvista", "mathverse", "mmmath", "dynamath", "toy"]
+
+
+class Benchmark(Model):
+    """One benchmark to evaluate on, from a local dataset directory."""
+
+    name: BenchmarkName = Field(description="Benchmark (layout and scoring rules follow from it).")
+    path: str = Field(min_length=1, max_length=4096, description="Dataset directory on the storage.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N problems.")
+    versions: list[str] | None = Field(
+        None, max_length=16, description="MathVerse problem versions to include (unset = all)."
+    )
+
+
+class EvalParams(Model):
+    """Evaluation (VISION-R1.md §7): the released harness's protocol, rule-based by default."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(("self.judge != 'llm' || has(self.llmJudge)", "judge 'llm' needs llmJudge"))
+    )
+
+    benchmarks: Annotated[list[Benchmark], Field(min_length=1, max_length=32)] = Field(
+        default_factory=lambda: [
+            Benchmark(name="mathvista", path="benchmarks/mathvista"),
+            Benchmark(name="mathverse", path="benchmarks/mathverse"),
+            Benchmark(name="mmmath", path="benchmarks/mm-math"),
+            Benchmark(name="dynamath", path="benchmarks/dynamath"),
+        ],
+        description="Benchmarks to run.",
+    )
+    checkpoints: list[str] = Field(
+        default_factory=lambda: ["base", "sft", "grpo"],
+        max_length=64,
+        description="Checkpoints to evaluate: base, sft, grpo (the final model), grpo/stage-N, or a path.",
+    )
+    backend: Backend = Field(default_factory=Backend, description="Generation backend (auto).")
+    temperature: float = Field(0.6, ge=0, le=5, description="Sampling temperature (paper: 0.6).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus mass (paper: 0.95).")
+    max_new_tokens: int = Field(16000, ge=1, le=131072, description="Max new tokens (paper: 16,000).")
+    retries_missing_answer: int = Field(
+        4, ge=0, le=16, description="Ask again up to N times when `</answer>` is missing (paper: 4)."
+    )
+    judge: Literal["rule", "llm"] = Field("rule", description="rule = reproducible default.")
+    llm_judge: Teacher | None = Field(
+        None, description="Judge model for judge=llm (model and version are recorded)."
+    )
+    seed: int = Field(0, ge=0, description="Sampling seed.")
+
+    @model_validator(mode="after")
+    def _llm_judge(self) -> EvalParams:
+        if self.judge == "llm" and self.llm_judge is None:
+            raise ValueError("judge 'llm' needs llmJudge")
+        return self
+
+PARAMS_BY_STAGE: dict[str, type[Model]] = {
+    "synthesis": SynthesisParams,
+    "filter": FilterParams,
+    "sft": SFTParams,
+    "grpo": GRPOParams,
+    "eval": EvalParams,
+}
+
+
+# --------------------------------------------------------------------------- resolved config
+
+
+class InputLocation(Model):
+    """A resolved input of a stage program."""
+
+    path: str = Field(description="Absolute path, or relative to the workspace.")
+    format: str = Field(
+        "auto",
+        description="Data layout, 'model' for a model directory or hub id, or 'stage' for another "
+        "stage's output folder (read its _manifest.json).",
+    )
+    stage: StageName | None = Field(None, description="Producing stage when format == 'stage'.")
+
+
+class MlflowRef(Model):
+    tracking_uri: str | None = None
+    experiment: str = "visionr1"
+    parent_run_id: str | None = None
+    run_id: str | None = None
+
+
+class RunRef(Model):
+    namespace: str = "default"
+    name: str = "local"
+    uid: str | None = None
+
+
+class ResolvedStageConfig(Model):
+    """What the operator (or the local executor) hands a stage program as ``--config FILE``."""
+
+    stage: StageName
+    run: RunRef = Field(default_factory=RunRef)
+    workspace: str = Field(description="Root of the run's workspace (PVC mount or local dir).")
+    output_dir: str = Field(description="This stage's folder, relative to the workspace.")
+    base_model: str = Field(description="The run's base model (path or hub id).")
+    inputs: dict[str, InputLocation] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    mlflow: MlflowRef = Field(default_factory=MlflowRef)
+
+    def stage_params(self) -> Model:
+        """The stage's parameter model, validated."""
+        return PARAMS_BY_STAGE[self.stage].model_validate(self.params)

@@ -1,0 +1,227 @@
+"""The stage contract (DESIGN.md): atomic writes, the done-marker manifest, shards, exit codes.
+
+A stage is done if and only if ``<workspace>/<stage>/_manifest.json`` exists. It is written last and
+atomically; everything a stage writes on the way goes through :func:`atomic_write` too, so a
+killed pod never leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import Field
+
+from visionr1_jobs.config import EXIT_INVALID_INPUT, Model, ResolvedStageConfig
+
+MANIFEST = "_manifest.json"
+
+
+class InvalidInput(Exception):
+    """Bad config or input data: permanent, the stage exits with EXIT_INVALID_INPUT."""
+
+
+class StageManifest(Model):
+    """What a finished stage leaves behind (``<stage>/_manifest.json``)."""
+
+    stage: str
+    outputs: dict[str, str] = Field(
+        default_factory=dict, description="Named outputs, paths relative to the workspace."
+    )
+    rows: dict[str, int] = Field(default_factory=dict, description="Row counts per output.")
+    hashes: dict[str, str] = Field(default_factory=dict, description="sha256 of output files.")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; on success fsync it and rename it over ``dest``.
+
+    For writers that want a file name (pyarrow, save_pretrained of a single file, PIL).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, dest)
+        _fsync_dir(dest.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
+def atomic_write(dest: str | os.PathLike[str], data: bytes | str) -> Path:
+    """Write bytes or text to ``dest`` atomically (temp file, fsync, rename)."""
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+    return Path(dest)
+
+
+def atomic_write_json(dest: str | os.PathLike[str], obj: Any) -> Path:
+    return atomic_write(dest, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def stage_dir(cfg: ResolvedStageConfig) -> Path:
+    return Path(cfg.workspace) / cfg.output_dir
+
+
+def resolve_path(workspace: str | os.PathLike[str], path: str) -> Path:
+    """Relative paths are under the workspace; absolute paths stay."""
+    p = Path(path)
+    return p if p.is_absolute() else Path(workspace) / p
+
+
+def manifest_path(workspace: str | os.PathLike[str], output_dir: str) -> Path:
+    return Path(workspace) / output_dir / MANIFEST
+
+
+def read_manifest(workspace: str | os.PathLike[str], output_dir: str) -> StageManifest | None:
+    """The manifest of a finished stage, or None when the stage has not finished."""
+    p = manifest_path(workspace, output_dir)
+    if not p.exists():
+        return None
+    return StageManifest.model_validate_json(p.read_text())
+
+
+def write_manifest(cfg: ResolvedStageConfig, manifest: StageManifest) -> Path:
+    """Mark the stage done. Call last, after every output is in place."""
+    manifest.finished_at = manifest.finished_at or time.time()
+    return atomic_write_json(manifest_path(cfg.workspace, cfg.output_dir), manifest.dump())
+
+
+def input_path(cfg: ResolvedStageConfig, name: str, output_key: str | None = None) -> Path:
+    """Resolve input ``name``; for a stage input, follow the producer's manifest to ``output_key``.
+
+    Raises InvalidInput when the input is missing or the producing stage has not finished.
+    """
+    loc = cfg.inputs.get(name)
+    if loc is None:
+        raise InvalidInput(f"config.inputs.{name} is missing; the {cfg.stage} stage needs it")
+    if loc.format != "stage":
+        if loc.format == "model" and not Path(loc.path).is_absolute() and not resolve_path(
+            cfg.workspace, loc.path
+        ).exists():
+            return Path(loc.path)  # a hub id
+        return resolve_path(cfg.workspace, loc.path)
+    man = read_manifest(cfg.workspace, loc.path)
+    if man is None:
+        raise InvalidInput(
+            f"config.inputs.{name}: stage {loc.stage or loc.path!r} has not finished "
+            f"(no {loc.path}/{MANIFEST} in {cfg.workspace})"
+        )
+    key = output_key or name
+    if key not in man.outputs:
+        raise InvalidInput(
+            f"config.inputs.{name}: stage {loc.stage!r} has no output {key!r} "
+            f"(it has {sorted(man.outputs)})"
+        )
+    return resolve_path(cfg.workspace, man.outputs[key])
+
+
+# --------------------------------------------------------------------------- shards, progress
+
+
+def shard_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:
+    """(index, count) from an Indexed Job: JOB_COMPLETION_INDEX and VISIONR1_SHARDS."""
+    env = dict(os.environ) if env is None else env
+    index = int(env.get("JOB_COMPLETION_INDEX", "0") or 0)
+    count = int(env.get("VISIONR1_SHARDS", "1") or 1)
+    if count < 1 or not 0 <= index < count:
+        raise InvalidInput(
+            f"JOB_COMPLETION_INDEX={index} is outside 0..VISIONR1_SHARDS-1 ({count})"
+        )
+    return index, count
+
+
+def progress(stage: str, done: int, total: int | None, **extra: Any) -> None:
+    """A machine-readable progress line on stderr: ``VISIONR1_PROGRESS {json}``.
+
+    The local executor and the operator (from pod logs) surface the latest one.
+    """
+    payload = {"stage": stage, "done": done, "total": total, "time": time.time(), **extra}
+    print("VISIONR1_PROGRESS " + json.dumps(payload, default=str), file=sys.stderr, flush=True)
+
+
+def parse_progress(line: str) -> dict[str, Any] | None:
+    if not line.startswith("VISIONR1_PROGRESS "):
+        return None
+    try:
+        return json.loads(line[len("VISIONR1_PROGRESS ") :])
+    except json.JSONDecodeError:
+        return None
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_config(path: str | os.PathLike[str]) -> ResolvedStageConfig:
+    try:
+        raw = Path(path).read_text()
+    except OSError as exc:
+        raise InvalidInput(f"--config {path}: cannot read ({exc})") from exc
+    try:
+        cfg = ResolvedStageConfig.model_validate_json(raw)
+        cfg.stage_params()
+    except ValueError as exc:
+        raise InvalidInput(f"--config {path}: invalid stage config:\n{exc}") from exc
+    return cfg
+
+
+def run_stage(fn: Callable[[ResolvedStageConfig], StageManifest], cfg_path: str, out: IO[str] | None = None) -> int:
+    """Run a stage program under the contract: skip when done, map errors to exit codes."""
+    out = out or sys.stderr
+    try:
+        cfg = load_config(cfg_path)
+        done = read_manifest(cfg.workspace, cfg.output_dir)
+        if done is not None:
+            print(f"[{cfg.stage}] already done ({cfg.output_dir}/{MANIFEST}); nothing to do", file=out)
+            return 0
+        manifest = fn(cfg)
+        if read_manifest(cfg.workspace, cfg.output_dir) is None:
+            write_manifest(cfg, manifest)
+        return 0
+    except InvalidInput as exc:
+        print(f"error: {exc}", file=out)
+        print(f"(exit {EXIT_INVALID_INPUT}: invalid config or input; retrying will not help)", file=out)
+        return EXIT_INVALID_INPUT

@@ -1,0 +1,1 @@
+"""Stage programs: each module exposes ``run(cfg: ResolvedStageConfig) -> StageManifest``."""

@@ -1,0 +1,466 @@
+"""The VisionR1Run API (group visionr1.io, version v1alpha1): spec and status models.
+
+The spec composes run-level fields with each stage's own parameter model from
+``visionr1_jobs.config``. The CRD is generated from these models (``visionr1_operator.crd``);
+every cross-field rule is written twice on purpose: as a pydantic validator (for
+``visionr1 validate`` and the operator) and as a CEL rule (for the API server).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from visionr1_jobs.config import (
+    STAGES,
+    EvalParams,
+    FilterParams,
+    GRPOParams,
+    Model,
+    SecretKeyRef,
+    SFTParams,
+    StageName,
+    SynthesisParams,
+    _cel,
+)
+
+GROUP = "visionr1.io"
+VERSION = "v1alpha1"
+KIND = "VisionR1Run"
+PLURAL = "visionr1runs"
+SINGULAR = "visionr1run"
+SHORT_NAMES = ["vr1"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Kubernetes resource.Quantity, as the apimachinery regular expression accepts it.
+QUANTITY_PATTERN = (
+    r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+)
+_QUANTITY_STRICT = re.compile(
+    r"^[+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+)
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+
+PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+
+
+def _quantity(value: str | None, what: str) -> str | None:
+    if value is not None and not _QUANTITY_STRICT.match(value):
+        raise ValueError(
+            f"{value!r} is not a Kubernetes quantity for {what}; use e.g. '8', '500m', '64Gi'"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------- run-level pieces
+
+
+class BaseModelRef(Model):
+    """The model every stage starts from."""
+
+    name: str = Field(
+        min_length=1, max_length=512,
+        description="Hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct) or a path on the run's storage.",
+    )
+    revision: str | None = Field(None, max_length=256, description="Hub revision (commit or tag).")
+
+
+class Storage(Model):
+    """Where the run's workspace lives."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            ("has(self.pvc) || has(self.localDir)", "set pvc (cluster) or localDir (laptop)")
+        )
+    )
+
+    pvc: str | None = Field(
+        None, max_length=253, pattern=DNS_SUBDOMAIN,
+        description="PersistentVolumeClaim (ReadWriteMany for multi-node stages) holding the workspace.",
+    )
+    sub_path: str = Field(
+        "", max_length=1024, pattern=r"^[^/].*$|^$",
+        description="Folder inside the PVC; default = <namespace>/<run name>.",
+    )
+    local_dir: str | None = Field(
+        None, max_length=4096, description="Workspace directory for `visionr1 run-local`."
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> Storage:
+        if not self.pvc and not self.local_dir:
+            raise ValueError("set pvc (cluster) or localDir (laptop)")
+        return self
+
+
+class Mlflow(Model):
+    """MLflow tracking for the run."""
+
+    tracking_uri: str | None = Field(
+        None, max_length=2048,
+        description="Tracking URI; unset = the operator's default (the chart's MLflow server), or "
+        "sqlite in the workspace locally.",
+    )
+    experiment: str = Field("visionr1", min_length=1, max_length=256, description="Experiment name.")
+    credentials_secret: str | None = Field(
+        None, max_length=253, pattern=DNS_SUBDOMAIN,
+        description="Secret whose keys (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, AWS_*) become env.",
+    )
+
+
+class Images(Model):
+    """Container images."""
+
+    trainer: str = Field(
+        "ghcr.io/visionr1/trainer:0.1.0", min_length=1, max_length=1024,
+        description="Image of the stage programs (CUDA, torch, vLLM, DeepSpeed).",
+    )
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="imagePullPolicy of stage pods."
+    )
+    pull_secrets: list[str] = Field(
+        default_factory=list, max_length=16, description="imagePullSecrets names."
+    )
+
+
+class Resources(Model):
+    """Per-pod resources of a stage."""
+
+    gpus: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod (GPUs).")
+    cpu: str | None = Field(
+        None, max_length=64, pattern=QUANTITY_PATTERN, description="CPU request and limit, e.g. '16'."
+    )
+    memory: str | None = Field(
+        None, max_length=64, pattern=QUANTITY_PATTERN, description="Memory request and limit, e.g. '256Gi'."
+    )
+    shm: str = Field(
+        "16Gi", max_length=64, pattern=QUANTITY_PATTERN,
+        description="Size of the memory-backed /dev/shm (NCCL, dataloaders).",
+    )
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, v: str | None) -> str | None:
+        return _quantity(v, "cpu")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str | None) -> str | None:
+        return _quantity(v, "memory")
+
+    @field_validator("shm")
+    @classmethod
+    def _shm(cls, v: str) -> str:
+        return _quantity(v, "shm")  # type: ignore[return-value]
+
+
+class Toleration(Model):
+    """A pod toleration (core/v1 Toleration)."""
+
+    key: str | None = Field(None, max_length=316)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, ge=0)
+
+
+class KeyRef(Model):
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field(min_length=1, max_length=253)
+
+
+class EnvSource(Model):
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            (
+                "has(self.secretKeyRef) != has(self.configMapKeyRef)",
+                "set exactly one of secretKeyRef or configMapKeyRef",
+            )
+        )
+    )
+    secret_key_ref: KeyRef | None = None
+    config_map_key_ref: KeyRef | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("set exactly one of secretKeyRef or configMapKeyRef")
+        return self
+
+
+class EnvVar(Model):
+    """An environment variable; secrets only by reference."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            (
+                "has(self.value) != has(self.valueFrom)",
+                "set exactly one of value or valueFrom",
+            )
+        )
+    )
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    value: str | None = Field(None, max_length=32768)
+    value_from: EnvSource | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvVar:
+        if (self.value is None) == (self.value_from is None):
+            raise ValueError("set exactly one of value or valueFrom")
+        return self
+
+
+class InputRef(Model):
+    """Where a stage takes its main input from: another stage, a dataset, a checkpoint, or the base model."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            (
+                "[has(self.stage), has(self.dataset), has(self.checkpoint), has(self.baseModel)]"
+                ".filter(x, x).size() == 1",
+                "set exactly one of stage, dataset, checkpoint or baseModel",
+            ),
+            ("!has(self.baseModel) || self.baseModel", "baseModel may only be true"),
+        )
+    )
+
+    stage: StageName | None = Field(None, description="Take the output of this stage of the run.")
+    dataset: str | None = Field(
+        None, min_length=1, max_length=4096, description="A dataset path on the storage."
+    )
+    format: str | None = Field(
+        None, max_length=32, description="Layout of `dataset` (see DatasetRef.format); default auto."
+    )
+    checkpoint: str | None = Field(
+        None, min_length=1, max_length=4096, description="A model directory on the storage or a hub id."
+    )
+    base_model: bool | None = Field(None, description="Start from the run's base model.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> InputRef:
+        chosen = [self.stage, self.dataset, self.checkpoint, self.base_model]
+        if sum(x is not None for x in chosen) != 1:
+            raise ValueError("set exactly one of stage, dataset, checkpoint or baseModel")
+        if self.base_model is False:
+            raise ValueError("baseModel may only be true")
+        return self
+
+
+class StageCommon(Model):
+    """Fields every stage has."""
+
+    enabled: bool = Field(True, description="Run this stage (false = skip; consumers need `from`).")
+    image: str | None = Field(None, max_length=1024, description="Override the trainer image.")
+    resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
+    nodes: int = Field(
+        1, ge=1, le=1024,
+        description="Pods: nodes for torchrun (sft, grpo) or shards (synthesis, filter, eval).",
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
+    env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra env.")
+    backoff_limit: int = Field(3, ge=0, le=100, description="Retries of a failed pod (retryable codes).")
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Fail the stage after this long (seconds)."
+    )
+    from_: InputRef | None = Field(
+        None, alias="from",
+        description="Main input; default = the previous enabled stage's output.",
+    )
+
+
+class SynthesisStage(StageCommon):
+    params: SynthesisParams = Field(default_factory=SynthesisParams)
+
+
+class FilterStage(StageCommon):
+    params: FilterParams = Field(default_factory=FilterParams)
+
+
+class SFTStage(StageCommon):
+    params: SFTParams = Field(default_factory=SFTParams)
+
+
+class GRPOStage(StageCommon):
+    params: GRPOParams = Field(default_factory=GRPOParams)
+
+
+class EvalStage(StageCommon):
+    params: EvalParams = Field(default_factory=EvalParams)
+
+
+# Which input each stage consumes from the stage before it, and what an explicit `from` may be.
+UPSTREAM: dict[str, str | None] = {
+    "synthesis": None,
+    "filter": "synthesis",
+    "sft": "filter",
+    "grpo": "sft",
+    "eval": None,  # eval reads checkpoints named in its params
+}
+
+
+def _consumer_rule(stage: str, upstream: str) -> tuple[str, str]:
+    return (
+        f"!has(self.{stage}) || (has(self.{stage}.enabled) && !self.{stage}.enabled) || "
+        f"has(self.{stage}.from) || !has(self.{upstream}) || !has(self.{upstream}.enabled) || "
+        f"self.{upstream}.enabled",
+        f"{upstream} is disabled: set stages.{stage}.from (a dataset, checkpoint or baseModel)",
+    )
+
+
+class Stages(Model):
+    """The five stages; each can be disabled (the paper's ablations) or fed from an artifact."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            *(_consumer_rule(s, u) for s, u in UPSTREAM.items() if u),
+            (
+                "!has(self.synthesis) || (has(self.synthesis.enabled) && !self.synthesis.enabled) "
+                "|| has(self.synthesis.from)",
+                "synthesis needs from.dataset (the raw multimodal QA data)",
+            ),
+        )
+    )
+
+    synthesis: SynthesisStage = Field(default_factory=SynthesisStage)
+    filter: FilterStage = Field(default_factory=FilterStage)
+    sft: SFTStage = Field(default_factory=SFTStage)
+    grpo: GRPOStage = Field(default_factory=GRPOStage)
+    eval: EvalStage = Field(default_factory=EvalStage)
+
+    def get(self, name: str) -> StageCommon:
+        return getattr(self, name)
+
+    @model_validator(mode="after")
+    def _wiring(self) -> Stages:
+        if self.synthesis.enabled and self.synthesis.from_ is None:
+            raise ValueError("synthesis needs from.dataset (the raw multimodal QA data)")
+        for stage, upstream in UPSTREAM.items():
+            spec = self.get(stage)
+            if not spec.enabled:
+                continue
+            ref = spec.from_
+            if upstream and ref is None and not self.get(upstream).enabled:
+                raise ValueError(
+                    f"{upstream} is disabled: set stages.{stage}.from "
+                    "(a dataset, checkpoint or baseModel)"
+                )
+            if ref is not None and ref.stage is not None:
+                if ref.stage == stage:
+                    raise ValueError(f"stages.{stage}.from.stage cannot name the stage itself")
+                if STAGES.index(ref.stage) > STAGES.index(stage):
+                    raise ValueError(
+                        f"stages.{stage}.from.stage={ref.stage} runs later; name an earlier stage"
+                    )
+                if not self.get(ref.stage).enabled:
+                    raise ValueError(
+                        f"stages.{stage}.from.stage={ref.stage} is disabled; enable it or take "
+                        "a dataset/checkpoint"
+                    )
+        if self.grpo.enabled and self.grpo.params.dataset is None:
+            raise ValueError("stages.grpo.params.dataset is required when grpo is enabled")
+        return self
+
+
+class VisionR1RunSpec(Model):
+    """Desired state of a VisionR1Run."""
+
+    base_model: BaseModelRef = Field(description="The base MLLM (paper: Qwen2.5-VL-7B-Instruct).")
+    storage: Storage = Field(description="Where the run's workspace lives.")
+    mlflow: Mlflow = Field(default_factory=Mlflow, description="Experiment tracking.")
+    images: Images = Field(default_factory=Images, description="Container images.")
+    hf_token_secret: SecretKeyRef | None = Field(
+        None, description="Secret key holding a Hugging Face token (HF_TOKEN) for gated models."
+    )
+    queue_name: str | None = Field(
+        None, max_length=63, pattern=LABEL_VALUE,
+        description="Kueue LocalQueue: adds the kueue.x-k8s.io/queue-name label to every Job.",
+    )
+    priority_class_name: str | None = Field(
+        None, max_length=253, pattern=DNS_SUBDOMAIN, description="Pod priorityClassName."
+    )
+    service_account_name: str | None = Field(
+        None, max_length=253, pattern=DNS_SUBDOMAIN, description="Service account of stage pods."
+    )
+    suspend: bool = Field(False, description="Pause: no new Jobs; the running Job is suspended.")
+    ttl_seconds_after_finished: int = Field(
+        86400, ge=0, le=31_536_000, description="Delete finished Jobs after this long (seconds)."
+    )
+    stages: Stages = Field(default_factory=Stages, description="The pipeline's stages.")
+
+
+# --------------------------------------------------------------------------- status
+
+
+class Condition(Model):
+    """metav1.Condition."""
+
+    type: str = Field(max_length=316, pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$")
+    status: Literal["True", "False", "Unknown"]
+    observed_generation: int | None = Field(None, ge=0)
+    last_transition_time: str = Field(description="RFC 3339 time.")
+    reason: str = Field(max_length=1024, min_length=1, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = Field("", max_length=32768)
+
+
+class StageStatus(Model):
+    """Observed state of one stage."""
+
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Skipped", "Suspended"] = "Pending"
+    job_name: str | None = None
+    attempts: int = Field(0, ge=0)
+    start_time: str | None = None
+    finish_time: str | None = None
+    mlflow_run_id: str | None = None
+    outputs: dict[str, str] = Field(default_factory=dict)
+    progress: str | None = None
+    message: str | None = None
+
+
+class VisionR1RunStatus(Model):
+    """Observed state of a VisionR1Run."""
+
+    phase: Phase = "Pending"
+    current_stage: str | None = None
+    progress: str | None = Field(None, description="Finished stages / enabled stages, e.g. 2/5.")
+    stages: dict[str, StageStatus] = Field(default_factory=dict)
+    conditions: list[Condition] = Field(default_factory=list)
+    mlflow_run_id: str | None = None
+    observed_generation: int | None = None
+    start_time: str | None = None
+    finish_time: str | None = None
+
+
+class ObjectMeta(Model):
+    """The part of metadata validate checks (the API server checks the rest)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL,
+                      description="Run name (DNS label: lower-case letters, digits, '-'; ≤ 63).")
+    namespace: str | None = Field(None, max_length=63, pattern=DNS_LABEL)
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class VisionR1Run(Model):
+    """A whole Vision-R1 pipeline run."""
+
+    api_version: Literal["visionr1.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["VisionR1Run"]
+    metadata: ObjectMeta
+    spec: VisionR1RunSpec
+    status: VisionR1RunStatus | None = None
+
+
+def parse_run(obj: dict[str, Any]) -> VisionR1Run:
+    """Validate a manifest dict; raises pydantic.ValidationError."""
+    return VisionR1Run.model_validate(obj)
+
+
+def enabled_stages(spec: VisionR1RunSpec) -> list[str]:
+    return [s for s in STAGES if spec.stages.get(s).enabled]
