@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 
 import pytest
+
 from conftest import REALDATA, SHARED
 
 

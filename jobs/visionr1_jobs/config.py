@@ -70,7 +70,9 @@ class SecretKeyRef(Model):
 class Sampling(Model):
     """Sampling parameters of one generation call."""
 
-    temperature: float = Field(1.0, ge=0.0, le=5.0, description="Sampling temperature (0 = greedy).")
+    temperature: float = Field(
+        1.0, ge=0.0, le=5.0, description="Sampling temperature (0 = greedy)."
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_tokens: int = Field(
         4096, ge=1, le=131072, description="Maximum new tokens per response (tokens)."
@@ -84,7 +86,7 @@ class Backend(Model):
     model_config = ConfigDict(
         json_schema_extra=_cel(
             (
-                "self.kind != 'openai' || has(self.baseUrl)",
+                "!has(self.kind) || self.kind != 'openai' || has(self.baseUrl)",
                 "kind 'openai' needs baseUrl (e.g. http://vllm:8000/v1)",
             )
         )
@@ -162,7 +164,8 @@ class DatasetRef(Model):
     path: str = Field(description="Directory or file.", min_length=1, max_length=4096)
     format: DatasetFormat = Field("auto", description="Layout of the data; auto = detect.")
     image_root: str | None = Field(
-        None, description="Folder that image paths are relative to (default: beside the data).",
+        None,
+        description="Folder that image paths are relative to (default: beside the data).",
         max_length=4096,
     )
     limit: int | None = Field(None, ge=1, description="Use at most this many rows (rows).")
@@ -176,15 +179,21 @@ class SynthesisParams(Model):
 
     describer: Teacher = Field(
         default_factory=lambda: Teacher(
-            backend=Backend(kind="vllm", model="Qwen/Qwen2.5-VL-72B-Instruct", tensor_parallel_size=8),
+            backend=Backend(
+                kind="vllm", model="Qwen/Qwen2.5-VL-72B-Instruct", tensor_parallel_size=8
+            ),
             sampling=Sampling(temperature=0.7, top_p=0.95, max_tokens=4096),
         ),
         description="Multimodal teacher for steps 1–2 (paper: Qwen2.5-VL-72B).",
     )
     reasoner: Teacher = Field(
         default_factory=lambda: Teacher(
-            backend=Backend(kind="openai", model="deepseek-reasoner",
-                            base_url="https://api.deepseek.com/v1", api_key_env="DEEPSEEK_API_KEY"),
+            backend=Backend(
+                kind="openai",
+                model="deepseek-reasoner",
+                base_url="https://api.deepseek.com/v1",
+                api_key_env="DEEPSEEK_API_KEY",
+            ),
             sampling=Sampling(temperature=0.6, top_p=0.95, max_tokens=16384),
         ),
         description="Text-only reasoning model for step 3 (paper: DeepSeek-R1).",
@@ -212,11 +221,23 @@ class Replacement(Model):
 
 
 DEFAULT_REPLACEMENTS: list[dict[str, str]] = [
-    {"pattern": r"\b(?:the|this) (?:detailed )?description (?:says|states|mentions|notes)", "replacement": "the image shows"},
-    {"pattern": r"\b(?:the|this) (?:detailed )?description (?:shows|indicates)", "replacement": "the image shows"},
-    {"pattern": r"\baccording to the (?:detailed )?description\b", "replacement": "according to the image"},
+    {
+        "pattern": r"\b(?:the|this) (?:detailed )?description (?:says|states|mentions|notes)",
+        "replacement": "the image shows",
+    },
+    {
+        "pattern": r"\b(?:the|this) (?:detailed )?description (?:shows|indicates)",
+        "replacement": "the image shows",
+    },
+    {
+        "pattern": r"\baccording to the (?:detailed )?description\b",
+        "replacement": "according to the image",
+    },
     {"pattern": r"\b(?:the|this) (?:detailed )?description\b", "replacement": "the image"},
-    {"pattern": r"\b(?:the|this) (?:given )?text\b(?= (?:says|states|shows|mentions))", "replacement": "the image"},
+    {
+        "pattern": r"\b(?:the|this) (?:given )?text\b(?= (?:says|states|shows|mentions))",
+        "replacement": "the image",
+    },
     {"pattern": r"\bas described\b", "replacement": "as shown"},
     {"pattern": r"\bis described as\b", "replacement": "is shown as"},
     {"pattern": r"\bdescribed\b", "replacement": "shown"},
@@ -226,7 +247,9 @@ DEFAULT_REPLACEMENTS: list[dict[str, str]] = [
 class FilterParams(Model):
     """Rules that turn raw reasoner outputs into Vision-R1-cold (VISION-R1.md §3–4)."""
 
-    require_correct: bool = Field(True, description="Keep only answers that match the ground truth.")
+    require_correct: bool = Field(
+        True, description="Keep only answers that match the ground truth."
+    )
     check_consistency: bool = Field(
         True, description="Drop CoTs whose final answer contradicts the thinking's last conclusion."
     )
@@ -240,7 +263,9 @@ class FilterParams(Model):
         8, ge=2, le=256, description="n-gram size (words) for the runaway-repetition rule."
     )
     max_repeated_ngram_share: float = Field(
-        0.3, gt=0.0, le=1.0,
+        0.3,
+        gt=0.0,
+        le=1.0,
         description="Drop when the most frequent n-gram covers more than this share of the thinking.",
     )
     replacements: list[Replacement] = Field(
@@ -248,16 +273,23 @@ class FilterParams(Model):
         description="Wording that reveals the reasoner saw text, rewritten as about the image.",
         max_length=256,
     )
-    dedupe: bool = Field(True, description="Drop duplicate (image, question) pairs, keep the first.")
+    dedupe: bool = Field(
+        True, description="Drop duplicate (image, question) pairs, keep the first."
+    )
     workers: int = Field(
         1, ge=1, le=256, description="Worker processes for answer checking (processes)."
     )
     verify_timeout_s: float = Field(
         5.0, gt=0, le=600, description="Time bound for one answer check (seconds)."
     )
-    rows_per_shard: int = Field(4096, ge=1, le=1_000_000, description="Rows per output file (rows).")
+    rows_per_shard: int = Field(
+        4096, ge=1, le=1_000_000, description="Rows per output file (rows)."
+    )
     sample_rows: int = Field(
-        50, ge=0, le=10_000, description="Kept and dropped rows logged to MLflow as a sample (rows)."
+        50,
+        ge=0,
+        le=10_000,
+        description="Kept and dropped rows logged to MLflow as a sample (rows).",
     )
 
 
@@ -274,17 +306,26 @@ class TrainCommon(Model):
     gradient_checkpointing: bool = Field(True, description="Activation checkpointing.")
     freeze_vision_tower: bool = Field(False, description="Do not train the vision encoder.")
     min_pixels: int | None = Field(
-        None, ge=784, le=100_000_000, description="Processor min_pixels (pixels); unset = model default."
+        None,
+        ge=784,
+        le=100_000_000,
+        description="Processor min_pixels (pixels); unset = model default.",
     )
     max_pixels: int | None = Field(
-        None, ge=784, le=100_000_000, description="Processor max_pixels (pixels); unset = model default."
+        None,
+        ge=784,
+        le=100_000_000,
+        description="Processor max_pixels (pixels); unset = model default.",
     )
-    save_steps: int = Field(50, ge=1, le=1_000_000, description="Checkpoint every N optimizer steps.")
+    save_steps: int = Field(
+        50, ge=1, le=1_000_000, description="Checkpoint every N optimizer steps."
+    )
     save_total_limit: int = Field(2, ge=1, le=1000, description="Checkpoints kept on disk.")
     logging_steps: int = Field(1, ge=1, le=10_000, description="Log metrics every N steps.")
     seed: int = Field(42, ge=0, description="Training seed.")
     register_model: str | None = Field(
-        None, max_length=256,
+        None,
+        max_length=256,
         description="Register the final model in the MLflow Model Registry under this name.",
     )
 
@@ -318,7 +359,9 @@ class SFTParams(TrainCommon):
     global_batch_size: int = Field(
         32, ge=1, le=65536, description="Sequences per optimizer step across all GPUs."
     )
-    per_device_batch_size: int = Field(1, ge=1, le=1024, description="Sequences per GPU per micro-step.")
+    per_device_batch_size: int = Field(
+        1, ge=1, le=1024, description="Sequences per GPU per micro-step."
+    )
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
     max_length: int = Field(16384, ge=16, le=262144, description="Max sequence length (tokens).")
 
@@ -348,7 +391,7 @@ class GRPOParams(TrainCommon):
         json_schema_extra=_cel(
             _PIXELS_CEL,
             (
-                "self.rollout != 'vllm_server' || has(self.vllmServerUrl)",
+                "!has(self.rollout) || self.rollout != 'vllm_server' || has(self.vllmServerUrl)",
                 "rollout 'vllm_server' needs vllmServerUrl",
             ),
         )
@@ -363,17 +406,24 @@ class GRPOParams(TrainCommon):
         default_factory=lambda: [PTSTStage(**row) for row in PAPER_PTST],
         description="PTST table: sub-stages run in order, each from the previous one's weights.",
     )
-    learning_rate: float = Field(1e-6, gt=0, le=1.0, description="Learning rate (not published; EasyR1's default).")
-    beta: float = Field(0.01, ge=0, le=10, description="KL coefficient to the reference model (k3).")
+    learning_rate: float = Field(
+        1e-6, gt=0, le=1.0, description="Learning rate (not published; EasyR1's default)."
+    )
+    beta: float = Field(
+        0.01, ge=0, le=10, description="KL coefficient to the reference model (k3)."
+    )
     epsilon: float = Field(0.2, gt=0, le=1, description="PPO clip range.")
-    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field("grpo", description="TRL loss type.")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(
+        "grpo", description="TRL loss type."
+    )
     reward: Literal["hard_format_result", "format_plus_accuracy"] = Field(
         "hard_format_result",
         description="hard_format_result = format × accuracy (Vision-R1); format_plus_accuracy = "
         "0.5·format + 0.5·accuracy (Vision-R1-Zero).",
     )
     system_prompt: str | None = Field(
-        None, max_length=16384,
+        None,
+        max_length=16384,
         description="System prompt for rollouts (Vision-R1 uses none; Zero used a format instruction).",
     )
     prompts_per_step: int = Field(
@@ -382,7 +432,10 @@ class GRPOParams(TrainCommon):
     temperature: float = Field(1.0, gt=0, le=5, description="Rollout temperature (not published).")
     top_p: float = Field(1.0, gt=0, le=1, description="Rollout nucleus mass.")
     max_prompt_length: int = Field(
-        4096, ge=16, le=262144, description="Prompts longer than this are dropped and counted (tokens)."
+        4096,
+        ge=16,
+        le=262144,
+        description="Prompts longer than this are dropped and counted (tokens).",
     )
     reset_reference_each_stage: bool = Field(
         False,
@@ -392,12 +445,17 @@ class GRPOParams(TrainCommon):
         "auto", description="How completions are generated (auto = vLLM colocate when installed)."
     )
     vllm_server_url: str | None = Field(
-        None, max_length=2048, pattern=r"^https?://", description="TRL vLLM server for rollout=vllm_server."
+        None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="TRL vLLM server for rollout=vllm_server.",
     )
     vllm_gpu_memory_utilization: float = Field(
         0.35, gt=0, le=1, description="GPU share for colocated vLLM."
     )
-    verify_timeout_s: float = Field(5.0, gt=0, le=600, description="Time bound per reward check (s).")
+    verify_timeout_s: float = Field(
+        5.0, gt=0, le=600, description="Time bound per reward check (s)."
+    )
 
     @model_validator(mode="after")
     def _server_needs_url(self) -> GRPOParams:
@@ -415,7 +473,9 @@ class Benchmark(Model):
     """One benchmark to evaluate on, from a local dataset directory."""
 
     name: BenchmarkName = Field(description="Benchmark (layout and scoring rules follow from it).")
-    path: str = Field(min_length=1, max_length=4096, description="Dataset directory on the storage.")
+    path: str = Field(
+        min_length=1, max_length=4096, description="Dataset directory on the storage."
+    )
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N problems.")
     versions: list[str] | None = Field(
         None, max_length=16, description="MathVerse problem versions to include (unset = all)."
@@ -426,7 +486,12 @@ class EvalParams(Model):
     """Evaluation (VISION-R1.md §7): the released harness's protocol, rule-based by default."""
 
     model_config = ConfigDict(
-        json_schema_extra=_cel(("self.judge != 'llm' || has(self.llmJudge)", "judge 'llm' needs llmJudge"))
+        json_schema_extra=_cel(
+            (
+                "!has(self.judge) || self.judge != 'llm' || has(self.llmJudge)",
+                "judge 'llm' needs llmJudge",
+            )
+        )
     )
 
     benchmarks: Annotated[list[Benchmark], Field(min_length=1, max_length=32)] = Field(
@@ -446,9 +511,14 @@ class EvalParams(Model):
     backend: Backend = Field(default_factory=Backend, description="Generation backend (auto).")
     temperature: float = Field(0.6, ge=0, le=5, description="Sampling temperature (paper: 0.6).")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus mass (paper: 0.95).")
-    max_new_tokens: int = Field(16000, ge=1, le=131072, description="Max new tokens (paper: 16,000).")
+    max_new_tokens: int = Field(
+        16000, ge=1, le=131072, description="Max new tokens (paper: 16,000)."
+    )
     retries_missing_answer: int = Field(
-        4, ge=0, le=16, description="Ask again up to N times when `</answer>` is missing (paper: 4)."
+        4,
+        ge=0,
+        le=16,
+        description="Ask again up to N times when `</answer>` is missing (paper: 4).",
     )
     judge: Literal["rule", "llm"] = Field("rule", description="rule = reproducible default.")
     llm_judge: Teacher | None = Field(
@@ -461,6 +531,7 @@ class EvalParams(Model):
         if self.judge == "llm" and self.llm_judge is None:
             raise ValueError("judge 'llm' needs llmJudge")
         return self
+
 
 PARAMS_BY_STAGE: dict[str, type[Model]] = {
     "synthesis": SynthesisParams,

@@ -139,9 +139,11 @@ def input_path(cfg: ResolvedStageConfig, name: str, output_key: str | None = Non
     if loc is None:
         raise InvalidInput(f"config.inputs.{name} is missing; the {cfg.stage} stage needs it")
     if loc.format != "stage":
-        if loc.format == "model" and not Path(loc.path).is_absolute() and not resolve_path(
-            cfg.workspace, loc.path
-        ).exists():
+        if (
+            loc.format == "model"
+            and not Path(loc.path).is_absolute()
+            and not resolve_path(cfg.workspace, loc.path).exists()
+        ):
             return Path(loc.path)  # a hub id
         return resolve_path(cfg.workspace, loc.path)
     man = read_manifest(cfg.workspace, loc.path)
@@ -208,14 +210,18 @@ def load_config(path: str | os.PathLike[str]) -> ResolvedStageConfig:
     return cfg
 
 
-def run_stage(fn: Callable[[ResolvedStageConfig], StageManifest], cfg_path: str, out: IO[str] | None = None) -> int:
+def run_stage(
+    fn: Callable[[ResolvedStageConfig], StageManifest], cfg_path: str, out: IO[str] | None = None
+) -> int:
     """Run a stage program under the contract: skip when done, map errors to exit codes."""
     out = out or sys.stderr
     try:
         cfg = load_config(cfg_path)
         done = read_manifest(cfg.workspace, cfg.output_dir)
         if done is not None:
-            print(f"[{cfg.stage}] already done ({cfg.output_dir}/{MANIFEST}); nothing to do", file=out)
+            print(
+                f"[{cfg.stage}] already done ({cfg.output_dir}/{MANIFEST}); nothing to do", file=out
+            )
             return 0
         manifest = fn(cfg)
         if read_manifest(cfg.workspace, cfg.output_dir) is None:
@@ -223,5 +229,8 @@ def run_stage(fn: Callable[[ResolvedStageConfig], StageManifest], cfg_path: str,
         return 0
     except InvalidInput as exc:
         print(f"error: {exc}", file=out)
-        print(f"(exit {EXIT_INVALID_INPUT}: invalid config or input; retrying will not help)", file=out)
+        print(
+            f"(exit {EXIT_INVALID_INPUT}: invalid config or input; retrying will not help)",
+            file=out,
+        )
         return EXIT_INVALID_INPUT

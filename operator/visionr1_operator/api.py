@@ -35,9 +35,7 @@ SHORT_NAMES = ["vr1"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
 # Kubernetes resource.Quantity, as the apimachinery regular expression accepts it.
-QUANTITY_PATTERN = (
-    r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
-)
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 _QUANTITY_STRICT = re.compile(
     r"^[+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 )
@@ -64,7 +62,8 @@ class BaseModelRef(Model):
     """The model every stage starts from."""
 
     name: str = Field(
-        min_length=1, max_length=512,
+        min_length=1,
+        max_length=512,
         description="Hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct) or a path on the run's storage.",
     )
     revision: str | None = Field(None, max_length=256, description="Hub revision (commit or tag).")
@@ -80,11 +79,15 @@ class Storage(Model):
     )
 
     pvc: str | None = Field(
-        None, max_length=253, pattern=DNS_SUBDOMAIN,
+        None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
         description="PersistentVolumeClaim (ReadWriteMany for multi-node stages) holding the workspace.",
     )
     sub_path: str = Field(
-        "", max_length=1024, pattern=r"^[^/].*$|^$",
+        "",
+        max_length=1024,
+        pattern=r"^[^/].*$|^$",
         description="Folder inside the PVC; default = <namespace>/<run name>.",
     )
     local_dir: str | None = Field(
@@ -102,13 +105,18 @@ class Mlflow(Model):
     """MLflow tracking for the run."""
 
     tracking_uri: str | None = Field(
-        None, max_length=2048,
+        None,
+        max_length=2048,
         description="Tracking URI; unset = the operator's default (the chart's MLflow server), or "
         "sqlite in the workspace locally.",
     )
-    experiment: str = Field("visionr1", min_length=1, max_length=256, description="Experiment name.")
+    experiment: str = Field(
+        "visionr1", min_length=1, max_length=256, description="Experiment name."
+    )
     credentials_secret: str | None = Field(
-        None, max_length=253, pattern=DNS_SUBDOMAIN,
+        None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
         description="Secret whose keys (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, AWS_*) become env.",
     )
 
@@ -117,7 +125,9 @@ class Images(Model):
     """Container images."""
 
     trainer: str = Field(
-        "ghcr.io/visionr1/trainer:0.1.0", min_length=1, max_length=1024,
+        "ghcr.io/visionr1/trainer:0.1.0",
+        min_length=1,
+        max_length=1024,
         description="Image of the stage programs (CUDA, torch, vLLM, DeepSpeed).",
     )
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
@@ -133,13 +143,21 @@ class Resources(Model):
 
     gpus: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod (GPUs).")
     cpu: str | None = Field(
-        None, max_length=64, pattern=QUANTITY_PATTERN, description="CPU request and limit, e.g. '16'."
+        None,
+        max_length=64,
+        pattern=QUANTITY_PATTERN,
+        description="CPU request and limit, e.g. '16'.",
     )
     memory: str | None = Field(
-        None, max_length=64, pattern=QUANTITY_PATTERN, description="Memory request and limit, e.g. '256Gi'."
+        None,
+        max_length=64,
+        pattern=QUANTITY_PATTERN,
+        description="Memory request and limit, e.g. '256Gi'.",
     )
     shm: str = Field(
-        "16Gi", max_length=64, pattern=QUANTITY_PATTERN,
+        "16Gi",
+        max_length=64,
+        pattern=QUANTITY_PATTERN,
         description="Size of the memory-backed /dev/shm (NCCL, dataloaders).",
     )
 
@@ -234,10 +252,15 @@ class InputRef(Model):
         None, min_length=1, max_length=4096, description="A dataset path on the storage."
     )
     format: str | None = Field(
-        None, max_length=32, description="Layout of `dataset` (see DatasetRef.format); default auto."
+        None,
+        max_length=32,
+        description="Layout of `dataset` (see DatasetRef.format); default auto.",
     )
     checkpoint: str | None = Field(
-        None, min_length=1, max_length=4096, description="A model directory on the storage or a hub id."
+        None,
+        min_length=1,
+        max_length=4096,
+        description="A model directory on the storage or a hub id.",
     )
     base_model: bool | None = Field(None, description="Start from the run's base model.")
 
@@ -258,40 +281,47 @@ class StageCommon(Model):
     image: str | None = Field(None, max_length=1024, description="Override the trainer image.")
     resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
     nodes: int = Field(
-        1, ge=1, le=1024,
+        1,
+        ge=1,
+        le=1024,
         description="Pods: nodes for torchrun (sft, grpo) or shards (synthesis, filter, eval).",
     )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
     env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra env.")
-    backoff_limit: int = Field(3, ge=0, le=100, description="Retries of a failed pod (retryable codes).")
+    backoff_limit: int = Field(
+        3, ge=0, le=100, description="Retries of a failed pod (retryable codes)."
+    )
     active_deadline_seconds: int | None = Field(
         None, ge=1, description="Fail the stage after this long (seconds)."
     )
     from_: InputRef | None = Field(
-        None, alias="from",
+        None,
+        alias="from",
         description="Main input; default = the previous enabled stage's output.",
     )
 
 
 class SynthesisStage(StageCommon):
-    params: SynthesisParams = Field(default_factory=SynthesisParams)
+    params: SynthesisParams = Field(
+        default_factory=SynthesisParams, description="Stage parameters."
+    )
 
 
 class FilterStage(StageCommon):
-    params: FilterParams = Field(default_factory=FilterParams)
+    params: FilterParams = Field(default_factory=FilterParams, description="Stage parameters.")
 
 
 class SFTStage(StageCommon):
-    params: SFTParams = Field(default_factory=SFTParams)
+    params: SFTParams = Field(default_factory=SFTParams, description="Stage parameters.")
 
 
 class GRPOStage(StageCommon):
-    params: GRPOParams = Field(default_factory=GRPOParams)
+    params: GRPOParams = Field(default_factory=GRPOParams, description="Stage parameters.")
 
 
 class EvalStage(StageCommon):
-    params: EvalParams = Field(default_factory=EvalParams)
+    params: EvalParams = Field(default_factory=EvalParams, description="Stage parameters.")
 
 
 # Which input each stage consumes from the stage before it, and what an explicit `from` may be.
@@ -304,11 +334,15 @@ UPSTREAM: dict[str, str | None] = {
 }
 
 
+def _off_or_fed(stage: str, fed: str) -> str:
+    """CEL: the stage is disabled, or ``fed`` holds. An absent stage is enabled (the default)."""
+    return f"(has(self.{stage}) && ((has(self.{stage}.enabled) && !self.{stage}.enabled) || {fed}))"
+
+
 def _consumer_rule(stage: str, upstream: str) -> tuple[str, str]:
     return (
-        f"!has(self.{stage}) || (has(self.{stage}.enabled) && !self.{stage}.enabled) || "
-        f"has(self.{stage}.from) || !has(self.{upstream}) || !has(self.{upstream}.enabled) || "
-        f"self.{upstream}.enabled",
+        _off_or_fed(stage, f"has(self.{stage}.from)")
+        + f" || !has(self.{upstream}) || !has(self.{upstream}.enabled) || self.{upstream}.enabled",
         f"{upstream} is disabled: set stages.{stage}.from (a dataset, checkpoint or baseModel)",
     )
 
@@ -320,18 +354,27 @@ class Stages(Model):
         json_schema_extra=_cel(
             *(_consumer_rule(s, u) for s, u in UPSTREAM.items() if u),
             (
-                "!has(self.synthesis) || (has(self.synthesis.enabled) && !self.synthesis.enabled) "
-                "|| has(self.synthesis.from)",
+                _off_or_fed("synthesis", "has(self.synthesis.from)"),
                 "synthesis needs from.dataset (the raw multimodal QA data)",
+            ),
+            (
+                _off_or_fed("grpo", "(has(self.grpo.params) && has(self.grpo.params.dataset))"),
+                "stages.grpo.params.dataset is required when grpo is enabled",
             ),
         )
     )
 
-    synthesis: SynthesisStage = Field(default_factory=SynthesisStage)
-    filter: FilterStage = Field(default_factory=FilterStage)
-    sft: SFTStage = Field(default_factory=SFTStage)
-    grpo: GRPOStage = Field(default_factory=GRPOStage)
-    eval: EvalStage = Field(default_factory=EvalStage)
+    synthesis: SynthesisStage = Field(
+        default_factory=SynthesisStage, description="Modality-bridging CoT synthesis (sharded)."
+    )
+    filter: FilterStage = Field(
+        default_factory=FilterStage, description="Filter into the cold-start dataset (sharded)."
+    )
+    sft: SFTStage = Field(default_factory=SFTStage, description="Cold-start SFT (torchrun).")
+    grpo: GRPOStage = Field(
+        default_factory=GRPOStage, description="GRPO with PTST sub-stages (torchrun)."
+    )
+    eval: EvalStage = Field(default_factory=EvalStage, description="Benchmarks (sharded).")
 
     def get(self, name: str) -> StageCommon:
         return getattr(self, name)
@@ -378,7 +421,9 @@ class VisionR1RunSpec(Model):
         None, description="Secret key holding a Hugging Face token (HF_TOKEN) for gated models."
     )
     queue_name: str | None = Field(
-        None, max_length=63, pattern=LABEL_VALUE,
+        None,
+        max_length=63,
+        pattern=LABEL_VALUE,
         description="Kueue LocalQueue: adds the kueue.x-k8s.io/queue-name label to every Job.",
     )
     priority_class_name: str | None = Field(
@@ -391,7 +436,9 @@ class VisionR1RunSpec(Model):
     ttl_seconds_after_finished: int = Field(
         86400, ge=0, le=31_536_000, description="Delete finished Jobs after this long (seconds)."
     )
-    stages: Stages = Field(default_factory=Stages, description="The pipeline's stages.")
+    stages: Stages = Field(
+        description="The pipeline's stages (synthesis needs from.dataset, grpo needs params.dataset)."
+    )
 
 
 # --------------------------------------------------------------------------- status
@@ -400,11 +447,16 @@ class VisionR1RunSpec(Model):
 class Condition(Model):
     """metav1.Condition."""
 
-    type: str = Field(max_length=316, pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$")
+    type: str = Field(
+        max_length=316,
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$",
+    )
     status: Literal["True", "False", "Unknown"]
     observed_generation: int | None = Field(None, ge=0)
     last_transition_time: str = Field(description="RFC 3339 time.")
-    reason: str = Field(max_length=1024, min_length=1, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    reason: str = Field(
+        max_length=1024, min_length=1, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+    )
     message: str = Field("", max_length=32768)
 
 
@@ -440,8 +492,12 @@ class ObjectMeta(Model):
     """The part of metadata validate checks (the API server checks the rest)."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL,
-                      description="Run name (DNS label: lower-case letters, digits, '-'; ≤ 63).")
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=DNS_LABEL,
+        description="Run name (DNS label: lower-case letters, digits, '-'; ≤ 63).",
+    )
     namespace: str | None = Field(None, max_length=63, pattern=DNS_LABEL)
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)

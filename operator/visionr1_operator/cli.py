@@ -15,7 +15,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("visionr1_operator.validate", "check VisionR1Run manifests"),
     "crd": ("visionr1_operator.crd", "print the VisionR1Run CRD"),
-    "render": ("visionr1_operator.render", "print every object the operator would create for a run"),
+    "render": (
+        "visionr1_operator.render",
+        "print every object the operator would create for a run",
+    ),
     "operator": ("visionr1_operator.main", "run the operator (what the chart's Deployment runs)"),
     "run-local": ("visionr1_operator.local", "run a VisionR1Run on this machine"),
     "toy": ("visionr1_jobs.toy.cli", "toy world: `toy data` and `toy model`"),

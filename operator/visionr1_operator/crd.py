@@ -113,10 +113,14 @@ def crd() -> dict[str, Any]:
         },
         "x-kubernetes-validations": [
             {
+                "rule": "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+                "message": "metadata.name must be a DNS label: lower-case letters, digits and '-'",
+            },
+            {
                 "rule": f"self.metadata.name.size() <= {MAX_RUN_NAME}",
                 "message": f"metadata.name must be at most {MAX_RUN_NAME} characters "
                 "(Job and pod names are derived from it)",
-            }
+            },
         ],
     }
     return {

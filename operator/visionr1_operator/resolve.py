@@ -7,7 +7,6 @@ to a file), so both run the same pipeline. No I/O here.
 from __future__ import annotations
 
 from visionr1_jobs.config import STAGES, InputLocation, MlflowRef, ResolvedStageConfig, RunRef
-
 from visionr1_operator.api import UPSTREAM, InputRef, VisionR1Run
 
 # Workspace layout: each stage writes under its own folder.
@@ -91,8 +90,11 @@ def resolve_stage_config(
     meta = run.metadata
     return ResolvedStageConfig(
         stage=stage,  # type: ignore[arg-type]
-        run=RunRef(namespace=meta.namespace or "default", name=meta.name,
-                   uid=(meta.model_extra or {}).get("uid")),
+        run=RunRef(
+            namespace=meta.namespace or "default",
+            name=meta.name,
+            uid=(meta.model_extra or {}).get("uid"),
+        ),
         workspace=workspace,
         output_dir=OUTPUT_DIRS[stage],
         base_model=run.spec.base_model.name,

@@ -70,14 +70,18 @@ def _model_of(annotation: Any) -> Any:
     return None
 
 
-def problems_from_validation(exc: ValidationError, model: type[BaseModel] = VisionR1Run) -> list[Problem]:
+def problems_from_validation(
+    exc: ValidationError, model: type[BaseModel] = VisionR1Run
+) -> list[Problem]:
     out: list[Problem] = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         kind = err["type"]
         description, allowed = _field_info(model, loc)
         if kind == "extra_forbidden":
-            msg = f"unknown field; allowed here: {', '.join(allowed)}" if allowed else "unknown field"
+            msg = (
+                f"unknown field; allowed here: {', '.join(allowed)}" if allowed else "unknown field"
+            )
             out.append(Problem(field_path(loc), msg))
             continue
         msg = err["msg"].removeprefix("Value error, ")
@@ -143,7 +147,10 @@ def main(args: Any) -> int:
         problems = validate_file(f)
         if problems:
             bad += 1
-            print(f"{f}: INVALID ({len(problems)} error{'s' if len(problems) > 1 else ''})", file=sys.stderr)
+            print(
+                f"{f}: INVALID ({len(problems)} error{'s' if len(problems) > 1 else ''})",
+                file=sys.stderr,
+            )
             for p in problems:
                 print(f"  - {p}", file=sys.stderr)
         else:
