@@ -1,0 +1,247 @@
+"""The Kubernetes objects of a stage attempt, and `visionr1 render`, checked against real schemas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from visionr1_jobs.config import ResolvedStageConfig
+from visionr1_operator.api import VisionR1Run
+from visionr1_operator.cli import main as cli_main
+from visionr1_operator.manifests import (
+    KUEUE_QUEUE_LABEL,
+    LABEL_RUN,
+    LABEL_STAGE,
+    observe_job,
+    stage_objects,
+    suspend_patch,
+)
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+K8S_VERSION = "1.33.0"  # the oldest Kubernetes the chart supports (podFailurePolicy is GA)
+
+
+def load(name: str, uid: str | None = "0b6f5e6e-1c1e-4a0e-9d59-1f0d8f0c2b11") -> VisionR1Run:
+    obj = yaml.safe_load((EXAMPLES[0].parent / name).read_text())
+    if uid:
+        obj["metadata"]["uid"] = uid
+    return VisionR1Run.model_validate(obj)
+
+
+def by_kind(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    [found] = [o for o in objs if o["kind"] == kind]
+    return found
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_render_output_passes_strict_kubernetes_validation(
+    example: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["render", str(example), "--mlflow-uri", "http://mlflow:5000"]) == 0
+    docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    run = yaml.safe_load(example.read_text())
+    enabled = [
+        s
+        for s in ("synthesis", "filter", "sft", "grpo", "eval")
+        if run["spec"]["stages"].get(s, {}).get("enabled", True)
+    ]
+    assert [d["metadata"]["labels"][LABEL_STAGE] for d in docs if d["kind"] == "Job"] == enabled
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_strict_validation_catches_a_wrong_field() -> None:
+    doc = by_kind(stage_objects(load("tiny-cpu.yaml"), "sft", 0), "Job")
+    doc["spec"]["template"]["spec"]["containers"][0]["gpuCount"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_job_of_a_gpu_training_stage() -> None:
+    run = load("qwen25vl-7b.yaml")
+    objs = stage_objects(
+        run, "sft", 2, mlflow_uri="http://mlflow:5000", parent_run_id="p1", stage_run_id="s1"
+    )
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"]
+    job = by_kind(objs, "Job")
+    meta, spec = job["metadata"], job["spec"]
+    assert meta["name"] == "qwen25vl-7b-sft-2"
+    assert meta["labels"][LABEL_RUN] == "qwen25vl-7b" and meta["labels"][LABEL_STAGE] == "sft"
+    assert meta["ownerReferences"][0]["kind"] == "VisionR1Run"
+    assert meta["ownerReferences"][0]["uid"] == "0b6f5e6e-1c1e-4a0e-9d59-1f0d8f0c2b11"
+    # Kueue: queue label, created suspended so Kueue admits it
+    assert meta["labels"][KUEUE_QUEUE_LABEL] == "gpu-team" and spec["suspend"] is True
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == 4
+    assert spec["activeDeadlineSeconds"] == 172800 and spec["ttlSecondsAfterFinished"] == 86400
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "stage", "operator": "In", "values": [65]},
+    }
+    assert rules[1]["action"] == "Ignore"
+    assert rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "qwen25vl-7b-sft" == by_kind(objs, "Service")["metadata"]["name"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    [c] = pod["containers"]
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert c["command"][:1] == ["torchrun"]
+    assert "--rdzv-endpoint=qwen25vl-7b-sft-2-0.qwen25vl-7b-sft:29500" in c["command"]
+    assert c["command"][-5:] == [
+        "-m",
+        "visionr1_jobs",
+        "sft",
+        "--config",
+        "/etc/visionr1/config.json",
+    ]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow:5000"
+    assert env["VISIONR1_PARENT_RUN_ID"]["value"] == "p1"
+    assert env["VISIONR1_STAGE_RUN_ID"]["value"] == "s1"
+    assert env["HF_HOME"]["value"].startswith("/workspace/")
+    assert env["HF_TOKEN"] == {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}},
+    }
+    assert c["envFrom"] == [{"secretRef": {"name": "mlflow-credentials"}}]
+    assert "VISIONR1_SHARDS" not in env
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["workspace"] == {
+        "name": "workspace",
+        "mountPath": "/workspace",
+        "subPath": "ml/qwen25vl-7b",
+    }
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["workspace"]["persistentVolumeClaim"] == {"claimName": "visionr1-data"}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "128Gi"}
+    assert volumes["config"]["configMap"]["name"] == "qwen25vl-7b-sft-2"
+    svc = by_kind(objs, "Service")["spec"]
+    assert svc["clusterIP"] == "None" and svc["publishNotReadyAddresses"] is True
+
+
+def test_sharded_stage_is_an_indexed_job_with_the_shard_count() -> None:
+    job = by_kind(stage_objects(load("qwen25vl-7b.yaml"), "synthesis", 0), "Job")
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 16
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["VISIONR1_SHARDS"]["value"] == "16"
+    # secrets only by reference, never a value
+    assert env["DEEPSEEK_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "deepseek",
+        "key": "api-key",
+    }
+
+
+def test_single_node_cpu_stage_runs_python_directly_and_is_not_suspended() -> None:
+    objs = stage_objects(load("tiny-cpu.yaml"), "sft", 0)
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Job"]
+    job = by_kind(objs, "Job")
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+    assert job["spec"]["suspend"] is False and "completionMode" not in job["spec"]
+    [c] = job["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == [
+        "python",
+        "-m",
+        "visionr1_jobs",
+        "sft",
+        "--config",
+        "/etc/visionr1/config.json",
+    ]
+    assert "nvidia.com/gpu" not in c.get("resources", {}).get("limits", {})
+
+
+def test_config_map_holds_the_resolved_stage_config() -> None:
+    cm = by_kind(
+        stage_objects(load("tiny-cpu.yaml"), "grpo", 1, parent_run_id="p", stage_run_id="s"),
+        "ConfigMap",
+    )
+    cfg = ResolvedStageConfig.model_validate(json.loads(cm["data"]["config.json"]))
+    assert cfg.stage == "grpo" and cfg.workspace == "/workspace"
+    assert cfg.inputs["model"].stage == "sft" and cfg.inputs["data"].path == "toy/rl"
+    assert (cfg.mlflow.parent_run_id, cfg.mlflow.run_id) == ("p", "s")
+    assert cfg.stage_params().ptst[0].num_generations == 4  # type: ignore[attr-defined]
+
+
+def test_render_without_uid_has_no_owner_reference() -> None:
+    job = by_kind(stage_objects(load("tiny-cpu.yaml", uid=None), "sft", 0), "Job")
+    assert "ownerReferences" not in job["metadata"]
+
+
+def test_render_refuses_an_invalid_file_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    obj = yaml.safe_load((EXAMPLES[0].parent / "tiny-cpu.yaml").read_text())
+    obj["spec"]["stages"]["sft"]["nodes"] = 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(obj))
+    assert cli_main(["render", str(bad)]) == 1
+    assert "spec.stages.sft.nodes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        ({}, ("running", None, None)),
+        ({"active": 1}, ("running", None, None)),
+        (
+            {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]},
+            ("succeeded", None, None),
+        ),
+        (
+            {
+                "failed": 1,
+                "conditions": [
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "PodFailurePolicy",
+                        "message": "Container stage for pod ns/p-0 failed with "
+                        "exit code 65 matching FailJob rule at index 0",
+                        "lastTransitionTime": "2025-01-01T00:00:00Z",
+                    }
+                ],
+            },
+            ("failed", "PodFailurePolicy", 65),
+        ),
+        (
+            {
+                "failed": 1,
+                "conditions": [
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "BackoffLimitExceeded",
+                        "message": "Job has reached the specified backoff limit",
+                    }
+                ],
+            },
+            ("failed", "BackoffLimitExceeded", None),
+        ),
+    ],
+)
+def test_observe_job(status: dict[str, Any], expected: tuple[Any, ...]) -> None:
+    job = by_kind(stage_objects(load("tiny-cpu.yaml"), "filter", 3), "Job")
+    job["status"] = status
+    seen = observe_job(job)
+    assert seen is not None and (seen.stage, seen.attempt) == ("filter", 3)
+    assert (seen.outcome, seen.failed_reason, seen.exit_code) == expected
+
+
+def test_observe_held_job_and_foreign_job() -> None:
+    job = by_kind(stage_objects(load("tiny-cpu.yaml"), "sft", 0), "Job")
+    patch = suspend_patch(True)
+    job["metadata"]["annotations"] = patch["metadata"]["annotations"]
+    job["spec"].update(patch["spec"])
+    seen = observe_job(job)
+    assert seen is not None and seen.suspended and seen.held and seen.outcome == "suspended"
+    assert observe_job({"metadata": {"name": "other", "labels": {}}}) is None
