@@ -1,0 +1,120 @@
+{{/* Names are cut at 63 characters: Kubernetes label values and DNS labels allow no more. */}}
+{{- define "visionr1.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "visionr1.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The MLflow objects' name leaves room for the "-mlflow" suffix. */}}
+{{- define "visionr1.mlflow.fullname" -}}
+{{- printf "%s-mlflow" (include "visionr1.fullname" . | trunc 56 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "visionr1.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "visionr1.labels" -}}
+helm.sh/chart: {{ include "visionr1.chart" . }}
+app.kubernetes.io/name: {{ include "visionr1.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: visionr1
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "visionr1.operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "visionr1.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "visionr1.mlflow.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "visionr1.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: mlflow
+{{- end }}
+
+{{- define "visionr1.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "visionr1.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* repository@digest when a digest is given (immutable), else repository:tag. */}}
+{{- define "visionr1.image" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository (default .default .image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "visionr1.mlflow.uri" -}}
+{{- if .Values.operator.mlflowTrackingUri }}
+{{- .Values.operator.mlflowTrackingUri }}
+{{- else if .Values.mlflow.enabled }}
+{{- /* Namespace-qualified: stage pods run in the watched namespaces, not the chart's. */}}
+{{- printf "http://%s.%s.svc:%d" (include "visionr1.mlflow.fullname" .) .Release.Namespace (int .Values.mlflow.service.port) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The permissions the operator uses in every namespace it watches, as written in
+operator/visionr1_operator/rbac.py (tests/test_chart.py keeps the two equal).
+*/}}
+{{- define "visionr1.rbac.namespacedRules" -}}
+- apiGroups: ["visionr1.io"]
+  resources: ["visionr1runs"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["visionr1.io"]
+  resources: ["visionr1runs/status"]
+  verbs: ["get", "patch"]
+# Children carry owner references with blockOwnerDeletion, which needs update on finalizers
+# where the OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift).
+- apiGroups: ["visionr1.io"]
+  resources: ["visionr1runs/finalizers"]
+  verbs: ["update"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}
+
+{{/* Cluster-scoped reads kopf makes when it watches every namespace. */}}
+{{- define "visionr1.rbac.clusterRules" -}}
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- end }}
+
+{{- define "visionr1.mlflow.needsVolume" -}}
+{{- if or (eq .Values.mlflow.backendStore.type "sqlite") (not .Values.mlflow.artifacts.destination) }}true{{ end }}
+{{- end }}
