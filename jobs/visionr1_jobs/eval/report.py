@@ -1,0 +1,132 @@
+"""Eval reports: JSON, markdown and a plot comparing checkpoints, with the paper's numbers beside."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Vision-R1 paper (VISION-R1.md §7), accuracy in percent. The paper judged MathVista and MathVerse
+# with gpt-4o-mini; our default is rule-based, so expect a gap of a few points there.
+PAPER: dict[str, dict[str, float]] = {
+    "Qwen2.5-VL-7B (base)": {
+        "mathvista": 68.1,
+        "mathverse": 46.7,
+        "mmmath": 34.1,
+        "dynamath": 50.7,
+    },
+    "Vision-R1-7B": {"mathvista": 73.5, "mathverse": 52.4, "mmmath": 40.2, "dynamath": 56.3},
+    "Vision-R1-72B": {"mathvista": 78.2, "mathverse": 63.2, "mmmath": 59.3, "dynamath": 66.4},
+}
+PAPER_JUDGE = {
+    "mathvista": "gpt-4o-mini",
+    "mathverse": "gpt-4o-mini",
+    "mmmath": "rule",
+    "dynamath": "rule",
+}
+# Categories shown in the markdown (others stay in the JSON).
+HEADLINE_DIMS = {
+    "mathvista": ("paper", "task"),
+    "mathverse": ("problem_version",),
+    "mmmath": ("difficulty",),
+    "dynamath": ("level",),
+    "toy": ("kind",),
+}
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def markdown(results: dict[str, dict[str, dict[str, Any]]], settings: dict[str, Any]) -> str:
+    """``results[checkpoint][benchmark]`` summaries → a markdown report."""
+    benches = sorted({b for per in results.values() for b in per})
+    lines = ["# Vision-R1 evaluation", ""]
+    lines.append("Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())))
+    lines += ["", "## Accuracy (%)", ""]
+    lines.append("| checkpoint | " + " | ".join(benches) + " |")
+    lines.append("|---" * (len(benches) + 1) + "|")
+    for ckpt, per in results.items():
+        cells = [_pct(per[b]["accuracy"]) if b in per else "–" for b in benches]
+        lines.append(f"| {ckpt} | " + " | ".join(cells) + " |")
+    paper_benches = [b for b in benches if any(b in p for p in PAPER.values())]
+    if paper_benches:
+        for label, nums in PAPER.items():
+            cells = [f"{nums[b]:.1f}" if b in nums else "–" for b in benches]
+            lines.append(f"| paper: {label} | " + " | ".join(cells) + " |")
+        judges = ", ".join(f"{b}: {PAPER_JUDGE[b]}" for b in paper_benches)
+        lines += ["", f"Paper judges ({judges}); ours: {settings.get('judge', 'rule')}."]
+    lines += ["", "## Format and length", ""]
+    lines.append("| checkpoint | benchmark | n | format rate (%) | mean tokens | mean chars |")
+    lines.append("|---|---|---|---|---|---|")
+    for ckpt, per in results.items():
+        for b, s in sorted(per.items()):
+            tok = s.get("mean_response_tokens")
+            lines.append(
+                f"| {ckpt} | {b} | {s['n']} | {_pct(s['format_rate'])} | "
+                f"{'–' if tok is None else f'{tok:.0f}'} | {s['mean_response_chars']:.0f} |"
+            )
+    for b in benches:
+        dims = HEADLINE_DIMS.get(b, ())
+        for dim in dims:
+            labels = sorted(
+                {
+                    lab
+                    for per in results.values()
+                    for lab in per.get(b, {}).get("per_category", {}).get(dim, {})
+                }
+            )
+            if not labels:
+                continue
+            lines += ["", f"## {b}: by {dim} (%)", ""]
+            lines.append("| checkpoint | " + " | ".join(labels) + " |")
+            lines.append("|---" * (len(labels) + 1) + "|")
+            for ckpt, per in results.items():
+                cats = per.get(b, {}).get("per_category", {}).get(dim, {})
+                cells = [_pct(cats[lab]["accuracy"]) if lab in cats else "–" for lab in labels]
+                lines.append(f"| {ckpt} | " + " | ".join(cells) + " |")
+    extras = [
+        (ckpt, b, k, v)
+        for ckpt, per in results.items()
+        for b, s in per.items()
+        for k, v in s.items()
+        if k.endswith("_accuracy") and isinstance(v, float)
+    ]
+    if extras:
+        lines += ["", "## Other metrics", ""]
+        lines += [f"- {ckpt} / {b}: {k} = {_pct(v)}" for ckpt, b, k, v in extras]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, dict[str, dict[str, Any]]], path: str | Path) -> Path:
+    """Grouped bars: accuracy per benchmark for each checkpoint (base, SFT, PTST stages, final),
+    with the paper's Vision-R1-7B number as a marker where the benchmark matches."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from visionr1_jobs.contract import atomic_path
+
+    benches = sorted({b for per in results.values() for b in per})
+    ckpts = list(results)
+    width = 0.8 / max(len(ckpts), 1)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(benches) + 1), 3.6))
+    for i, ckpt in enumerate(ckpts):
+        xs = [j + (i - (len(ckpts) - 1) / 2) * width for j in range(len(benches))]
+        ys = [100 * results[ckpt].get(b, {}).get("accuracy", 0.0) for b in benches]
+        ax.bar(xs, ys, width, label=ckpt)
+    for j, b in enumerate(benches):
+        ref = PAPER["Vision-R1-7B"].get(b)
+        if ref is not None:
+            ax.plot([j - 0.4, j + 0.4], [ref, ref], "k--", lw=1)
+    ax.set_xticks(range(len(benches)), benches)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("accuracy by checkpoint (dashed: paper Vision-R1-7B)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
