@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -241,8 +240,3 @@ def iter_records(path: str | os.PathLike[str], *, limit: int | None = None) -> I
 def read_records(path: str | os.PathLike[str], *, limit: int | None = None) -> list[Sample]:
     """All samples of a pipeline dataset (see :func:`iter_records`)."""
     return list(iter_records(path, limit=limit))
-
-
-def copy_dataset(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Copy a pipeline dataset directory (shards and image store) to ``dst``."""
-    shutil.copytree(src, dst, dirs_exist_ok=True)
