@@ -177,6 +177,7 @@ def normalize_text(s: str) -> str:
     """Case-, width- and whitespace-insensitive form of a short answer (for exact comparison)."""
     s = unicodedata.normalize("NFKC", str(s))
     s = s.replace("$", "").replace("\\!", "").replace("\\,", "").replace("\\;", "")
+    s = s.replace("~", " ")  # LaTeX non-breaking space, as in "\mathrm{~cm}"
     s = s.replace("\\left", "").replace("\\right", "").replace("\\dfrac", "\\frac")
     s = s.replace("\\tfrac", "\\frac")
     for _ in range(3):
