@@ -151,7 +151,7 @@ def extract(response: str, row: dict[str, Any]) -> Extraction:
         number = _number_in(value)
         return Extraction(_format_number(number) if number is not None else value, method)
     if at == "list":
-        if method == "last_number":
+        if not value.strip().startswith("["):
             lists = re.findall(r"\[[^\[\]]*\]", text)
             if lists:
                 return Extraction(lists[-1], "last_list")
