@@ -80,39 +80,27 @@ The permissions the operator uses in every namespace it watches, as written in
 operator/visionr1_operator/rbac.py (tests/test_chart.py keeps the two equal).
 */}}
 {{- define "visionr1.rbac.namespacedRules" -}}
+# The runs: kopf watches them and patches its finalizer and annotations; the reconciler reads
+# one before each pass and writes its status subresource.
 - apiGroups: ["visionr1.io"]
   resources: ["visionr1runs"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["visionr1.io"]
   resources: ["visionr1runs/status"]
-  verbs: ["get", "patch"]
-# Children carry owner references with blockOwnerDeletion, which needs update on finalizers
-# where the OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift).
-- apiGroups: ["visionr1.io"]
-  resources: ["visionr1runs/finalizers"]
-  verbs: ["update"]
+  verbs: ["patch"]
+# Stage Jobs: created, watched (kopf.on.event), suspended and resumed by patch. Deletion is
+# the garbage collector's, through owner references.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch"]
+# Each stage's resolved config (ConfigMap) and the rendezvous Service of multi-node stages.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-- apiGroups: [""]
-  resources: ["pods/log"]
-  verbs: ["get"]
+  verbs: ["create"]
+# Kubernetes Events on the run for every transition (`kubectl describe vr1`).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- end }}
-
-{{/* Cluster-scoped reads kopf makes when it watches every namespace. */}}
-{{- define "visionr1.rbac.clusterRules" -}}
-- apiGroups: ["apiextensions.k8s.io"]
-  resources: ["customresourcedefinitions"]
-  verbs: ["list", "watch"]
 {{- end }}
 
 {{- define "visionr1.mlflow.needsVolume" -}}
