@@ -1,0 +1,208 @@
+"""The OpenAI-compatible backend against a small chat-completions server started by the test."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from visionr1_jobs.config import Backend
+from visionr1_jobs.contract import InvalidInput
+from visionr1_jobs.generation import get_backend, user
+from visionr1_jobs.generation.openai_backend import APIError, OpenAIBackend
+
+KEY = "sk-test-123"
+
+
+class FakeServer:
+    """Speaks POST /v1/chat/completions. ``script`` lists what the next requests get:
+    "ok", "429", "500", "sleep" (longer than the client timeout), "401"; then "ok"."""
+
+    def __init__(self) -> None:
+        self.script: list[str] = []
+        self.bodies: list[dict] = []
+        self.auth: list[str | None] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:  # keep pytest output clean
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.bodies.append(body)
+                    outer.auth.append(self.headers.get("Authorization"))
+                    action = outer.script.pop(0) if outer.script else "ok"
+                if self.path != "/v1/chat/completions":
+                    return self._send(404, {"error": "not found"})
+                if self.headers.get("Authorization") != f"Bearer {KEY}":
+                    return self._send(401, {"error": {"message": "Incorrect API key provided"}})
+                if action == "sleep":
+                    time.sleep(1.0)
+                    action = "ok"
+                if action == "429":
+                    return self._send(429, {"error": "rate limited"}, {"Retry-After": "0"})
+                if action == "500":
+                    return self._send(500, {"error": "boom"})
+                user_text = body["messages"][-1]["content"]
+                if isinstance(user_text, list):
+                    user_text = next(p["text"] for p in user_text if p["type"] == "text")
+                self._send(
+                    200,
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "model": body["model"],
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {
+                                    "role": "assistant",
+                                    "content": f"echo: {user_text}",
+                                    "reasoning_content": "thinking"
+                                    if "reason" in user_text
+                                    else None,
+                                },
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+                    },
+                )
+
+            def _send(self, code: int, payload: dict, headers: dict | None = None) -> None:
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(code)
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and hung up
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+
+
+@pytest.fixture
+def server() -> Iterator[FakeServer]:
+    srv = FakeServer()
+    yield srv
+    srv.httpd.shutdown()
+    srv.httpd.server_close()
+
+
+def _backend(server: FakeServer, monkeypatch: pytest.MonkeyPatch, **kw: object) -> OpenAIBackend:
+    monkeypatch.setenv("TEST_KEY", kw.pop("key", KEY))  # type: ignore[arg-type]
+    opts = {
+        "api_key_env": "TEST_KEY",
+        "max_concurrency": 2,
+        "timeout_s": 5.0,
+        "max_retries": 3,
+        "backoff_base_s": 0.01,
+    }
+    opts.update(kw)
+    return OpenAIBackend(server.url, "served-model", **opts)  # type: ignore[arg-type]
+
+
+def test_success_sends_images_as_data_urls_and_reads_usage(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "a.png")
+    gen = _backend(server, monkeypatch)
+    outs = gen.generate(
+        [user("What is shown?", [str(tmp_path / "a.png")]), user("reason about it")],
+        temperature=0.6,
+        top_p=0.95,
+        max_tokens=32,
+        seed=1,
+    )
+    assert [o.text for o in outs] == ["echo: What is shown?", "echo: reason about it"]
+    assert (outs[0].prompt_tokens, outs[0].completion_tokens, outs[0].finish_reason) == (
+        7,
+        3,
+        "stop",
+    )
+    assert outs[1].reasoning == "thinking" and outs[0].reasoning is None
+    first = next(b for b in server.bodies if isinstance(b["messages"][-1]["content"], list))
+    parts = first["messages"][-1]["content"]
+    assert parts[0]["type"] == "image_url"
+    assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,iVBOR")
+    assert parts[1] == {"type": "text", "text": "What is shown?"}
+    assert {b["model"] for b in server.bodies} == {"served-model"}
+    assert (first["temperature"], first["top_p"], first["max_tokens"], first["seed"]) == (
+        0.6,
+        0.95,
+        32,
+        1,
+    )
+    assert set(server.auth) == {f"Bearer {KEY}"}
+    text_only = next(b for b in server.bodies if isinstance(b["messages"][-1]["content"], str))
+    assert text_only["messages"] == [{"role": "user", "content": "reason about it"}]
+
+
+@pytest.mark.parametrize("failure", ["429", "500"])
+def test_retries_then_succeeds(
+    failure: str, server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.script = [failure, failure]
+    gen = _backend(server, monkeypatch, max_concurrency=1)
+    (out,) = gen.generate([user("hi")], max_tokens=8)
+    assert out.text == "echo: hi"
+    assert gen.requests_sent == len(server.bodies) == 3
+
+
+def test_timeout_is_retried_then_reported(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.script = ["sleep"]
+    gen = _backend(server, monkeypatch, timeout_s=0.3, max_concurrency=1)
+    (out,) = gen.generate([user("slow")], max_tokens=8)
+    assert out.text == "echo: slow" and gen.requests_sent == 2
+    server.script = ["sleep", "sleep"]
+    gen = _backend(server, monkeypatch, timeout_s=0.3, max_retries=1)
+    with pytest.raises(APIError, match=r"failed after 2 attempts; last: timed out after 0.3 s"):
+        gen.generate([user("slow")], max_tokens=8)
+
+
+def test_bad_key_is_a_clear_error_without_a_retry_storm(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gen = _backend(server, monkeypatch, key="sk-wrong", max_concurrency=2, max_retries=5)
+    with pytest.raises(
+        APIError, match=r"HTTP 401: the API key \(read from \$TEST_KEY\) was refused"
+    ):
+        gen.generate([user(f"q{i}") for i in range(20)], max_tokens=8)
+    # At most the requests already in flight when the first 401 came back; none retried.
+    assert 1 <= len(server.bodies) <= 2
+
+
+def test_missing_key_env_and_factory(server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    cfg = Backend(kind="openai", base_url=server.url, api_key_env="NO_SUCH_KEY", model="m")
+    with pytest.raises(InvalidInput, match="NO_SUCH_KEY is empty or unset"):
+        get_backend(cfg)
+    monkeypatch.setenv("NO_SUCH_KEY", KEY)
+    gen = get_backend(cfg.model_copy(update={"model": None}), "default-model")
+    assert isinstance(gen, OpenAIBackend) and gen.model == "default-model"
+    # The eval stage's call shape: dict requests, sampling as keywords.
+    (out,) = gen.generate(
+        [{"messages": [{"role": "user", "content": "x"}], "images": []}],
+        temperature=0.0,
+        max_tokens=4,
+    )
+    assert out.text == "echo: x"
