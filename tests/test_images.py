@@ -235,6 +235,15 @@ def test_trainer_entry_point_is_the_stage_contract() -> None:
     assert ("WORKDIR", "/workspace") in steps
 
 
+def test_trainer_user_is_the_one_stage_pods_run_as() -> None:
+    manifests = pytest.importorskip("visionr1_operator.manifests")
+    users = [rest for word, rest in final_stage(DOCKERFILES["trainer"]) if word == "USER"]
+    # The pod's runAsUser must own HOME in the image, or caches under HOME are unwritable.
+    assert users[-1] == f"{manifests.RUN_AS_USER}:{manifests.RUN_AS_USER}"
+    assert f"--uid {manifests.RUN_AS_USER} " in DOCKERFILES["trainer"].read_text()
+    assert manifests.HF_HOME == env_of(final_stage(DOCKERFILES["trainer"]))["HF_HOME"]
+
+
 def test_trainer_constraints_pin_a_set_that_satisfies_pyproject() -> None:
     pins = constraints(IMAGES / "trainer" / "constraints.txt")
     extras = PYPROJECT["project"]["optional-dependencies"]
