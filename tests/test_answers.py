@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+
 from visionr1_jobs import answers
 from visionr1_jobs.answers import (
     answers_match,
