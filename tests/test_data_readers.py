@@ -299,3 +299,19 @@ def test_extract_answer_formats() -> None:
     assert extract_answer("### Step 1:\nx\n\n### The final answer is:\n12") == "12"
     assert extract_answer("Answer:D") == "D"
     assert extract_answer("no idea") is None
+
+
+def test_dataset_ref_paths_are_under_the_workspace(tmp_path: Path) -> None:
+    from visionr1_jobs.config import DatasetRef
+    from visionr1_jobs.data.load import load_dataset_ref
+
+    _png(tmp_path / "ws" / "imgs" / "1.png")
+    (tmp_path / "ws" / "data").mkdir()
+    _jsonl(
+        tmp_path / "ws" / "data" / "a.jsonl",
+        [{"image": "1.png", "question": f"q{i}", "answer": str(i)} for i in range(3)],
+    )
+    ref = DatasetRef(path="data", format="jsonl", image_root="imgs", limit=2)
+    res = load_dataset_ref(ref, tmp_path / "ws")
+    assert [s.question for s in res.records] == ["q0", "q1"]
+    assert res.records[0].images == [str(tmp_path / "ws" / "imgs" / "1.png")]

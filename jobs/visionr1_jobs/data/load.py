@@ -13,7 +13,9 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from visionr1_jobs.config import DatasetRef
 from visionr1_jobs.data import readers
 from visionr1_jobs.data.io import DataError, is_pipeline_parquet, iter_records, shard_files
 from visionr1_jobs.data.record import Sample
@@ -199,6 +201,17 @@ def load_dataset_dir(
 ) -> list[Sample]:
     """The samples of :func:`load_dataset` (same arguments); bad rows raise unless skip_bad."""
     return load_dataset(path, format, **kwargs).records  # type: ignore[arg-type]
+
+
+def load_dataset_ref(
+    ref: DatasetRef, workspace: str | os.PathLike[str], **kwargs: Any
+) -> LoadResult:
+    """:func:`load_dataset` for a manifest's DatasetRef (relative paths under the workspace)."""
+    from visionr1_jobs.contract import resolve_path
+
+    root = resolve_path(workspace, ref.image_root) if ref.image_root else None
+    kwargs.setdefault("limit", ref.limit)
+    return load_dataset(resolve_path(workspace, ref.path), ref.format, image_root=root, **kwargs)
 
 
 def describe(result: LoadResult) -> str:

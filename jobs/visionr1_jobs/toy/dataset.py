@@ -59,6 +59,8 @@ def write_toy_dataset(
                 rel = store_image(tmp, render(problem.scene))
                 samples.append(to_sample(problem, sid, rel, split, seed))
             write_records(samples, tmp, rows_per_shard=rows_per_shard)
+            for f in tmp.rglob("*"):  # atomic temp files are 0600; pods of other uids read these
+                f.chmod(0o755 if f.is_dir() else 0o644)
             _replace_dir(tmp, out / split)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

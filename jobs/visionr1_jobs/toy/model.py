@@ -295,6 +295,8 @@ def create_tiny_model(
         tmp.chmod(0o755)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        for f in tmp.iterdir():  # some writers create 0600 files; pods of other uids read these
+            f.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
