@@ -1,0 +1,47 @@
+"""The exact API access the operator needs, as RBAC rules.
+
+The Helm chart's ClusterRole (or Role) must grant exactly these; a chart test asserts that, and
+the kmock test asserts that every request the operator makes is covered by a rule and every rule
+is used. Standalone mode (one replica) needs no kopf peering objects; disabled scanning needs no
+namespace or CRD listing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Rule(NamedTuple):
+    api_group: str
+    resource: str
+    verbs: frozenset[str]
+
+
+RULES: tuple[Rule, ...] = (
+    # the runs: watched by kopf; patched for the finalizer and kopf's annotations
+    Rule("visionr1.io", "visionr1runs", frozenset({"get", "list", "watch", "patch"})),
+    Rule("visionr1.io", "visionr1runs/status", frozenset({"patch"})),
+    # the stage Jobs: watched for progress, created per attempt, patched to suspend/resume
+    Rule("batch", "jobs", frozenset({"list", "watch", "create", "patch"})),
+    # per attempt: the resolved stage config; per multi-node stage: the rendezvous Service
+    Rule("", "configmaps", frozenset({"create"})),
+    Rule("", "services", frozenset({"create"})),
+    # an Event for every transition
+    Rule("", "events", frozenset({"create"})),
+)
+
+
+def covers(api_group: str, resource: str, verb: str) -> Rule | None:
+    """The rule that allows ``verb`` on ``resource`` of ``api_group``, if any."""
+    for rule in RULES:
+        if rule.api_group == api_group and rule.resource == resource and verb in rule.verbs:
+            return rule
+    return None
+
+
+def as_policy_rules() -> list[dict[str, object]]:
+    """RULES as rbac.authorization.k8s.io/v1 PolicyRule dicts (what a chart template renders)."""
+    return [
+        {"apiGroups": [r.api_group], "resources": [r.resource], "verbs": sorted(r.verbs)}
+        for r in RULES
+    ]

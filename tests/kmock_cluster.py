@@ -1,0 +1,284 @@
+"""A pretend cluster for operator tests and the load benchmark: kmock plus what kmock lacks.
+
+kmock 0.8 serves objects over the real Kubernetes HTTP API, in memory. It does not assign uids,
+does not filter by label selector, runs no controllers and no garbage collector. Here: the
+resources the operator uses are declared for discovery, the test plays the Job controller by
+patching Job status, and :func:`collect_garbage` deletes objects whose owner is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kmock
+
+NS = "ml"
+RUNS = "/apis/visionr1.io/v1alpha1/namespaces/{ns}/visionr1runs"
+JOBS = "/apis/batch/v1/namespaces/{ns}/jobs"
+
+RESOURCES: dict[str, tuple[str, set[str]]] = {
+    "visionr1.io/v1alpha1/visionr1runs": ("VisionR1Run", {"status"}),
+    "batch/v1/jobs": ("Job", {"status"}),
+    "v1/configmaps": ("ConfigMap", set()),
+    "v1/services": ("Service", set()),
+    "v1/events": ("Event", set()),
+}
+# kopf waits for these to be discoverable even with scanning disabled (it never lists them then;
+# listing namespaces would fail anyway: kmock 0.8 parses /api/v1/namespaces as a namespace path).
+CLUSTER_RESOURCES: dict[str, str] = {
+    "v1/namespaces": "Namespace",
+    "apiextensions.k8s.io/v1/customresourcedefinitions": "CustomResourceDefinition",
+}
+VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """kmock plus what the API server does on create: generateName, uid, resourceVersion."""
+
+    async def _handle(self, request: Any) -> Any:
+        data = request.data
+        if request.action == kmock.action.CREATE and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("resourceVersion", "1")
+            meta.setdefault("generation", 1)
+        return await super()._handle(request)
+
+
+@contextlib.asynccontextmanager
+async def cluster() -> AsyncIterator[kmock.KubernetesEmulator]:
+    """A kmock Kubernetes emulator on a loopback port, resources declared."""
+    async with Emulator() as k8s, kmock.Server(k8s):
+        for key, (kind, subresources) in RESOURCES.items():
+            k8s.resources[key] = kmock.ResourceInfo(
+                kind=kind, namespaced=True, verbs=VERBS, subresources=subresources
+            )
+        for key, kind in CLUSTER_RESOURCES.items():
+            k8s.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=False, verbs=VERBS)
+        yield k8s
+
+
+def connection(k8s: kmock.KubernetesEmulator) -> Any:
+    import kopf
+
+    return kopf.ConnectionInfo(server=str(k8s.url).rstrip("/"), default_namespace=NS)
+
+
+def run_object(manifest: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    """What the API server would store on create: namespace, uid, generation (kmock adds none)."""
+    obj = copy.deepcopy(manifest)
+    meta = obj["metadata"]
+    if name:
+        meta["name"] = name
+    meta["namespace"] = NS
+    meta["uid"] = str(uuid.uuid4())
+    meta["generation"] = 1
+    # kopf guards its finalizer patch with a JSON-patch test of resourceVersion; kmock never
+    # sets or bumps one, so a constant is consistent.
+    meta["resourceVersion"] = "1"
+    meta["creationTimestamp"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return obj
+
+
+async def create_run(client: httpx.AsyncClient, obj: dict[str, Any]) -> None:
+    r = await client.post(RUNS.format(ns=NS), json=obj)
+    r.raise_for_status()
+
+
+def objects(k8s: kmock.KubernetesEmulator, resource: str) -> dict[str, dict[str, Any]]:
+    """Live objects of one resource, by name."""
+    out = {}
+    for (res, _ns, name), obj in list(k8s.objects.items()):
+        if f"{res.group}/{res.version}/{res.plural}".lstrip("/") == resource.lstrip("/") and not (
+            obj.deleted
+        ):
+            out[name] = obj.raw
+    return out
+
+
+def jobs(k8s: kmock.KubernetesEmulator, run: str | None = None) -> dict[str, dict[str, Any]]:
+    return {
+        n: j
+        for n, j in objects(k8s, "batch/v1/jobs").items()
+        if run is None or j["metadata"]["labels"].get("visionr1.io/run") == run
+    }
+
+
+def get_run(k8s: kmock.KubernetesEmulator, name: str) -> dict[str, Any] | None:
+    return objects(k8s, "visionr1.io/v1alpha1/visionr1runs").get(name)
+
+
+# --------------------------------------------------------------------------- the Job controller
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def job_running(client: httpx.AsyncClient, name: str) -> None:
+    r = await client.patch(
+        f"{JOBS.format(ns=NS)}/{name}/status",
+        json={"status": {"active": 1, "startTime": _now()}},
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    r.raise_for_status()
+
+
+async def job_succeeded(client: httpx.AsyncClient, name: str, completions: int = 1) -> None:
+    status = {
+        "active": 0,
+        "succeeded": completions,
+        "completionTime": _now(),
+        "conditions": [
+            {"type": "SuccessCriteriaMet", "status": "True", "lastTransitionTime": _now()},
+            {"type": "Complete", "status": "True", "lastTransitionTime": _now()},
+        ],
+    }
+    r = await client.patch(
+        f"{JOBS.format(ns=NS)}/{name}/status",
+        json={"status": status},
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    r.raise_for_status()
+
+
+async def job_failed(client: httpx.AsyncClient, name: str, exit_code: int) -> None:
+    """As the Job controller reports it: exit 65 matches our FailJob rule, others spend the
+    (zero) backoffLimit."""
+    if exit_code == 65:
+        reason = "PodFailurePolicy"
+        message = (
+            f"Container stage for pod {NS}/{name}-0-abcde failed with exit code 65 "
+            "matching FailJob rule at index 0"
+        )
+    else:
+        reason, message = "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+    status = {
+        "active": 0,
+        "failed": 1,
+        "conditions": [
+            {
+                "type": "FailureTarget",
+                "status": "True",
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": _now(),
+            },
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": _now(),
+            },
+        ],
+    }
+    r = await client.patch(
+        f"{JOBS.format(ns=NS)}/{name}/status",
+        json={"status": status},
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    r.raise_for_status()
+
+
+async def collect_garbage(k8s: kmock.KubernetesEmulator, client: httpx.AsyncClient) -> list[str]:
+    """Delete every object whose owner (by uid) no longer exists; returns 'Kind/name' deleted."""
+    live_uids = {o.raw["metadata"].get("uid") for o in k8s.objects.values() if not o.deleted}
+    gone = []
+    for (res, ns, name), obj in list(k8s.objects.items()):
+        if obj.deleted:
+            continue
+        owners = obj.raw.get("metadata", {}).get("ownerReferences") or []
+        if owners and not any(o["uid"] in live_uids for o in owners):
+            base = f"/api/{res.version}" if not res.group else f"/apis/{res.group}/{res.version}"
+            r = await client.delete(f"{base}/namespaces/{ns}/{res.plural}/{name}")
+            r.raise_for_status()
+            gone.append(f"{obj.raw.get('kind')}/{name}")
+    return gone
+
+
+async def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# --------------------------------------------------------------------------- a real MLflow server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(workdir: Path) -> Iterator[str]:
+    """``mlflow server`` on loopback with a sqlite store under ``workdir``; yields its URI."""
+    port = _free_port()
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    log = open(workdir / "mlflow-server.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{workdir / 'mlflow.db'}",
+            "--default-artifact-root",
+            str(workdir / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{uri}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    "mlflow server did not start:\n"
+                    + (workdir / "mlflow-server.log").read_text()[-3000:]
+                )
+            time.sleep(0.2)
+        yield uri
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
