@@ -48,6 +48,15 @@ class StageManifest(Model):
 # --------------------------------------------------------------------------- atomic files
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -66,6 +75,8 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    # mkstemp creates 0600; outputs must be readable by the next stage's pod (maybe another uid).
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -211,9 +222,15 @@ def load_config(path: str | os.PathLike[str]) -> ResolvedStageConfig:
 
 
 def run_stage(
-    fn: Callable[[ResolvedStageConfig], StageManifest], cfg_path: str, out: IO[str] | None = None
+    fn: Callable[[ResolvedStageConfig], StageManifest | None],
+    cfg_path: str,
+    out: IO[str] | None = None,
 ) -> int:
-    """Run a stage program under the contract: skip when done, map errors to exit codes."""
+    """Run a stage program under the contract: skip when done, map errors to exit codes.
+
+    ``fn`` returns the stage's manifest, or None when this process finished only its own shard of
+    an Indexed Job and another shard will write the manifest (the last one to finish merges).
+    """
     out = out or sys.stderr
     try:
         cfg = load_config(cfg_path)
@@ -224,7 +241,7 @@ def run_stage(
             )
             return 0
         manifest = fn(cfg)
-        if read_manifest(cfg.workspace, cfg.output_dir) is None:
+        if manifest is not None and read_manifest(cfg.workspace, cfg.output_dir) is None:
             write_manifest(cfg, manifest)
         return 0
     except InvalidInput as exc:

@@ -319,7 +319,7 @@ def _merge(
 
 def run(
     cfg: ResolvedStageConfig, generator_factory: GeneratorFactory | None = None
-) -> StageManifest:
+) -> StageManifest | None:
     """The stage program (see the module docstring)."""
     started = time.time()
     params = cfg.stage_params()
@@ -343,6 +343,6 @@ def run(
             f"[eval] shard {index}/{count} done; waiting for the other shards to merge",
             flush=True,
         )
-        # Not the last shard: exit 0 without a manifest (run_stage would write one on return).
-        raise SystemExit(0)
+        # Not the last shard: done without a manifest; the last shard to finish merges.
+        return None
     return _merge(cfg, params, checkpoints, benches, count, started)
