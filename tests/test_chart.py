@@ -231,6 +231,7 @@ def test_chart_lints_strictly(name: str) -> None:
         ({"watchNamespaces": ["a", "a"]}, "/watchNamespaces"),
         ({"replicaCount": 2}, "replicaCount"),
         ({"operator": {"healthPort": 80}}, "/operator/healthPort"),
+        ({"operator": {"retryBackoffSeconds": 0}}, "/operator/retryBackoffSeconds"),
         ({"operator": {"podSecurityContext": {"runAsNonRoot": False}}}, "runAsNonRoot"),
         (
             {"operator": {"securityContext": {"allowPrivilegeEscalation": True}}},
@@ -466,6 +467,13 @@ def test_operator_args_parse_with_the_operator_cli(
     ctr = container(one(docs[name], "Deployment", "operator"))
     args = build_parser().parse_args(ctr["args"])  # exits (SystemExit) on an unknown flag
     assert args.command == "operator"
+    values = VALUE_SETS[name]
+    assert args.namespaces == values.get("watchNamespaces", [])
+    assert args.all_namespaces is not bool(values.get("watchNamespaces"))
+    assert args.liveness == "http://0.0.0.0:8080/healthz"
+    assert args.retry_backoff == 10.0
+    if name == "external-mlflow-no-crd":
+        assert args.mlflow_uri == "https://mlflow.example.com"
 
 
 def test_custom_images_and_node_placement(docs: dict[str, list[dict[str, Any]]]) -> None:
