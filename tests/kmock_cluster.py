@@ -206,10 +206,11 @@ async def collect_garbage(k8s: kmock.KubernetesEmulator, client: httpx.AsyncClie
             continue
         owners = obj.raw.get("metadata", {}).get("ownerReferences") or []
         if owners and not any(o["uid"] in live_uids for o in owners):
+            kind = obj.raw.get("kind")
             base = f"/api/{res.version}" if not res.group else f"/apis/{res.group}/{res.version}"
             r = await client.delete(f"{base}/namespaces/{ns}/{res.plural}/{name}")
             r.raise_for_status()
-            gone.append(f"{obj.raw.get('kind')}/{name}")
+            gone.append(f"{kind}/{name}")
     return gone
 
 
