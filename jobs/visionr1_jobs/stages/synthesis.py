@@ -1,0 +1,329 @@
+"""The synthesis stage: modality bridging (VISION-R1.md §2), sharded over an Indexed Job.
+
+Each pod takes the contiguous rows of shard ``JOB_COMPLETION_INDEX`` of ``VISIONR1_SHARDS``,
+cuts them into chunks of ``params.rowsPerShard`` rows, and for every chunk not yet on disk runs
+the three teacher steps (:mod:`visionr1_jobs.synthesis.bridge`) and writes
+``synthesis/shard-SSSSS-CCCCC.parquet`` atomically, with every raw teacher output in the rows'
+``raw`` field. A restarted pod skips finished chunks and redoes the one it was killed in.
+When its chunks are done a pod writes its shard marker; the pod that then finds every shard's
+marker writes ``_manifest.json`` (outputs ``{"data": "synthesis"}``), and the others exit 0
+without one (see :mod:`visionr1_jobs.synthesis.shards` for why this is safe under concurrency).
+
+MLflow (the stage's nested run): the prompts as artifacts with their sha256 (params
+``prompt.<step>.sha256``), the teachers as tags (toy stand-ins say so), per-chunk samples/s and
+tokens/s, and the totals from the pod that writes the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from visionr1_jobs.config import Backend, ResolvedStageConfig, SynthesisParams, Teacher
+from visionr1_jobs.contract import (
+    InvalidInput,
+    StageManifest,
+    input_path,
+    progress,
+    sha256_file,
+    shard_from_env,
+    stage_dir,
+    write_manifest,
+)
+
+DATA_OUTPUT = "data"
+# (backend config, default model) → a GenerationBackend; tests may pass their own.
+BackendFactory = Callable[[Backend, str | None], Any]
+
+
+def teacher_name(teacher: Teacher, role: str) -> str:
+    """How a teacher is named in rows, logs and MLflow (toy stand-ins are named as such)."""
+    if teacher.backend.kind == "toy":
+        from visionr1_jobs.synthesis.toy_teachers import stand_in_name
+
+        return stand_in_name(teacher.backend, role) or "toy"
+    return f"{teacher.backend.kind}:{teacher.backend.model or '(stage model)'}"
+
+
+def _load_input(cfg: ResolvedStageConfig, params: SynthesisParams) -> tuple[Path, list[Any]]:
+    from visionr1_jobs.data.load import load_dataset_dir
+
+    loc = cfg.inputs.get("data")
+    path = input_path(cfg, "data", "data")
+    fmt = (
+        "visionr1" if loc is not None and loc.format == "stage" else (loc.format if loc else "auto")
+    )
+    samples = load_dataset_dir(path, fmt, limit=params.limit)
+    if params.describer.backend.kind == "toy":
+        missing = next((s.id for s in samples if "scene" not in s.metadata), None)
+        if missing is not None:
+            raise InvalidInput(
+                f"config.inputs.data ({path}): row {missing!r} has no toy scene; the toy "
+                "describer stand-in works on toy data only (`visionr1 toy data`): use a real "
+                "describer backend for this dataset"
+            )
+    return path, samples
+
+
+def _log_setup(params: SynthesisParams, prompts: dict[str, Any], names: dict[str, str]) -> None:
+    import mlflow
+
+    for step, prompt in prompts.items():
+        mlflow.log_text(prompt.text, f"prompts/{prompt.version}/{step}.txt")
+    with_hash = {f"prompt.{step}.sha256": p.sha256 for step, p in prompts.items()}
+    import contextlib
+
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # same values on a resumed run
+        mlflow.log_params(with_hash)
+    tags = {
+        "visionr1.describer": names["describer"],
+        "visionr1.reasoner": names["reasoner"],
+        "visionr1.prompts_version": params.prompts_version,
+    }
+    toy = [role for role in ("describer", "reasoner") if "TOY STAND-IN" in names[role]]
+    if toy:
+        tags["visionr1.toy_stand_in"] = ",".join(toy)
+    mlflow.set_tags(tags)
+
+
+def _teachers(
+    params: SynthesisParams, default_model: str | None, factory: BackendFactory
+) -> tuple[Callable[..., Any], Callable[..., Any], list[Any]]:
+    """Generate callables for describer and reasoner (one backend when both configs are equal)."""
+    d_backend = factory(params.describer.backend, default_model)
+    same = params.reasoner.backend.dump() == params.describer.backend.dump()
+    r_backend = d_backend if same else factory(params.reasoner.backend, default_model)
+
+    def describer(requests: list[Any]) -> list[Any]:
+        return d_backend.generate(requests, params.describer.sampling)
+
+    def reasoner(requests: list[Any]) -> list[Any]:
+        return r_backend.generate(requests, params.reasoner.sampling)
+
+    return describer, reasoner, [d_backend] if same else [d_backend, r_backend]
+
+
+def _default_factory(backend: Backend, default_model: str | None) -> Any:
+    from visionr1_jobs.generation import get_backend
+
+    return get_backend(backend, default_model)
+
+
+def run(cfg: ResolvedStageConfig, backend_factory: BackendFactory | None = None) -> StageManifest:
+    """The stage program (see the module docstring)."""
+    from visionr1_jobs.data.io import write_shard
+    from visionr1_jobs.synthesis import shards as S
+    from visionr1_jobs.synthesis.bridge import bridge_batch
+    from visionr1_jobs.synthesis.prompts import load_prompts
+    from visionr1_jobs.tracking import stage_run
+
+    started = time.time()
+    params = cfg.stage_params()
+    assert isinstance(params, SynthesisParams)
+    index, count = shard_from_env()
+    prompts = load_prompts(params.prompts_version)
+    out_dir = stage_dir(cfg)
+    in_path, samples = _load_input(cfg, params)
+    S.agree_on_plan(
+        out_dir,
+        {
+            "shards": count,
+            "rows_per_shard": params.rows_per_shard,
+            "rows": len(samples),
+            "input": str(in_path),
+            "limit": params.limit,
+        },
+    )
+    chunks = S.plan_chunks(len(samples), index, count, params.rows_per_shard)
+    S.clean_stale_temps(out_dir, index)
+    todo = [c for c in chunks if not S.chunk_path(out_dir, c).exists()]
+    names = {
+        "describer": teacher_name(params.describer, "describer"),
+        "reasoner": teacher_name(params.reasoner, "reasoner"),
+    }
+    shard_rows = sum(c.rows for c in chunks)
+    print(
+        f"[synthesis] shard {index}/{count}: {shard_rows} rows in {len(chunks)} chunk(s), "
+        f"{len(chunks) - len(todo)} already done; describer = {names['describer']}; "
+        f"reasoner = {names['reasoner']}",
+        flush=True,
+    )
+    run_name = "synthesis" if count == 1 else f"synthesis-shard-{index:05d}"
+    with stage_run(cfg, name=run_name) as mlrun:
+        if mlrun is not None:
+            _log_setup(params, prompts, names)
+        marker = _generate(
+            cfg,
+            params,
+            prompts,
+            names,
+            samples,
+            chunks,
+            todo,
+            out_dir,
+            backend_factory or _default_factory,
+            bridge_batch,
+            write_shard,
+            mlrun,
+        )
+        S.write_marker(out_dir, index, marker)
+        markers = S.read_markers(out_dir, count)
+        if markers is not None:
+            manifest = _manifest(cfg, params, prompts, names, markers, started)
+            if mlrun is not None:
+                import mlflow
+
+                mlflow.log_metrics(manifest.metrics)
+                manifest.mlflow_run_id = mlrun.info.run_id
+    if markers is None:
+        print(
+            f"[synthesis] shard {index}/{count} done; the last shard to finish writes the manifest",
+            flush=True,
+        )
+        # Not the last shard: exit 0 without a manifest (run_stage would write one on return).
+        raise SystemExit(0)
+    write_manifest(cfg, manifest)
+    return manifest
+
+
+def _generate(
+    cfg: ResolvedStageConfig,
+    params: SynthesisParams,
+    prompts: dict[str, Any],
+    names: dict[str, str],
+    samples: list[Any],
+    chunks: list[Any],
+    todo: list[Any],
+    out_dir: Path,
+    factory: BackendFactory,
+    bridge_batch: Callable[..., Any],
+    write_shard: Callable[..., Any],
+    mlrun: Any,
+) -> dict[str, Any]:
+    """Generate the missing chunks of this shard; returns the shard's marker."""
+    from visionr1_jobs.synthesis import shards as S
+
+    shard_rows = sum(c.rows for c in chunks)
+    done_rows = shard_rows - sum(c.rows for c in todo)
+    gen_s, tokens = 0.0, {"pseudo_cot": 0, "description": 0, "reasoner": 0}
+    backends: list[Any] = []
+    try:
+        if todo:
+            describer, reasoner, backends = _teachers(params, cfg.base_model, factory)
+        for chunk in todo:
+            t0 = time.perf_counter()
+            rows, stats = bridge_batch(
+                samples[chunk.start : chunk.end],
+                prompts,
+                describer,
+                reasoner,
+                give_answer_to_reasoner=params.give_answer_to_reasoner,
+                describer_name=names["describer"],
+                reasoner_name=names["reasoner"],
+            )
+            write_shard(rows, S.chunk_path(out_dir, chunk))
+            dt = time.perf_counter() - t0
+            gen_s += dt
+            for step, n in stats.tokens.items():
+                tokens[step] += n
+            done_rows += chunk.rows
+            chunk_metrics = {
+                "chunk.samples_per_s": chunk.rows / dt if dt > 0 else 0.0,
+                "chunk.tokens_per_s": stats.total_tokens / dt if dt > 0 else 0.0,
+                "chunk.seconds": dt,
+            }
+            if mlrun is not None:
+                import mlflow
+
+                mlflow.log_metrics(chunk_metrics, step=chunk.start)
+            progress(
+                "synthesis",
+                done_rows,
+                shard_rows,
+                shard=chunk.shard,
+                chunk=chunk.chunk,
+                samples_per_s=round(chunk_metrics["chunk.samples_per_s"], 3),
+                tokens_per_s=round(chunk_metrics["chunk.tokens_per_s"], 1),
+            )
+    finally:
+        for backend in backends:
+            backend.close()
+    previous = _previous_marker(out_dir, chunks[0].shard if chunks else None)
+    generated = sum(c.rows for c in todo)
+    return {
+        "shard": chunks[0].shard if chunks else None,
+        "rows": shard_rows,
+        "chunks": [
+            {
+                "file": S.chunk_path(out_dir, c).name,
+                "rows": c.rows,
+                "start": c.start,
+                "end": c.end,
+                "sha256": sha256_file(S.chunk_path(out_dir, c)),
+            }
+            for c in chunks
+        ],
+        # Throughput of the rows this shard generated, over all its attempts.
+        "generated_rows": generated + previous.get("generated_rows", 0),
+        "generate_seconds": gen_s + previous.get("generate_seconds", 0.0),
+        "tokens": {k: v + previous.get("tokens", {}).get(k, 0) for k, v in tokens.items()},
+    }
+
+
+def _previous_marker(out_dir: Path, index: int | None) -> dict[str, Any]:
+    import json
+
+    from visionr1_jobs.synthesis.shards import marker_path
+
+    if index is None:
+        return {}
+    try:
+        return json.loads(marker_path(out_dir, index).read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def _manifest(
+    cfg: ResolvedStageConfig,
+    params: SynthesisParams,
+    prompts: dict[str, Any],
+    names: dict[str, str],
+    markers: list[dict[str, Any]],
+    started: float,
+) -> StageManifest:
+    out_dir = stage_dir(cfg)
+    rows = sum(m["rows"] for m in markers)
+    gen_rows = sum(m["generated_rows"] for m in markers)
+    gen_s = sum(m["generate_seconds"] for m in markers)
+    tokens = {step: sum(m["tokens"].get(step, 0) for m in markers) for step in markers[0]["tokens"]}
+    metrics: dict[str, float] = {
+        "rows": rows,
+        "shards": len(markers),
+        "generate_seconds": gen_s,
+        # Per pod: rows (tokens) generated per second of generation, summed over shards.
+        "samples_per_s": gen_rows / gen_s if gen_s > 0 else 0.0,
+        "tokens_per_s": sum(tokens.values()) / gen_s if gen_s > 0 else 0.0,
+    }
+    metrics.update({f"tokens.{k}": v for k, v in tokens.items()})
+    ws = cfg.workspace
+    hashes = {
+        os.path.relpath(out_dir / c["file"], ws): c["sha256"] for m in markers for c in m["chunks"]
+    }
+    return StageManifest(
+        stage=cfg.stage,
+        outputs={DATA_OUTPUT: os.path.relpath(out_dir, ws)},
+        rows={DATA_OUTPUT: rows},
+        hashes=hashes,
+        metrics=metrics,
+        started_at=started,
+        extra={
+            "prompts_version": params.prompts_version,
+            "prompts_sha256": {step: p.sha256 for step, p in prompts.items()},
+            "describer": names["describer"],
+            "reasoner": names["reasoner"],
+            "give_answer_to_reasoner": params.give_answer_to_reasoner,
+        },
+    )
