@@ -1,0 +1,1 @@
+"""Synthesis by modality bridging: prompts, the three teacher steps, shards, toy stand-ins."""
