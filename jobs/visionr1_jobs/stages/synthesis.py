@@ -39,13 +39,13 @@ DATA_OUTPUT = "data"
 BackendFactory = Callable[[Backend, str | None], Any]
 
 
-def teacher_name(teacher: Teacher, role: str) -> str:
+def teacher_name(teacher: Teacher, role: str, default_model: str | None = None) -> str:
     """How a teacher is named in rows, logs and MLflow (toy stand-ins are named as such)."""
     if teacher.backend.kind == "toy":
         from visionr1_jobs.synthesis.toy_teachers import stand_in_name
 
         return stand_in_name(teacher.backend, role) or "toy"
-    return f"{teacher.backend.kind}:{teacher.backend.model or '(stage model)'}"
+    return f"{teacher.backend.kind}:{teacher.backend.model or default_model}"
 
 
 def _load_input(cfg: ResolvedStageConfig, params: SynthesisParams) -> tuple[Path, list[Any]]:
@@ -141,8 +141,8 @@ def run(cfg: ResolvedStageConfig, backend_factory: BackendFactory | None = None)
     S.clean_stale_temps(out_dir, index)
     todo = [c for c in chunks if not S.chunk_path(out_dir, c).exists()]
     names = {
-        "describer": teacher_name(params.describer, "describer"),
-        "reasoner": teacher_name(params.reasoner, "reasoner"),
+        "describer": teacher_name(params.describer, "describer", cfg.base_model),
+        "reasoner": teacher_name(params.reasoner, "reasoner", cfg.base_model),
     }
     shard_rows = sum(c.rows for c in chunks)
     print(
