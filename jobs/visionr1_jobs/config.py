@@ -429,6 +429,14 @@ class GRPOParams(TrainCommon):
     prompts_per_step: int = Field(
         32, ge=1, le=65536, description="Prompts per optimizer step, all GPUs (not published)."
     )
+    per_device_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=65536,
+        description="Completions per process per micro-step (gradient accumulation makes up the "
+        "rest); unset = each process's whole share of a step, promptsPerStep × numGenerations / "
+        "processes, at once.",
+    )
     temperature: float = Field(1.0, gt=0, le=5, description="Rollout temperature (not published).")
     top_p: float = Field(1.0, gt=0, le=1, description="Rollout nucleus mass.")
     max_prompt_length: int = Field(

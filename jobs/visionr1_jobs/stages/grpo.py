@@ -1,0 +1,349 @@
+"""GRPO with Progressive Thinking Suppression and the hard formatting result reward
+(VISION-R1.md §6), on TRL's GRPOTrainer.
+
+Each row of ``params.ptst`` runs as a sub-stage ``grpo/stage-N`` (its budget, samples per
+prompt and steps), starting from the previous sub-stage's final weights and logging into its own
+MLflow run nested under the GRPO stage run. A finished sub-stage leaves ``stage-N/_done.json`` and
+is never redone; an interrupted one resumes from its newest complete checkpoint. The KL reference
+is the GRPO input model throughout (``resetReferenceEachStage`` makes it each sub-stage's start).
+
+Outputs: ``{"model": "grpo/stage-K/final", "stage-1": "grpo/stage-1/final", …}`` and the PTST
+summary (``grpo/ptst_summary.json`` + ``.png``, also MLflow artifacts).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from visionr1_jobs.config import GRPOParams, PTSTStage, ResolvedStageConfig
+from visionr1_jobs.contract import (
+    InvalidInput,
+    StageManifest,
+    read_manifest,
+    stage_dir,
+    write_manifest,
+)
+from visionr1_jobs.training import checkpoints as ckpt
+from visionr1_jobs.training import ptst, runtime
+from visionr1_jobs.training.inputs import model_input
+
+log = logging.getLogger("visionr1.grpo")
+
+
+def run(cfg: ResolvedStageConfig) -> StageManifest:
+    params = cfg.stage_params()
+    assert isinstance(params, GRPOParams)
+    folder = stage_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    from visionr1_jobs.training.launch import planned_world_size, relaunch
+
+    world_size = planned_world_size()
+    for row in params.ptst:  # refuse impossible batch splits before spawning processes
+        runtime.grpo_batches(
+            params.prompts_per_step, row.num_generations, world_size, params.per_device_batch_size
+        )
+    rollout_mode(params)
+    rc = relaunch("grpo", cfg.model_dump_json(by_alias=True), folder)
+    if rc is not None:
+        manifest = read_manifest(cfg.workspace, cfg.output_dir)
+        if rc != 0 or manifest is None:
+            raise RuntimeError(f"grpo: torchrun exited with status {rc}; see the ranks' logs above")
+        return manifest
+    return train(cfg, params, folder)
+
+
+def rollout_mode(params: GRPOParams) -> str | None:
+    """The vLLM mode for TRL ("colocate"/"server"), or None for transformers generate.
+
+    vLLM is only looked up (never imported here): TRL imports it when asked to use it.
+    """
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    if params.rollout == "transformers":
+        return None
+    if params.rollout == "auto":
+        return "colocate" if have_vllm and runtime.has_cuda() else None
+    if not have_vllm:
+        raise InvalidInput(
+            f"params.rollout is {params.rollout!r} but vLLM is not installed in this image; use "
+            "the GPU trainer image or rollout: transformers"
+        )
+    if params.rollout == "vllm_colocate":
+        if not runtime.has_cuda():
+            raise InvalidInput(
+                "params.rollout 'vllm_colocate' needs a GPU; use rollout: transformers on CPU"
+            )
+        return "colocate"
+    return "server"
+
+
+def _data_rows(cfg: ResolvedStageConfig, params: GRPOParams) -> list[dict[str, Any]]:
+    from visionr1_jobs.training.data import grpo_rows
+    from visionr1_jobs.training.inputs import load_samples
+
+    if "data" not in cfg.inputs:
+        raise InvalidInput("params.dataset is required for the grpo stage (the RL problems)")
+    limit = params.dataset.limit if params.dataset else None
+    return grpo_rows(load_samples(cfg, "data", limit=limit), params.system_prompt)
+
+
+def train(cfg: ResolvedStageConfig, params: GRPOParams, folder: Path) -> StageManifest:
+    from visionr1_jobs.training.data import drop_long_prompts, to_dataset
+    from visionr1_jobs.training.mlflow_log import (
+        log_artifact,
+        log_metrics,
+        log_model,
+        log_params,
+        resumable_run,
+    )
+
+    started = time.time()
+    world = runtime.world_from_env()
+    source = model_input(cfg)
+    rows = _data_rows(cfg, params)
+    processor = runtime.load_processor(source, params.min_pixels, params.max_pixels)
+    rows, dropped = drop_long_prompts(rows, processor, params.max_prompt_length)
+    dataset = to_dataset(rows)
+    bf16 = runtime.use_bf16(params.bf16)
+    vllm_mode = rollout_mode(params)
+    counts = {"prompts": float(len(rows)), "prompts_dropped_too_long": float(dropped)}
+
+    # The stage run is ended before the sub-stages start: MLflow's fluent API cannot start a
+    # second top-level run while one is active, and each sub-stage is its own (nested) run.
+    with resumable_run(cfg, folder) as run:
+        grpo_run_id = run.info.run_id if run is not None else None
+        if grpo_run_id:
+            log_params(
+                grpo_run_id,
+                cfg,
+                {
+                    "derived.world_size": world.world_size,
+                    "derived.bf16": bf16,
+                    "derived.rollout": vllm_mode or "transformers",
+                    "derived.source_model": source,
+                },
+            )
+            log_metrics(grpo_run_id, cfg, counts)
+
+    done_records: list[dict[str, Any]] = []
+    start = source
+    steps_before = 0
+    try:
+        for index, row in enumerate(params.ptst, start=1):
+            sub_dir = folder / ptst.substage_name(index)
+            record = ptst.read_done(sub_dir)
+            if record is None:
+                record = _substage(
+                    cfg,
+                    params,
+                    index,
+                    row,
+                    sub_dir,
+                    start,
+                    source,
+                    dataset,
+                    processor,
+                    bf16,
+                    vllm_mode,
+                    world,
+                    grpo_run_id,
+                    steps_before,
+                )
+            else:
+                log.warning("grpo: %s already finished; not redoing it", sub_dir.name)
+            done_records.append(record)
+            start = str(sub_dir / "final")
+            steps_before += row.steps
+    except BaseException:
+        if grpo_run_id:
+            import mlflow
+
+            from visionr1_jobs.tracking import tracking_uri
+
+            mlflow.MlflowClient(tracking_uri(cfg)).set_terminated(grpo_run_id, "FAILED")
+        raise
+
+    outputs = {"model": f"{cfg.output_dir}/{ptst.substage_name(len(params.ptst))}/final"}
+    for index in range(1, len(params.ptst) + 1):
+        name = ptst.substage_name(index)
+        outputs[name] = f"{cfg.output_dir}/{name}/final"
+    metrics = dict(counts)
+    for rec in done_records:
+        for key, value in rec.get("metrics", {}).items():
+            metrics[f"{rec['name']}/{key}"] = float(value)
+    extra: dict[str, Any] = {
+        "rollout": vllm_mode or "transformers",
+        "world_size": world.world_size,
+        "bf16": bf16,
+    }
+    json_path = png_path = None
+    if world.is_main:
+        json_path, png_path = ptst.write_summary(folder, done_records)
+        extra["ptst_summary"] = f"{cfg.output_dir}/{json_path.name}"
+    with resumable_run(cfg, folder) as run:
+        if run is not None and json_path and png_path:
+            rid = run.info.run_id
+            log_metrics(rid, cfg, {k.replace("/", "."): v for k, v in metrics.items()})
+            log_artifact(rid, cfg, json_path)
+            log_artifact(rid, cfg, png_path)
+            extra |= log_model(
+                rid,
+                cfg,
+                folder / ptst.substage_name(len(params.ptst)) / "final",
+                params.register_model,
+            )
+    manifest = StageManifest(
+        stage="grpo",
+        outputs=outputs,
+        rows={"prompts": len(rows), "prompts_dropped_too_long": dropped},
+        metrics=metrics,
+        mlflow_run_id=grpo_run_id,
+        started_at=started,
+        extra=extra,
+    )
+    if world.is_main:
+        write_manifest(cfg, manifest)
+    runtime.barrier()
+    return manifest
+
+
+def _substage(
+    cfg: ResolvedStageConfig,
+    params: GRPOParams,
+    index: int,
+    row: PTSTStage,
+    sub_dir: Path,
+    start: str,
+    source: str,
+    dataset: Any,
+    processor: Any,
+    bf16: bool,
+    vllm_mode: str | None,
+    world: runtime.World,
+    grpo_run_id: str | None,
+    steps_before: int,
+) -> dict[str, Any]:
+    """Train one PTST sub-stage to its done marker (resuming from its last checkpoint)."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from visionr1_jobs.training.callbacks import MlflowMetrics, ProgressLines, RewardSignalWatch
+    from visionr1_jobs.training.mlflow_log import log_params, resumable_run
+    from visionr1_jobs.training.rewards import reward_functions
+
+    name = ptst.substage_name(index)
+    label = f"grpo/{name}"
+    sub_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints_dir = sub_dir / "checkpoints"
+    final = sub_dir / "final"
+    batches = runtime.grpo_batches(
+        params.prompts_per_step, row.num_generations, world.world_size, params.per_device_batch_size
+    )
+    reference = start if params.reset_reference_each_stage else source
+    record: dict[str, Any] = {
+        "name": name,
+        "index": index,
+        "max_completion_length": row.max_completion_length,
+        "num_generations": row.num_generations,
+        "steps": row.steps,
+        "start_model": start,
+        "reference_model": reference,
+        "per_device_batch_size": batches.per_device,
+        "gradient_accumulation_steps": batches.grad_accum,
+    }
+    with resumable_run(cfg, sub_dir, name, nested_under=grpo_run_id) as run:
+        run_id = run.info.run_id if run is not None else None
+        if run_id:
+            log_params(run_id, cfg, {f"ptst.{k}": v for k, v in record.items()})
+        watch = RewardSignalWatch()
+        if ckpt.is_complete_model(final):
+            log.warning("%s: final weights already saved by an earlier attempt", label)
+            resume = None
+        else:
+            funcs, weights = reward_functions(params.reward, params.verify_timeout_s)
+            ds_path = runtime.write_deepspeed_config(params.deepspeed, bf16, sub_dir)
+            vllm_kwargs: dict[str, Any] = {"use_vllm": vllm_mode is not None}
+            if vllm_mode is not None:
+                vllm_kwargs |= {
+                    "vllm_mode": vllm_mode,
+                    "vllm_gpu_memory_utilization": params.vllm_gpu_memory_utilization,
+                }
+                if vllm_mode == "server":
+                    vllm_kwargs["vllm_server_base_url"] = params.vllm_server_url
+            # The config comes before the model: with ZeRO-3 it makes from_pretrained partition.
+            args = GRPOConfig(
+                **runtime.common_training_kwargs(params, checkpoints_dir, bf16, ds_path),
+                learning_rate=params.learning_rate,
+                lr_scheduler_type="constant",
+                max_steps=row.steps,
+                num_generations=row.num_generations,
+                max_completion_length=row.max_completion_length,
+                per_device_train_batch_size=batches.per_device,
+                gradient_accumulation_steps=batches.grad_accum,
+                beta=params.beta,
+                epsilon=params.epsilon,
+                loss_type=params.loss_type,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                reward_weights=weights,
+                remove_unused_columns=False,
+                log_completions=False,
+                **vllm_kwargs,
+            )
+            # The policy starts from the previous sub-stage; TRL builds the KL reference from
+            # config.name_or_path, which load_model points at the reference.
+            model = runtime.load_model(start, bf16, reference=reference)
+            if params.freeze_vision_tower:
+                runtime.freeze_vision_tower(model)
+            callbacks: list[Any] = [ProgressLines(label), watch]
+            if run_id and grpo_run_id:
+                callbacks.append(MlflowMetrics(cfg, {run_id: 0, grpo_run_id: steps_before}))
+            trainer = GRPOTrainer(
+                model=model,
+                reward_funcs=funcs,
+                args=args,
+                train_dataset=dataset,
+                processing_class=processor,
+                callbacks=callbacks,
+            )
+            if world.is_main:
+                ckpt.remove_incomplete_checkpoints(checkpoints_dir)
+            runtime.barrier()
+            resume = ckpt.latest_complete_checkpoint(checkpoints_dir)
+            if resume is not None:
+                log.warning("%s: resuming from %s", label, resume.name)
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+            def write(tmp: Path) -> None:
+                trainer.save_model(str(tmp))
+                if world.is_main:
+                    processor.save_pretrained(str(tmp))
+                    # The sub-stage's step history travels with its weights (PTST summary).
+                    trainer.state.save_to_json(str(tmp / "trainer_state.json"))
+
+            ckpt.save_final_atomically(final, write, world.is_main)
+        history = _history(final)
+        series = ptst.step_series(history)
+        record |= {
+            "resumed_from": resume.name if resume is not None else None,
+            "zero_signal_steps": watch.zero_signal_steps,
+            "series": series,
+            "metrics": ptst.aggregate(series),
+            "mlflow_run_id": run_id,
+            "finished_at": time.time(),
+        }
+        if world.is_main:
+            ptst.write_done(sub_dir, record)
+    runtime.barrier()
+    return record
+
+
+def _history(final: Path) -> list[dict[str, Any]]:
+    import json
+
+    path = final / "trainer_state.json"
+    if not path.exists():
+        return []
+    return list(json.loads(path.read_text()).get("log_history", []))

@@ -1,0 +1,129 @@
+"""Trainer checkpoints that survive a killed pod, and the final model written atomically.
+
+transformers writes ``checkpoint-N/`` in place, ``trainer_state.json`` last (after the weights,
+optimizer, scheduler and RNG states). A checkpoint is complete when that file parses and the
+weights are there; a pod killed mid-save leaves an incomplete folder, which is ignored and
+removed before training resumes from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "adapter_model.safetensors",
+)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    m = _CKPT.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """trainer_state.json parses and names this step, and model weights (or a DeepSpeed
+    ``global_step*`` state) are present."""
+    state = path / "trainer_state.json"
+    try:
+        data = json.loads(state.read_text())
+    except (OSError, ValueError):
+        return False
+    if data.get("global_step") != checkpoint_step(path):
+        return False
+    has_weights = any((path / w).exists() for w in _WEIGHTS)
+    has_ds_state = any(p.is_dir() for p in path.glob("global_step*"))
+    return has_weights or has_ds_state
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """``checkpoint-N`` folders, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=lambda p: checkpoint_step(p) or 0)
+
+
+def latest_complete_checkpoint(folder: Path) -> Path | None:
+    for path in reversed(checkpoints(folder)):
+        if is_complete_checkpoint(path):
+            return path
+    return None
+
+
+def remove_incomplete_checkpoints(folder: Path) -> list[Path]:
+    """Delete half-written checkpoints (call on the main process before training resumes)."""
+    removed = []
+    for path in checkpoints(folder):
+        if not is_complete_checkpoint(path):
+            log.warning("removing incomplete checkpoint %s (killed mid-save)", path)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def is_complete_model(path: Path) -> bool:
+    """A final model folder: config + weights (only ever renamed into place complete)."""
+    return (path / "config.json").exists() and any((path / w).exists() for w in _WEIGHTS)
+
+
+def save_final_atomically(dest: Path, write: Callable[[Path], None], is_main: bool = True) -> Path:
+    """Run ``write(tmp_dir)`` (every rank: ZeRO-3 gathers weights collectively) and, on the main
+    process, rename the folder onto ``dest``; readers see no folder or a complete one.
+
+    The temporary folder's name is fixed (``.<name>.tmp``) so all ranks write into the same one;
+    a leftover from a killed attempt is cleared first.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp"
+    if is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    _barrier()
+    write(tmp)
+    _barrier()
+    if is_main:
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return dest
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _barrier() -> None:
+    from visionr1_jobs.training.runtime import barrier
+
+    barrier()

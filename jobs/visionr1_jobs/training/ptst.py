@@ -1,0 +1,122 @@
+"""Progressive Thinking Suppression Training bookkeeping: sub-stage folders, done markers, and
+the per-run summary (accuracy and completion length per sub-stage) as JSON and a plot."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from visionr1_jobs.contract import atomic_path, atomic_write_json
+
+DONE = "_done.json"
+
+# TRL's log keys → the summary's names.
+SERIES = {
+    "reward": "reward",
+    "rewards/accuracy/mean": "accuracy",
+    "rewards/format/mean": "format",
+    "completions/mean_length": "completion_length",
+    "completions/clipped_ratio": "clipped_ratio",
+    "reward_std": "reward_std",
+    "kl": "kl",
+}
+
+
+def substage_name(index: int) -> str:
+    """``stage-1``, ``stage-2``, … (1-based, as in the paper's table)."""
+    return f"stage-{index}"
+
+
+def read_done(folder: Path) -> dict[str, Any] | None:
+    path = folder / DONE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def write_done(folder: Path, record: dict[str, Any]) -> None:
+    atomic_write_json(folder / DONE, record)
+
+
+def step_series(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """One row per logged training step with the PTST-relevant values."""
+    rows = []
+    for entry in log_history:
+        if "step" not in entry or not any(k in entry for k in SERIES):
+            continue
+        row = {"step": float(entry["step"])}
+        for key, name in SERIES.items():
+            value = entry.get(key)
+            if isinstance(value, int | float):
+                row[name] = float(value)
+        rows.append(row)
+    return rows
+
+
+def aggregate(series: list[dict[str, float]]) -> dict[str, float]:
+    """Means over a sub-stage's steps, plus the last step's values (``last_*``)."""
+    out: dict[str, float] = {"steps_logged": float(len(series))}
+    for name in SERIES.values():
+        values = [r[name] for r in series if name in r]
+        if values:
+            out[f"mean_{name}"] = statistics.fmean(values)
+            out[f"last_{name}"] = values[-1]
+    return out
+
+
+def summary(substages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's PTST table: per sub-stage its budget, samples, steps and aggregates."""
+    return {"substages": substages}
+
+
+def write_summary(folder: Path, substages: list[dict[str, Any]]) -> tuple[Path, Path]:
+    """``ptst_summary.json`` and ``ptst_summary.png`` in ``folder``."""
+    data = summary(substages)
+    json_path = atomic_write_json(folder / "ptst_summary.json", data)
+    png_path = folder / "ptst_summary.png"
+    _plot(substages, png_path)
+    return json_path, png_path
+
+
+def _plot(substages: list[dict[str, Any]], dest: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    offset = 0.0
+    for sub in substages:
+        series = sub.get("series", [])
+        label = f"{sub['name']}: {sub['max_completion_length']} tok × {sub['num_generations']}"
+        xs = [offset + r["step"] for r in series]
+        for ax, key in zip(axes, ("accuracy", "completion_length"), strict=True):
+            ys = [r.get(key) for r in series]
+            pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+        if sub.get("max_completion_length"):
+            axes[1].hlines(
+                sub["max_completion_length"],
+                offset + 1,
+                offset + max(len(series), 1),
+                colors="gray",
+                linestyles="dotted",
+            )
+        offset += float(sub.get("steps", len(series)))
+        axes[0].axvline(offset + 0.5, color="lightgray", lw=0.8)
+        axes[1].axvline(offset + 0.5, color="lightgray", lw=0.8)
+    axes[0].set(
+        title="accuracy of rollouts", xlabel="GRPO step", ylabel="accuracy", ylim=(-0.02, 1.02)
+    )
+    axes[1].set(
+        title="mean completion length (dotted: budget)", xlabel="GRPO step", ylabel="tokens"
+    )
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("Progressive Thinking Suppression: per sub-stage")
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,276 @@
+"""Where and how a training stage runs: world size, precision, DeepSpeed, batches, model loading.
+
+Pure helpers (``world_from_env``, ``sft_batches``, ``grpo_batches``, ``deepspeed_config``) are
+separate from the ones that touch torch, so the arithmetic is testable without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from visionr1_jobs.contract import InvalidInput, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a torchrun job (1 process when not launched by torchrun)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env(env: dict[str, str] | None = None) -> World:
+    """RANK / LOCAL_RANK / WORLD_SIZE as torchrun sets them."""
+    env = dict(os.environ) if env is None else env
+    return World(
+        rank=int(env.get("RANK", "0") or 0),
+        local_rank=int(env.get("LOCAL_RANK", "0") or 0),
+        world_size=int(env.get("WORLD_SIZE", "1") or 1),
+    )
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def use_bf16(requested: bool) -> bool:
+    """bf16 only on a GPU that supports it; the CPU always trains in fp32."""
+    if not requested or not has_cuda():
+        return False
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class Batches:
+    per_device: int
+    grad_accum: int
+
+
+def sft_batches(global_batch: int, per_device: int, world_size: int) -> Batches:
+    """Gradient accumulation = global batch / (per-device batch × processes), exactly."""
+    denom = per_device * world_size
+    if global_batch % denom:
+        raise InvalidInput(
+            f"params.globalBatchSize ({global_batch}) must be a multiple of "
+            f"params.perDeviceBatchSize ({per_device}) × processes ({world_size}) = {denom}; "
+            f"e.g. set globalBatchSize to {max(denom, global_batch // denom * denom)}"
+        )
+    return Batches(per_device, global_batch // denom)
+
+
+def grpo_batches(
+    prompts_per_step: int, num_generations: int, world_size: int, per_device: int | None
+) -> Batches:
+    """Split one optimizer step's ``prompts × generations`` completions over processes.
+
+    TRL samples a generation batch of ``per_device × processes × grad_accum`` completions, which
+    must hold whole prompt groups; here it is exactly one optimizer step's worth.
+    ``per_device`` None = each process takes its whole share in one micro-batch.
+    """
+    total = prompts_per_step * num_generations
+    if total % world_size:
+        raise InvalidInput(
+            f"params.promptsPerStep ({prompts_per_step}) × numGenerations ({num_generations}) = "
+            f"{total} completions per step cannot be split over {world_size} processes; make it "
+            f"a multiple of {world_size}"
+        )
+    share = total // world_size
+    micro = share if per_device is None else per_device
+    if micro < 1 or share % micro:
+        raise InvalidInput(
+            f"params.perDeviceBatchSize ({per_device}) must divide the {share} completions each "
+            f"of the {world_size} processes handles per step (promptsPerStep × numGenerations / "
+            "processes)"
+        )
+    return Batches(micro, share // micro)
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+
+
+def deepspeed_config(mode: str, bf16: bool) -> dict[str, Any] | None:
+    """A DeepSpeed config for ZeRO-2/3 whose "auto" values the HF integration fills in."""
+    if mode == "none":
+        return None
+    stage = {"zero2": 2, "zero3": 3}[mode]
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+    }
+    if stage == 2:
+        zero |= {"allgather_partitions": True, "allgather_bucket_size": 5e8, "reduce_scatter": True}
+    else:
+        zero |= {
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            "stage3_max_live_parameters": 1e9,
+            "stage3_max_reuse_distance": 1e9,
+            # Full weights on save, so the final folder is a plain HF checkpoint.
+            "stage3_gather_16bit_weights_on_model_save": True,
+        }
+    return {
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "steps_per_print": 1_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+def write_deepspeed_config(mode: str, bf16: bool, folder: Path) -> str | None:
+    """Generate the DeepSpeed JSON into the stage folder; None for mode "none".
+
+    Refuses (exit 65) when DeepSpeed is asked for where it cannot run: without CUDA or without
+    the package (the CPU image has neither).
+    """
+    cfg = deepspeed_config(mode, bf16)
+    if cfg is None:
+        return None
+    if not has_cuda():
+        raise InvalidInput(
+            f"params.deepspeed is {mode!r} but no GPU is visible; DeepSpeed needs CUDA: set "
+            "params.deepspeed: none for CPU runs"
+        )
+    if importlib.util.find_spec("deepspeed") is None:
+        raise InvalidInput(
+            f"params.deepspeed is {mode!r} but the deepspeed package is not installed in this "
+            "image: use the GPU trainer image or set params.deepspeed: none"
+        )
+    path = folder / f"deepspeed-{mode}.json"
+    atomic_write_json(path, cfg)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- model + processor
+
+
+def load_processor(path: str, min_pixels: int | None, max_pixels: int | None) -> Any:
+    """AutoProcessor with the image budget applied (Qwen2-VL style min/max pixels)."""
+    from transformers import AutoProcessor
+
+    try:
+        proc = AutoProcessor.from_pretrained(path)
+    except OSError as exc:
+        raise InvalidInput(f"model {path}: cannot load its processor ({exc})") from exc
+    ip = getattr(proc, "image_processor", None)
+    if ip is not None and (min_pixels or max_pixels):
+        size = dict(getattr(ip, "size", None) or {})
+        if min_pixels:
+            ip.min_pixels = min_pixels
+            size["shortest_edge"] = min_pixels
+        if max_pixels:
+            ip.max_pixels = max_pixels
+            size["longest_edge"] = max_pixels
+        ip.size = size
+    tok = getattr(proc, "tokenizer", proc)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return proc
+
+
+def load_model(path: str, bf16: bool, reference: str | None = None) -> Any:
+    """The image-text-to-text model in the training dtype.
+
+    ``reference``: where TRL's GRPO builds its KL reference from (it reloads the policy's
+    ``config.name_or_path``); set when the policy starts from other weights than the reference.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        raise InvalidInput(f"model {path}: cannot load it ({exc})") from exc
+    if reference is not None:
+        model.config.name_or_path = reference
+    return model
+
+
+def freeze_vision_tower(model: Any) -> int:
+    """Freeze the vision encoder, keep its merger (the projector into the LLM) trainable.
+
+    Returns the number of frozen parameters (0 means the model has no recognisable tower, which
+    is an error for a vision-language model).
+    """
+    frozen = 0
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if ("visual" in parts or "vision_tower" in parts) and "merger" not in parts:
+            param.requires_grad_(False)
+            frozen += param.numel()
+    if frozen == 0:
+        raise InvalidInput(
+            "params.freezeVisionTower: the model has no 'visual'/'vision_tower' parameters to freeze"
+        )
+    return frozen
+
+
+def count_parameters(model: Any) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"parameters": total, "trainable_parameters": trainable}
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def common_training_kwargs(
+    params: Any, output_dir: Path, bf16: bool, deepspeed: str | None
+) -> dict[str, Any]:
+    """TrainingArguments shared by SFTConfig and GRPOConfig (TrainCommon params)."""
+    cuda = has_cuda()
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "bf16": bf16,
+        "fp16": False,
+        "use_cpu": not cuda,
+        "gradient_checkpointing": params.gradient_checkpointing,
+        "save_strategy": "steps",
+        "save_steps": params.save_steps,
+        "save_total_limit": params.save_total_limit,
+        "logging_steps": params.logging_steps,
+        "seed": params.seed,
+        # Our own callback logs into the right (nested) MLflow run on rank 0 only.
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "deepspeed": deepspeed,
+    }
+    if params.gradient_checkpointing:
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    return kwargs
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op outside a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
