@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 WORKDIR ?= .visionr1/tiny-cpu
 IMAGE_REPO ?= ghcr.io/visionr1
 TAG ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+FLASH_ATTN ?= 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
@@ -41,12 +42,9 @@ format: setup ## format the code
 	$(BIN)/ruff check --fix .
 
 .PHONY: crd
-crd: setup ## regenerate crds/visionr1run.yaml (and the chart's copy) from the API models
+crd: setup ## regenerate from the API models: crds/visionr1run.yaml, the chart's CRD, the manifest reference
 	$(BIN)/visionr1 crd > crds/visionr1run.yaml
-	@if [ -d charts/visionr1-operator/templates/crd ]; then $(BIN)/python -m visionr1_operator.chart_crd; fi
-
-.PHONY: reference
-reference: setup ## regenerate docs/manifest-reference.md from the field descriptions
+	$(BIN)/python -m visionr1_operator.chart_crd
 	$(BIN)/visionr1 reference > docs/manifest-reference.md
 
 .PHONY: validate-examples
@@ -59,10 +57,14 @@ demo: setup ## the laptop demo: toy data + tiny model + the whole pipeline on CP
 	$(BIN)/visionr1 toy model --out $(WORKDIR)/models/tiny-qwen25vl
 	$(BIN)/visionr1 run-local examples/tiny-cpu.yaml --workdir $(WORKDIR)
 
+.PHONY: bench
+bench: setup ## run every benchmark in benchmarks/ (each prints JSON)
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
 .PHONY: images
-images: ## build the operator and trainer images (needs docker)
+images: ## build the operator and trainer images (needs docker with BuildKit)
 	docker build -f images/operator/Dockerfile -t $(IMAGE_REPO)/operator:$(TAG) .
-	docker build -f images/trainer/Dockerfile -t $(IMAGE_REPO)/trainer:$(TAG) .
+	docker build -f images/trainer/Dockerfile --build-arg FLASH_ATTN=$(FLASH_ATTN) -t $(IMAGE_REPO)/trainer:$(TAG) .
 
 .PHONY: push
 push: images ## push both images with TAG
@@ -71,4 +73,4 @@ push: images ## push both images with TAG
 
 .PHONY: clean
 clean: ## remove the demo workspace and caches (keeps .venv)
-	rm -rf .visionr1 .pytest_cache .ruff_cache
+	rm -rf .visionr1/tiny-cpu .pytest_cache .ruff_cache
