@@ -34,7 +34,7 @@ from visionr1_jobs.training.inputs import model_input
 log = logging.getLogger("visionr1.grpo")
 
 
-def run(cfg: ResolvedStageConfig) -> StageManifest:
+def run(cfg: ResolvedStageConfig) -> StageManifest | None:
     params = cfg.stage_params()
     assert isinstance(params, GRPOParams)
     folder = stage_dir(cfg)
@@ -80,17 +80,19 @@ def rollout_mode(params: GRPOParams) -> str | None:
     return "server"
 
 
-def _data_rows(cfg: ResolvedStageConfig, params: GRPOParams) -> list[dict[str, Any]]:
+def _data_rows(
+    cfg: ResolvedStageConfig, params: GRPOParams, folder: Path
+) -> tuple[list[dict[str, Any]], int]:
     from visionr1_jobs.training.data import grpo_rows
     from visionr1_jobs.training.inputs import load_samples
 
     if "data" not in cfg.inputs:
         raise InvalidInput("params.dataset is required for the grpo stage (the RL problems)")
-    limit = params.dataset.limit if params.dataset else None
-    return grpo_rows(load_samples(cfg, "data", limit=limit), params.system_prompt)
+    samples, skipped = load_samples(cfg, folder / "image-cache", ref=params.dataset)
+    return grpo_rows(samples, params.system_prompt), sum(skipped.values())
 
 
-def train(cfg: ResolvedStageConfig, params: GRPOParams, folder: Path) -> StageManifest:
+def train(cfg: ResolvedStageConfig, params: GRPOParams, folder: Path) -> StageManifest | None:
     from visionr1_jobs.training.data import drop_long_prompts, to_dataset
     from visionr1_jobs.training.mlflow_log import (
         log_artifact,
@@ -103,13 +105,17 @@ def train(cfg: ResolvedStageConfig, params: GRPOParams, folder: Path) -> StageMa
     started = time.time()
     world = runtime.world_from_env()
     source = model_input(cfg)
-    rows = _data_rows(cfg, params)
+    rows, skipped = _data_rows(cfg, params, folder)
     processor = runtime.load_processor(source, params.min_pixels, params.max_pixels)
     rows, dropped = drop_long_prompts(rows, processor, params.max_prompt_length)
     dataset = to_dataset(rows)
     bf16 = runtime.use_bf16(params.bf16)
     vllm_mode = rollout_mode(params)
-    counts = {"prompts": float(len(rows)), "prompts_dropped_too_long": float(dropped)}
+    counts = {
+        "prompts": float(len(rows)),
+        "prompts_dropped_too_long": float(dropped),
+        "rows_skipped_unusable": float(skipped),
+    }
 
     # The stage run is ended before the sub-stages start: MLflow's fluent API cannot start a
     # second top-level run while one is active, and each sub-stage is its own (nested) run.
@@ -207,7 +213,8 @@ def train(cfg: ResolvedStageConfig, params: GRPOParams, folder: Path) -> StageMa
     if world.is_main:
         write_manifest(cfg, manifest)
     runtime.barrier()
-    return manifest
+    # Only rank 0's manifest counts; other ranks return None so the contract writes nothing.
+    return manifest if world.is_main else None
 
 
 def _substage(
@@ -314,7 +321,9 @@ def _substage(
             resume = ckpt.latest_complete_checkpoint(checkpoints_dir)
             if resume is not None:
                 log.warning("%s: resuming from %s", label, resume.name)
+            t0 = time.time()
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            record["train_seconds_last_attempt"] = time.time() - t0
 
             def write(tmp: Path) -> None:
                 trainer.save_model(str(tmp))

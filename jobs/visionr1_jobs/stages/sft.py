@@ -24,7 +24,7 @@ from visionr1_jobs.training.inputs import load_samples, model_input
 log = logging.getLogger("visionr1.sft")
 
 
-def run(cfg: ResolvedStageConfig) -> StageManifest:
+def run(cfg: ResolvedStageConfig) -> StageManifest | None:
     params = cfg.stage_params()
     assert isinstance(params, SFTParams)
     folder = stage_dir(cfg)
@@ -44,7 +44,7 @@ def run(cfg: ResolvedStageConfig) -> StageManifest:
     return train(cfg, params, folder)
 
 
-def train(cfg: ResolvedStageConfig, params: SFTParams, folder: Path) -> StageManifest:
+def train(cfg: ResolvedStageConfig, params: SFTParams, folder: Path) -> StageManifest | None:
     from visionr1_jobs.training.mlflow_log import log_model, log_params, resumable_run
 
     started = time.time()
@@ -52,12 +52,15 @@ def train(cfg: ResolvedStageConfig, params: SFTParams, folder: Path) -> StageMan
     final = folder / "final"
     checkpoints_dir = folder / "checkpoints"
     base = model_input(cfg)
-    samples = load_samples(cfg, "data")
+    samples, skipped = load_samples(cfg, folder / "image-cache")
     batches = runtime.sft_batches(
         params.global_batch_size, params.per_device_batch_size, world.world_size
     )
     bf16 = runtime.use_bf16(params.bf16)
-    metrics: dict[str, float] = {"rows": float(len(samples))}
+    metrics: dict[str, float] = {
+        "rows": float(len(samples)),
+        "rows_skipped": float(sum(skipped.values())),
+    }
     extra: dict[str, Any] = {
         "world_size": world.world_size,
         "per_device_batch_size": batches.per_device,
@@ -93,7 +96,8 @@ def train(cfg: ResolvedStageConfig, params: SFTParams, folder: Path) -> StageMan
     if world.is_main:
         write_manifest(cfg, manifest)
     runtime.barrier()
-    return manifest
+    # Only rank 0's manifest counts; other ranks return None so the contract writes nothing.
+    return manifest if world.is_main else None
 
 
 def _fit(

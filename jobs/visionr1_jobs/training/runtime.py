@@ -171,23 +171,17 @@ def write_deepspeed_config(mode: str, bf16: bool, folder: Path) -> str | None:
 
 
 def load_processor(path: str, min_pixels: int | None, max_pixels: int | None) -> Any:
-    """AutoProcessor with the image budget applied (Qwen2-VL style min/max pixels)."""
+    """AutoProcessor with the image budget applied (Qwen2-VL style min/max pixels, which the
+    image processor turns into its ``size`` shortest/longest edge)."""
     from transformers import AutoProcessor
 
+    budget = {
+        k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None
+    }
     try:
-        proc = AutoProcessor.from_pretrained(path)
+        proc = AutoProcessor.from_pretrained(path, **budget)
     except OSError as exc:
         raise InvalidInput(f"model {path}: cannot load its processor ({exc})") from exc
-    ip = getattr(proc, "image_processor", None)
-    if ip is not None and (min_pixels or max_pixels):
-        size = dict(getattr(ip, "size", None) or {})
-        if min_pixels:
-            ip.min_pixels = min_pixels
-            size["shortest_edge"] = min_pixels
-        if max_pixels:
-            ip.max_pixels = max_pixels
-            size["longest_edge"] = max_pixels
-        ip.size = size
     tok = getattr(proc, "tokenizer", proc)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
