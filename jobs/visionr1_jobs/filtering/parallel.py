@@ -9,13 +9,17 @@ pathological expression costs at most that long and counts as ``verify_timeout``
 are linear-time regexes over at most ``max_chars`` characters.
 
 Workers come from a ``forkserver`` context: the parent may hold MLflow/sqlite threads, which
-``fork`` would copy in a locked state, and ``spawn`` would re-import the caller's ``__main__``.
+``fork`` would copy in a locked state. (Like ``spawn``, forkserver workers import the parent's
+``__main__`` file as ``__mp_main__``: scripts must keep their work under ``if __name__ ==
+"__main__"``, as ``python -m visionr1_jobs`` and ``benchmarks/filter.py`` do.)
 """
 
 from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
+import sys
 from collections.abc import Callable, Sequence
 
 from visionr1_jobs.filtering.rules import Item, RuleSet, Verdict, judge
@@ -31,6 +35,17 @@ def _init(rules: RuleSet) -> None:
 def _judge_batch(batch: list[Item]) -> list[Verdict]:
     assert _RULES is not None, "worker not initialised"
     return [judge(item, _RULES) for item in batch]
+
+
+def _context() -> mp.context.BaseContext:
+    # forkserver children re-run the parent's __main__ file; a parent without one on disk (a
+    # script piped to ``python -``) would make every worker die at start, so fork there instead.
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is not None and not os.path.isfile(main_file):
+        return mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["visionr1_jobs.filtering.rules"])
+    return ctx
 
 
 def batch_size_for(n: int, workers: int) -> int:
@@ -50,8 +65,7 @@ def judge_all(
         return []
     size = batch_size_for(len(items), workers)
     batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["visionr1_jobs.filtering.rules"])
+    ctx = _context()
     verdicts: list[Verdict] = []
     with ctx.Pool(processes=workers, initializer=_init, initargs=(rules,)) as pool:
         for result in pool.imap(_judge_batch, batches, chunksize=1):
