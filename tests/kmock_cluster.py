@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,19 @@ import httpx
 import kmock
 
 NS = "ml"
+
+
+@dataclass(frozen=True)
+class Logged:
+    method: str
+    group: str | None
+    plural: str | None
+    subresource: str | None
+    name: str | None
+    watch: bool
+    user_agent: str
+
+
 RUNS = "/apis/visionr1.io/v1alpha1/namespaces/{ns}/visionr1runs"
 JOBS = "/apis/batch/v1/namespaces/{ns}/jobs"
 
@@ -47,9 +61,44 @@ VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 
 
 class Emulator(kmock.KubernetesEmulator):
-    """kmock plus what the API server does on create: generateName, uid, resourceVersion."""
+    """kmock plus what the API server does on create: generateName, uid, resourceVersion.
+
+    kmock matches every request against its reactions by scanning the whole request history, so
+    serving gets slower with every request (quadratic: 10 runs took 40 CPU-seconds). Only the
+    latest requests are kept for that; ``log`` keeps a compact record of all of them.
+    """
+
+    keep_requests = 8
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.log: list[Logged] = []
+        self._finished: set[int] = set()
 
     async def _handle(self, request: Any) -> Any:
+        res = request.resource
+        self.log.append(
+            Logged(
+                method=str(getattr(request.method, "value", request.method)).upper(),
+                group=res.group if res is not None else None,
+                plural=res.plural if res is not None else None,
+                subresource=request.subresource,
+                name=request.name,
+                watch=bool(request.params.get("watch")),
+                user_agent=request.headers.get("User-Agent", ""),
+            )
+        )
+        # Forget finished requests (a watch stays listed while it streams).
+        if len(self._requests) > 2 * self.keep_requests:
+            finished = self._finished
+            self._requests[:] = [r for r in self._requests if id(r) not in finished]
+            finished.clear()
+        try:
+            return await self._handle_api(request)
+        finally:
+            self._finished.add(id(request))
+
+    async def _handle_api(self, request: Any) -> Any:
         data = request.data
         if request.action == kmock.action.CREATE and isinstance(data, dict):
             meta = data.setdefault("metadata", {})

@@ -95,6 +95,8 @@ class Reconciler:
         self.locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self.timers: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.seen: dict[tuple[str, str], ObservedJob] = {}
+        self.job_index: Any = None  # kopf.Index: (namespace, run) → (ObservedJob, owner uids)
+        self.created: dict[tuple[str, str], dict[str, ObservedJob]] = defaultdict(dict)
 
     # ------------------------------------------------------------------ triggers
 
@@ -151,23 +153,21 @@ class Reconciler:
     async def _observe(
         self, namespace: str, name: str, obj: Mapping[str, Any]
     ) -> list[ObservedJob]:
-        assert self.kube is not None
+        """The run's Jobs from kopf's in-memory index (filled from the watch before any handler
+        runs, so a restarted operator sees every existing Job), plus the Jobs this process
+        created whose watch event has not arrived yet. No list request per reconcile: at 200
+        runs that was the quadratic part."""
         uid = obj["metadata"].get("uid")
-        items = await self.kube.list(
-            "batch/v1", "jobs", namespace, label_selector=f"{manifests.LABEL_RUN}={name}"
-        )
-        out = []
-        for item in items:
-            meta = item.get("metadata") or {}
-            if (meta.get("labels") or {}).get(manifests.LABEL_RUN) != name:
-                continue
-            owners = [o.get("uid") for o in meta.get("ownerReferences") or []]
+        found: dict[str, ObservedJob] = {}
+        index = self.job_index
+        for seen, owners in index.get((namespace, name), []) if index is not None else []:
             if uid and owners and uid not in owners:
                 continue  # left over from a deleted run of the same name
-            seen = manifests.observe_job(item)
-            if seen is not None:
-                out.append(seen)
-        return out
+            found[seen.name] = seen
+        pending = self.created.get((namespace, name), {})
+        for job_name in [j for j in pending if j in found]:
+            del pending[job_name]
+        return [*found.values(), *pending.values()]
 
     async def _finish(
         self,
@@ -255,6 +255,10 @@ class Reconciler:
                     stage_run_id=stage_run,
                 ):
                     await self.kube.create(child)
+                    if child["kind"] == "Job":
+                        seen = manifests.observe_job(child)
+                        if seen is not None:
+                            self.created[(namespace, name)][seen.name] = seen
                 status = apply(status, [a], now)
                 status.stages[a.stage].mlflow_run_id = stage_run
                 continue
@@ -338,10 +342,26 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
             await rec.kube.close()
             rec.kube = None
 
+    @kopf.index(
+        "batch",
+        "v1",
+        "jobs",
+        labels={manifests.LABEL_RUN: kopf.PRESENT},
+        id="job_index",
+        registry=registry,
+    )
+    def job_index(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
+        seen = manifests.observe_job(body)
+        if seen is None:
+            return None
+        owners = tuple(o.get("uid") for o in body.get("metadata", {}).get("ownerReferences") or [])
+        return {(namespace, labels[manifests.LABEL_RUN]): (seen, owners)}
+
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
-    async def run_changed(name: str, namespace: str, **_: Any) -> None:
+    async def run_changed(name: str, namespace: str, job_index: Any, **_: Any) -> None:
+        rec.job_index = job_index
         try:
             await rec.reconcile(namespace, name)
         except ApiError as exc:
@@ -352,11 +372,17 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
         await rec.deleted(body)
 
     @kopf.on.event(
-        "batch", "v1", "jobs", labels={manifests.LABEL_RUN: kopf.PRESENT}, registry=registry
+        "batch",
+        "v1",
+        "jobs",
+        labels={manifests.LABEL_RUN: kopf.PRESENT},
+        id="job_event",
+        registry=registry,
     )
     async def job_event(
-        event: Mapping[str, Any], body: kopf.Body, namespace: str, **_: Any
+        event: Mapping[str, Any], body: kopf.Body, namespace: str, job_index: Any, **_: Any
     ) -> None:
+        rec.job_index = job_index
         meta = body.get("metadata") or {}
         key = (namespace, meta.get("name", ""))
         if event.get("type") == "DELETED":
