@@ -44,7 +44,9 @@ def _context() -> mp.context.BaseContext:
     if main_file is not None and not os.path.isfile(main_file):
         return mp.get_context("fork")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["visionr1_jobs.filtering.rules"])
+    # Imported once in the server, so each forked worker starts warm (``__main__`` included:
+    # a worker then skips re-importing the caller's script).
+    ctx.set_forkserver_preload(["__main__", "visionr1_jobs.filtering.parallel"])
     return ctx
 
 

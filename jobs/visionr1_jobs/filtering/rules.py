@@ -18,10 +18,10 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from visionr1_jobs.answers import answers_match, extract_answer, format_ok
+from visionr1_jobs.answers import answers_match, extract_answer, format_ok, normalize_text
 
 # Drop reasons, in the order the rules run (dedupe runs last, across samples).
 EMPTY = "empty_response"
@@ -105,6 +105,7 @@ class Item:
     gold: str
     choices: list[str] | None
     response: str | None
+    images: tuple[str, ...] = ()
 
 
 @dataclass
@@ -117,7 +118,9 @@ class Verdict:
     final: str | None = None
     detail: str = ""
     replacements: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
+    #: (images, question) identity of a kept sample, computed in the worker (the parent only
+    #: compares it, which keeps the serial part of the filter small).
+    dedupe_key: str | None = None
 
     @property
     def kept(self) -> bool:
@@ -366,11 +369,8 @@ def judge(item: Item, rules: RuleSet, match: Matcher = answers_match) -> Verdict
             final=final,
             detail=f"one {rules.repetition_ngram}-gram covers {share:.0%} of the thinking",
         )
-    timings: dict[str, float] = {}
     if rules.require_correct:
-        t0 = time.perf_counter()
         ok, timed_out = _timed_match(match, final, item.gold, item.choices, rules.verify_timeout_s)
-        timings["verify_s"] = time.perf_counter() - t0
         if timed_out:
             return Verdict(
                 item.key, VERIFY_TIMEOUT, final=final, detail=f"> {rules.verify_timeout_s}s"
@@ -399,5 +399,5 @@ def judge(item: Item, rules: RuleSet, match: Matcher = answers_match) -> Verdict
         response=vision_r1_response(think, final),
         final=final,
         replacements=n_repl,
-        timings=timings,
+        dedupe_key="\x00".join(item.images) + "\x01" + normalize_text(item.question),
     )

@@ -9,7 +9,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from visionr1_jobs.answers import normalize_text
 from visionr1_jobs.data.record import Sample
 from visionr1_jobs.filtering.parallel import judge_all
 from visionr1_jobs.filtering.rules import DUPLICATE, REASONS, Item, RuleSet, Verdict
@@ -28,12 +27,6 @@ class FilterResult:
         return sum(1 for v in self.verdicts if not v.kept)
 
 
-def dedupe_key(sample: Sample) -> tuple[tuple[str, ...], str]:
-    """(images, question): the pipeline stores images content-addressed, so equal pictures have
-    equal paths; the question is compared case- and whitespace-insensitively."""
-    return tuple(sample.images), normalize_text(sample.question)
-
-
 def to_item(key: int, sample: Sample) -> Item:
     return Item(
         key=key,
@@ -41,6 +34,8 @@ def to_item(key: int, sample: Sample) -> Item:
         gold=sample.answer,
         choices=list(sample.choices) if sample.choices else None,
         response=sample.response,
+        # The pipeline stores images content-addressed: equal pictures have equal paths.
+        images=tuple(sample.images),
     )
 
 
@@ -54,18 +49,18 @@ def filter_samples(
 ) -> FilterResult:
     """Judge every sample in ``workers`` processes, then drop duplicates among the survivors.
 
-    Dedupe keeps the first surviving sample of each (images, question): a wrong first attempt
-    does not shadow a correct later one.
+    Dedupe keeps the first surviving sample of each (images, question), the question compared
+    case- and whitespace-insensitively: a wrong first attempt does not shadow a correct later one.
     """
     verdicts = judge_all(
         [to_item(i, s) for i, s in enumerate(samples)], rules, workers, on_progress
     )
-    seen: set[tuple[tuple[str, ...], str]] = set()
+    seen: set[str] = set()
     kept: list[Sample] = []
     counts: Counter[str] = Counter({reason: 0 for reason in REASONS})
     for sample, verdict in zip(samples, verdicts, strict=True):
         if verdict.kept and dedupe:
-            key = dedupe_key(sample)
+            key = verdict.dedupe_key or ""
             if key in seen:
                 verdict.reason = DUPLICATE
                 verdict.detail = "same images and question as an earlier kept sample"

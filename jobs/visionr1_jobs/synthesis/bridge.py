@@ -144,6 +144,8 @@ def bridge_batch(
             "describer_model": describer_name,
             "reasoner_model": reasoner_name,
             "prompts_version": p1.version,
+            # The source's own answer text (e.g. LLaVA-CoT's staged answer), replaced below.
+            "source_response": s.response,
             "tokens": {
                 "pseudo_cot": c.completion_tokens,
                 "description": d.completion_tokens,
