@@ -148,6 +148,8 @@ def test_the_published_examples_with_a_wrong_gold_are_dropped(realdata: Path) ->
             R.REPETITION,
         ),
         (cot("x" * 70000), R.TOO_LONG),
+        (cot(GOOD_THINK.replace("So the", "The reference answer is 3. So the")), R.ANSWER_LEAK),
+        (cot(GOOD_THINK + " This matches the provided answer."), R.ANSWER_LEAK),
     ],
 )
 def test_each_rule_names_its_drop_reason(response: str | None, reason: str) -> None:

@@ -216,13 +216,22 @@ def test_filter_turns_synthesis_into_vision_r1_cold(
     assert all(v["reason"] in REASONS for v in dropped)
     counts = man.extra["drop_reasons"]
     assert sum(counts.values()) == len(dropped) == N_ROWS - len(kept)
-    wrong = sum(1 for b in behaviour.values() if b == "wrong")
-    assert counts["wrong_answer"] == wrong
-    assert counts["inconsistent"] + counts["unbalanced_tags"] + counts["repeated_tags"] + counts[
-        "text_outside_tags"
-    ] + counts["no_final_answer"] + counts["multiple_answers"] + counts["repetition"] == sum(
-        1 for b in behaviour.values() if b.startswith("inconsistent")
-    )
+    # Each thing the toy reasoner did on purpose is caught by the rule meant for it.
+    expected = {
+        "correct": None,
+        "wrong": "wrong_answer",
+        "inconsistent:contradiction": "inconsistent",
+        "inconsistent:two_answers": "repeated_tags",
+        "inconsistent:unclosed_think": "unbalanced_tags",
+        "inconsistent:repeated_answer": "multiple_answers",
+        "inconsistent:no_final": "no_final_answer",
+        "inconsistent:loop": "repetition",
+        "inconsistent:text_after": "text_outside_tags",
+        "inconsistent:cites_reference": "answer_leak",
+    }
+    assert {v["id"]: v["reason"] for v in verdicts} == {
+        i: expected[b] for i, b in behaviour.items()
+    }
     # MLflow: per-reason counts as metrics, samples of kept and dropped rows as an artifact.
     client = mlflow.MlflowClient(f"sqlite:///{mlflow_db}")
     run = client.get_run(man.mlflow_run_id)

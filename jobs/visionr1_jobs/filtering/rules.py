@@ -2,8 +2,9 @@
 
 A reasoner output survives when, in this order, it is non-empty and not over-long; its tags are
 exactly ``<think>…</think><answer>…</answer>``; the answer block holds one ``Final Answer:X``;
-the thinking is long enough and free of runaway repetition; X matches the ground truth; and the
-thinking's last explicit conclusion agrees with X. The first failing rule names the drop reason.
+the thinking is long enough and free of runaway repetition; X matches the ground truth; the
+thinking's last explicit conclusion agrees with X; and the thinking does not cite the reference
+answer the reasoner was shown. The first failing rule names the drop reason.
 Survivors get the wording replacement ("the description says" → "the image shows", plus the
 doubled words that creates) and are rewritten in the exact Vision-R1 format
 ``<think> … </think><answer> Final Answer:X </answer>``.
@@ -39,6 +40,7 @@ REPETITION = "repetition"
 WRONG_ANSWER = "wrong_answer"
 VERIFY_TIMEOUT = "verify_timeout"
 INCONSISTENT = "inconsistent"
+ANSWER_LEAK = "answer_leak"
 DUPLICATE = "duplicate"
 
 REASONS: tuple[str, ...] = (
@@ -57,6 +59,7 @@ REASONS: tuple[str, ...] = (
     WRONG_ANSWER,
     VERIFY_TIMEOUT,
     INCONSISTENT,
+    ANSWER_LEAK,
     DUPLICATE,
 )
 
@@ -239,6 +242,20 @@ def last_conclusion(think: str, choices: list[str] | None) -> str | None:
     return best[1] if best else None
 
 
+# The reasoner is shown the ground truth (give_answer_to_reasoner); a CoT that leans on it
+# ("the reference answer is B") teaches the student to cite an answer it will never be given.
+_LEAK = re.compile(
+    r"\b(?:reference|provided|given|expected)\s+(?:final\s+)?answer\b|\banswer\s+key\b",
+    re.IGNORECASE,
+)
+
+
+def answer_leak(think: str) -> str | None:
+    """The phrase by which the thinking cites the answer it was given, or None."""
+    m = _LEAK.search(think)
+    return m.group(0) if m else None
+
+
 # --------------------------------------------------------------------------- repetition
 
 
@@ -392,6 +409,9 @@ def judge(item: Item, rules: RuleSet, match: Matcher = answers_match) -> Verdict
                     final=final,
                     detail=f"thinking concludes {said!r}, answer says {final!r}",
                 )
+    leak = answer_leak(think)
+    if leak:
+        return Verdict(item.key, ANSWER_LEAK, final=final, detail=f"the thinking cites {leak!r}")
     think, n_repl = replace_wording(think, rules.replacements)
     return Verdict(
         item.key,

@@ -310,6 +310,7 @@ def reason(
             "no_final",
             "loop",
             "text_after",
+            "cites_reference",
         ]
     )
     think = " ".join(body)
@@ -323,6 +324,10 @@ def reason(
             ]
         )
         return _format(think, sol.answer), f"inconsistent:{variant}"
+    if variant == "cites_reference" and inp.reference is not None:
+        # Leans on the ground truth it was shown instead of the picture.
+        cited = [*body[:-1], f"The reference answer is {inp.reference}, which matches.", body[-1]]
+        return _format(" ".join(cited), sol.answer), f"inconsistent:{variant}"
     if variant == "two_answers":
         return (
             f"<think> {think} </think><answer> Final Answer:{sol.answer} </answer>"
