@@ -234,6 +234,7 @@ def _substage(
     steps_before: int,
 ) -> dict[str, Any]:
     """Train one PTST sub-stage to its done marker (resuming from its last checkpoint)."""
+    import torch
     from trl import GRPOConfig, GRPOTrainer
 
     from visionr1_jobs.training.callbacks import MlflowMetrics, ProgressLines, RewardSignalWatch
@@ -324,6 +325,7 @@ def _substage(
             t0 = time.time()
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             record["train_seconds_last_attempt"] = time.time() - t0
+            record["cpu_threads"] = None if runtime.has_cuda() else torch.get_num_threads()
 
             def write(tmp: Path) -> None:
                 trainer.save_model(str(tmp))

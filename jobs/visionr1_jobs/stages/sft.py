@@ -112,6 +112,7 @@ def _fit(
     world: runtime.World,
     run_id: str | None,
 ) -> dict[str, float]:
+    import torch
     from trl import SFTConfig, SFTTrainer
 
     from visionr1_jobs.training.callbacks import MlflowMetrics, ProgressLines
@@ -167,6 +168,7 @@ def _fit(
     out["global_step"] = float(trainer.state.global_step)
     out["train_seconds_this_attempt"] = seconds
     out.update(runtime.count_parameters(model))
+    out["cpu_threads"] = float(torch.get_num_threads()) if not runtime.has_cuda() else 0.0
     if resume is not None:
         out["resumed_from_step"] = float(ckpt.checkpoint_step(resume) or 0)
     return out
