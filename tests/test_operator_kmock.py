@@ -38,7 +38,8 @@ from visionr1_operator.rbac import RULES, covers
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FIVE = ["synthesis", "filter", "sft", "grpo", "eval"]
 
-pytestmark = [pytest.mark.timeout(120)]
+# slow: the module starts a real `mlflow server` once (~40 s on a busy 2-core machine)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
