@@ -115,12 +115,14 @@ def test_job_of_a_gpu_training_stage() -> None:
     }
     assert c["envFrom"] == [{"secretRef": {"name": "mlflow-credentials"}}]
     assert "VISIONR1_SHARDS" not in env
-    mounts = {m["name"]: m for m in c["volumeMounts"]}
-    assert mounts["workspace"] == {
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/workspace"] == {
         "name": "workspace",
         "mountPath": "/workspace",
         "subPath": "ml/qwen25vl-7b",
     }
+    # The PVC root, read-only: shared raw data and benchmarks referred to as /data/...
+    assert mounts["/data"] == {"name": "workspace", "mountPath": "/data", "readOnly": True}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["workspace"]["persistentVolumeClaim"] == {"claimName": "visionr1-data"}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "128Gi"}

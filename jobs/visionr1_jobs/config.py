@@ -504,10 +504,10 @@ class EvalParams(Model):
 
     benchmarks: Annotated[list[Benchmark], Field(min_length=1, max_length=32)] = Field(
         default_factory=lambda: [
-            Benchmark(name="mathvista", path="benchmarks/mathvista"),
-            Benchmark(name="mathverse", path="benchmarks/mathverse"),
-            Benchmark(name="mmmath", path="benchmarks/mm-math"),
-            Benchmark(name="dynamath", path="benchmarks/dynamath"),
+            Benchmark(name="mathvista", path="/data/benchmarks/mathvista"),
+            Benchmark(name="mathverse", path="/data/benchmarks/mathverse"),
+            Benchmark(name="mmmath", path="/data/benchmarks/mm-math"),
+            Benchmark(name="dynamath", path="/data/benchmarks/dynamath"),
         ],
         description="Benchmarks to run.",
     )

@@ -32,6 +32,9 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 CONTAINER = "stage"
 WORKSPACE = "/workspace"
+# The PVC's root, read-only: shared raw data, benchmarks and models live here across runs
+# (the workspace is only this run's subPath of the same PVC).
+SHARED_DATA = "/data"
 CONFIG_DIR = "/etc/visionr1"
 CONFIG_FILE = f"{CONFIG_DIR}/config.json"
 HF_HOME = f"{WORKSPACE}/.cache/huggingface"
@@ -246,6 +249,7 @@ def job(
         "resources": _resources(run, stage),
         "volumeMounts": [
             {"name": "workspace", "mountPath": WORKSPACE, "subPath": workspace_sub_path(run)},
+            {"name": "workspace", "mountPath": SHARED_DATA, "readOnly": True},
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
