@@ -378,3 +378,34 @@ def test_toy_describer_needs_the_scene() -> None:
     backend = get_backend(Backend(kind="toy"))
     with pytest.raises(ValueError, match="toy world|toy data"):
         backend.generate([user("describe", visionr1_step="description", sample_id="r1")])
+
+
+def test_more_shards_than_rows_and_any_finishing_order(
+    tmp_path: Path, mlflow_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from visionr1_jobs.stages import synthesis
+    from visionr1_jobs.toy.dataset import write_toy_dataset
+
+    write_toy_dataset(tmp_path / "toy", n=3, seed=2, n_rl=1, n_bench=1)
+    cfg = synthesis_cfg(tmp_path, mlflow_db)
+    monkeypatch.setenv("RANK", "1")  # not rank 0: no MLflow run, the files alone must be right
+    monkeypatch.setenv("VISIONR1_SHARDS", "4")
+    for index in (2, 3, 1):  # shard 0 has no rows (3 rows over 4 shards) and finishes last
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", str(index))
+        with pytest.raises(SystemExit):
+            synthesis.run(cfg)
+        assert read_manifest(tmp_path, "synthesis") is None
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    man = synthesis.run(cfg)
+    assert man.rows == {"data": 3} and man.mlflow_run_id is None
+    assert read_manifest(tmp_path, "synthesis") == man
+    assert [r.id for r in read_records(tmp_path / "synthesis")] == [
+        s.id for s in read_records(tmp_path / "toy" / "train")
+    ]
+    # A pod of a finished stage that runs again (a retried index) changes nothing.
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "synthesis").glob("*.parquet")}
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    assert synthesis.run(cfg).rows == {"data": 3}
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (tmp_path / "synthesis").glob("*.parquet")
+    } == before

@@ -114,9 +114,7 @@ def _default_factory(backend: Backend, default_model: str | None) -> Any:
 
 def run(cfg: ResolvedStageConfig, backend_factory: BackendFactory | None = None) -> StageManifest:
     """The stage program (see the module docstring)."""
-    from visionr1_jobs.data.io import write_shard
     from visionr1_jobs.synthesis import shards as S
-    from visionr1_jobs.synthesis.bridge import bridge_batch
     from visionr1_jobs.synthesis.prompts import load_prompts
     from visionr1_jobs.tracking import stage_run
 
@@ -161,12 +159,10 @@ def run(cfg: ResolvedStageConfig, backend_factory: BackendFactory | None = None)
             prompts,
             names,
             samples,
+            index,
             chunks,
             todo,
-            out_dir,
             backend_factory or _default_factory,
-            bridge_batch,
-            write_shard,
             mlrun,
         )
         S.write_marker(out_dir, index, marker)
@@ -195,16 +191,18 @@ def _generate(
     prompts: dict[str, Any],
     names: dict[str, str],
     samples: list[Any],
+    index: int,
     chunks: list[Any],
     todo: list[Any],
-    out_dir: Path,
     factory: BackendFactory,
-    bridge_batch: Callable[..., Any],
-    write_shard: Callable[..., Any],
     mlrun: Any,
 ) -> dict[str, Any]:
     """Generate the missing chunks of this shard; returns the shard's marker."""
+    from visionr1_jobs.data.io import write_shard
     from visionr1_jobs.synthesis import shards as S
+    from visionr1_jobs.synthesis.bridge import bridge_batch
+
+    out_dir = stage_dir(cfg)
 
     shard_rows = sum(c.rows for c in chunks)
     done_rows = shard_rows - sum(c.rows for c in todo)
@@ -251,10 +249,10 @@ def _generate(
     finally:
         for backend in backends:
             backend.close()
-    previous = _previous_marker(out_dir, chunks[0].shard if chunks else None)
+    previous = _previous_marker(out_dir, index)
     generated = sum(c.rows for c in todo)
     return {
-        "shard": chunks[0].shard if chunks else None,
+        "shard": index,
         "rows": shard_rows,
         "chunks": [
             {
@@ -273,13 +271,11 @@ def _generate(
     }
 
 
-def _previous_marker(out_dir: Path, index: int | None) -> dict[str, Any]:
+def _previous_marker(out_dir: Path, index: int) -> dict[str, Any]:
     import json
 
     from visionr1_jobs.synthesis.shards import marker_path
 
-    if index is None:
-        return {}
     try:
         return json.loads(marker_path(out_dir, index).read_text())
     except FileNotFoundError:
