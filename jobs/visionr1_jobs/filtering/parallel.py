@@ -51,9 +51,9 @@ def _context() -> mp.context.BaseContext:
 
 
 def batch_size_for(n: int, workers: int) -> int:
-    """Enough batches to balance the workers (about 8 each), each large enough that pickling
+    """Enough batches to balance the workers (about 16 each), each large enough that pickling
     overhead stays small, none so large that one slow batch idles the other workers."""
-    return max(16, min(512, math.ceil(n / (workers * 8)) or 1))
+    return max(16, min(256, math.ceil(n / (workers * 16)) or 1))
 
 
 def judge_all(
