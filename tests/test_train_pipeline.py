@@ -79,7 +79,9 @@ def _sft_config(ws: Path, world: dict[str, Path], **params: Any) -> Path:
             "maxLength": 512,
             **params,
         },
-        mlflow={"experiment": "train-test"},
+        # Named explicitly, as the operator does: mlflow.set_tracking_uri exports
+        # MLFLOW_TRACKING_URI, which would otherwise leak from one in-process stage to the next.
+        mlflow={"experiment": "train-test", "trackingUri": _uri(ws)},
     )
     path = ws / "sft.json"
     path.write_text(cfg.model_dump_json(by_alias=True))
@@ -112,17 +114,23 @@ def _grpo_config(
             "ptst": ptst,
             **params,
         },
-        mlflow={"experiment": "train-test"},
+        # Named explicitly, as the operator does: mlflow.set_tracking_uri exports
+        # MLFLOW_TRACKING_URI, which would otherwise leak from one in-process stage to the next.
+        mlflow={"experiment": "train-test", "trackingUri": _uri(ws)},
     )
     path = ws / "grpo.json"
     path.write_text(cfg.model_dump_json(by_alias=True))
     return path
 
 
+def _uri(ws: Path) -> str:
+    return f"sqlite:///{ws.resolve() / 'mlflow.db'}"
+
+
 def _client(ws: Path) -> Any:
     import mlflow
 
-    return mlflow.MlflowClient(f"sqlite:///{ws.resolve() / 'mlflow.db'}")
+    return mlflow.MlflowClient(_uri(ws))
 
 
 def _runs(ws: Path) -> list[Any]:
@@ -139,6 +147,7 @@ def _load(path: Path) -> tuple[Any, Any]:
 
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
     src = str(Path(__file__).resolve().parents[1] / "jobs")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
