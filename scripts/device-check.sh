@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# GPU check of the SFT and GRPO trainers: one SFT step and one GRPO step in bf16 under DeepSpeed
+# ZeRO-3 on a randomly initialised Qwen2.5-VL of 7B width (few layers), printing tokens/s and
+# peak GPU memory as one JSON line (DEVICE_CHECK {...}). See visionr1_jobs/training/device_check.py.
+#
+#   scripts/device-check.sh prepare   # where PyPI is reachable: the wheels the GPU image lacks
+#                                     # (trl, datasets, deepspeed, pydantic, math-verify, ...) into .whl/;
+#                                     # WITH_PYARROW=1 adds pyarrow 25 (50 MB) for an image below 24
+#   scripts/device-check.sh [ARGS]    # on the GPU machine (python3 with CUDA torch + transformers):
+#                                     # installs .whl/ into /tmp/site, runs the check under torchrun
+#
+# The GPU machine cannot reach PyPI; carry .whl/ with the working tree (about 10 MiB). ARGS go
+# to the check, e.g. --zero zero2 --layers 2 --budget 128.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY_VERSION=3.12
+PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64)
+# What the GPU image (see KINDS.md) lacks for the trainers; pins follow the trainer image's
+# constraints (../shared/gpu-image/constraints-gpu.txt).
+WHEELS=(
+  trl==1.16.0
+  datasets==5.2.0 dill==0.4.0 multiprocess==0.70.18
+  hjson==3.1.0
+  pydantic==2.14.4 annotated-types==0.7.0 typing-inspection==0.4.2
+  math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2
+)
+
+prepare() {
+  local exclude
+  exclude=$(git rev-parse --git-path info/exclude)
+  mkdir -p "$(dirname "$exclude")" .whl
+  grep -qxF '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
+  local plat=()
+  for p in "${PLATFORMS[@]}"; do plat+=(--platform "$p"); done
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" \
+    --implementation cp "${plat[@]}" -d .whl "${WHEELS[@]}"
+  # pydantic-core must match pydantic exactly: ask pydantic's metadata for the pin.
+  local core
+  core=$(unzip -p .whl/pydantic-2.14.4-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core==\([0-9.]*\).*/\1/p' | head -1)
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" \
+    --implementation cp "${plat[@]}" -d .whl "pydantic-core==${core}"
+  # DeepSpeed is sdist-only on PyPI; it builds as pure Python (ops are JIT-compiled on the GPU).
+  DS_BUILD_OPS=0 python3 -m pip wheel --quiet --no-deps -w .whl deepspeed==0.19.8
+  # datasets needs pyarrow >= 24; the image's may be older. 50 MB: only when asked.
+  if [ "${WITH_PYARROW:-0}" = 1 ]; then
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" \
+      --implementation cp "${plat[@]}" -d .whl pyarrow==25.0.1
+  fi
+  du -sh .whl
+  ls .whl
+}
+
+check() {
+  if [ ! -d .whl ]; then
+    echo "no .whl/ here: run 'scripts/device-check.sh prepare' where PyPI is reachable and carry .whl" >&2
+    exit 2
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD/jobs${PYTHONPATH:+:$PYTHONPATH}"
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+  export MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__)'
+  python3 - <<'PY'
+import sys
+
+import pyarrow
+
+major = int(pyarrow.__version__.split(".")[0])
+print("pyarrow", pyarrow.__version__)
+if major < 24:
+    sys.exit("datasets 5.2 needs pyarrow >= 24: rerun 'WITH_PYARROW=1 scripts/device-check.sh prepare'")
+PY
+  # DeepSpeed wants a process group even for one GPU: torchrun provides it.
+  python3 -m torch.distributed.run --standalone --nproc_per_node=1 \
+    -m visionr1_jobs.training.device_check "$@"
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  *) check "$@" ;;
+esac
