@@ -379,3 +379,69 @@ def test_two_processes_under_torchrun(world: dict[str, Path], tmp_path: Path) ->
     assert [m.step for m in client.get_metric_history(sft.mlflow_run_id, "loss")] == [1, 2]
     stage1 = next(r for r in runs if r.info.run_name == "stage-1")
     assert [m.step for m in client.get_metric_history(stage1.info.run_id, "reward")] == [1, 2]
+
+
+def test_sft_restart_resumes_from_newest_complete_checkpoint(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    ws = _workspace(world, tmp_path)
+    cfg = _sft_config(ws, world, maxSteps=3, saveSteps=1, globalBatchSize=2, perDeviceBatchSize=2)
+    assert stage_main(["sft", "--config", str(cfg)]) == 0
+    first = read_manifest(ws, "sft")
+    assert first is not None and first.metrics["global_step"] == 3
+    # Simulate a pod killed while saving checkpoint 3, before the final model: checkpoint-3
+    # lacks trainer_state.json, and neither sft/final nor the manifest exist.
+    ckpts = ws / "sft" / "checkpoints"
+    (ckpts / "checkpoint-3" / "trainer_state.json").unlink()
+    shutil.rmtree(ws / "sft" / "final")
+    (ws / "sft" / "_manifest.json").unlink()
+    assert stage_main(["sft", "--config", str(cfg)]) == 0
+    again = read_manifest(ws, "sft")
+    assert again is not None
+    assert again.metrics["resumed_from_step"] == 2  # not the half-written checkpoint-3
+    assert again.metrics["global_step"] == 3
+    # Same MLflow run as the first attempt; the re-run step 3 logged again into it.
+    assert again.mlflow_run_id == first.mlflow_run_id
+    _load(ws / "sft" / "final")
+
+
+def test_bad_training_input_exits_65(world: dict[str, Path], tmp_path: Path) -> None:
+    from visionr1_jobs.config import EXIT_INVALID_INPUT
+
+    ws = _workspace(world, tmp_path)
+    # Problems without responses are not SFT data.
+    atomic_write_json(
+        ws / "filter" / "_manifest.json",
+        StageManifest(stage="filter", outputs={"data": str(world["rl"])}).dump(),
+    )
+    assert stage_main(["sft", "--config", str(_sft_config(ws, world))]) == EXIT_INVALID_INPUT
+    assert read_manifest(ws, "sft") is None
+    # 2 prompts × 3 samples = 6 completions per step cannot be cut into micro-batches of 4:
+    # refused before any model is loaded.
+    cfg = _grpo_config(
+        ws,
+        world,
+        {"path": str(world["model"]), "format": "model"},
+        [{"maxCompletionLength": 16, "numGenerations": 3, "steps": 1}],
+        perDeviceBatchSize=4,
+    )
+    assert stage_main(["grpo", "--config", str(cfg)]) == EXIT_INVALID_INPUT
+
+
+def test_prompts_over_the_budget_are_dropped_and_counted(world: dict[str, Path]) -> None:
+    from visionr1_jobs.data.load import load_dataset_dir
+    from visionr1_jobs.training.data import drop_long_prompts, grpo_rows, prompt_lengths
+    from visionr1_jobs.training.runtime import load_processor
+
+    proc = load_processor(str(world["model"]), None, None)
+    rows = grpo_rows(load_dataset_dir(world["rl"], "toy"))
+    lengths = prompt_lengths(rows, proc)
+    # Image placeholders are expanded: a 112×112 toy image is 16 tokens of the prompt.
+    assert min(lengths) > 16
+    cut = sorted(lengths)[len(lengths) // 2]
+    kept, dropped = drop_long_prompts(rows, proc, cut)
+    assert dropped == sum(n > cut for n in lengths) and dropped > 0
+    assert len(kept) + dropped == len(rows)
+    assert drop_long_prompts(rows, proc, max(lengths))[1] == 0

@@ -53,6 +53,10 @@ def train(cfg: ResolvedStageConfig, params: SFTParams, folder: Path) -> StageMan
     checkpoints_dir = folder / "checkpoints"
     base = model_input(cfg)
     samples, skipped = load_samples(cfg, folder / "image-cache")
+    from visionr1_jobs.training.data import sft_rows, to_dataset
+
+    # Validated before anything is started: a row without a response is exit 65, not a crash.
+    dataset = to_dataset(sft_rows(samples))
     batches = runtime.sft_batches(
         params.global_batch_size, params.per_device_batch_size, world.world_size
     )
@@ -79,7 +83,7 @@ def train(cfg: ResolvedStageConfig, params: SFTParams, folder: Path) -> StageMan
             )
         else:
             result = _fit(
-                cfg, params, samples, base, checkpoints_dir, final, batches, bf16, world, run_id
+                cfg, params, dataset, base, checkpoints_dir, final, batches, bf16, world, run_id
             )
             metrics.update(result)
         if run_id:
@@ -103,7 +107,7 @@ def train(cfg: ResolvedStageConfig, params: SFTParams, folder: Path) -> StageMan
 def _fit(
     cfg: ResolvedStageConfig,
     params: SFTParams,
-    samples: list[Any],
+    dataset: Any,
     base: str,
     checkpoints_dir: Path,
     final: Path,
@@ -116,9 +120,7 @@ def _fit(
     from trl import SFTConfig, SFTTrainer
 
     from visionr1_jobs.training.callbacks import MlflowMetrics, ProgressLines
-    from visionr1_jobs.training.data import sft_rows, to_dataset
 
-    dataset = to_dataset(sft_rows(samples))
     ds_path = runtime.write_deepspeed_config(params.deepspeed, bf16, final.parent)
     # The config comes first: with ZeRO-3 it makes from_pretrained partition the weights.
     args = SFTConfig(
