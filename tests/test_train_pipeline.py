@@ -195,6 +195,15 @@ def test_sft_then_grpo_with_two_ptst_substages(world: dict[str, Path], tmp_path:
     ]
     assert sft.extra["registered_model"] == "tiny-sft"
     assert _client(ws).get_registered_model("tiny-sft").name == "tiny-sft"
+    # The logged model loads back from MLflow and generates.
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(_uri(ws))
+    served = mlflow.pyfunc.load_model(f"models:/tiny-sft/{sft.extra['registered_model_version']}")
+    question = pd.DataFrame([{"question": "How many circles are there?", "image": None}])
+    answers = served.predict(question, params={"max_new_tokens": 4})
+    assert len(answers) == 1 and isinstance(answers[0], str)
 
     ptst = [
         {"maxCompletionLength": 64, "numGenerations": 4, "steps": 2},

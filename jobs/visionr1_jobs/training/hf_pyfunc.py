@@ -23,9 +23,8 @@ class HFGenerator(PythonModel):
         self.processor = AutoProcessor.from_pretrained(path)
         self.model = AutoModelForImageTextToText.from_pretrained(path).eval()
 
-    def predict(
-        self, context: Any, model_input: Any, params: dict[str, Any] | None = None
-    ) -> list[str]:
+    # No annotations on purpose: MLflow derives (and warns about) an input schema from them.
+    def predict(self, context, model_input, params=None):
         import torch
         from PIL import Image
 
