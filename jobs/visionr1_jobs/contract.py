@@ -23,6 +23,9 @@ from pydantic import Field
 from visionr1_jobs.config import EXIT_INVALID_INPUT, Model, ResolvedStageConfig
 
 MANIFEST = "_manifest.json"
+# Written by a torchrun child that hit invalid input: torchrun reports any failing child as exit
+# 1, so the launcher reads this marker to exit 65 (permanent) instead of being retried.
+INVALID_MARKER = "_invalid_input.txt"
 
 
 class InvalidInput(Exception):
@@ -232,6 +235,7 @@ def run_stage(
     an Indexed Job and another shard will write the manifest (the last one to finish merges).
     """
     out = out or sys.stderr
+    cfg: ResolvedStageConfig | None = None
     try:
         cfg = load_config(cfg_path)
         done = read_manifest(cfg.workspace, cfg.output_dir)
@@ -246,6 +250,8 @@ def run_stage(
         return 0
     except InvalidInput as exc:
         print(f"error: {exc}", file=out)
+        if cfg is not None and "LOCAL_RANK" in os.environ:
+            atomic_write(Path(cfg.workspace) / cfg.output_dir / INVALID_MARKER, f"{exc}\n")
         print(
             f"(exit {EXIT_INVALID_INPUT}: invalid config or input; retrying will not help)",
             file=out,

@@ -145,24 +145,23 @@ def headless_service(run: VisionR1Run, stage: str) -> dict[str, Any]:
 
 
 def _command(run: VisionR1Run, stage: str, attempt: int) -> list[str]:
+    # Training stages re-launch themselves under torchrun from the VISIONR1_* env below
+    # (visionr1_jobs.training.launch): one mechanism on a laptop and in a pod, and the launcher
+    # turns a rank's invalid-input exit into 65, which torchrun alone would report as 1.
+    return ["python", "-m", "visionr1_jobs", stage, "--config", CONFIG_FILE]
+
+
+def _torchrun_env(run: VisionR1Run, stage: str, attempt: int) -> list[dict[str, Any]]:
     spec = run.spec.stages.get(stage)
-    program = ["-m", "visionr1_jobs", stage, "--config", CONFIG_FILE]
-    gpus = spec.resources.gpus
-    if stage in DISTRIBUTED and spec.nodes > 1:
-        job = job_name(run.metadata.name, stage, attempt)
-        host = f"{job}-0.{service_name(run.metadata.name, stage)}"
-        return [
-            "torchrun",
-            f"--nnodes={spec.nodes}",
-            f"--nproc-per-node={max(gpus, 1)}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={host}:{RDZV_PORT}",
-            f"--rdzv-id={job}",
-            *program,
-        ]
-    if stage in DISTRIBUTED and gpus > 1:
-        return ["torchrun", "--standalone", f"--nproc-per-node={gpus}", *program]
-    return ["python", *program]
+    env = [
+        {"name": "VISIONR1_NNODES", "value": str(spec.nodes)},
+        {"name": "VISIONR1_NPROC_PER_NODE", "value": str(max(spec.resources.gpus, 1))},
+        {"name": "MASTER_PORT", "value": str(RDZV_PORT)},
+    ]
+    if spec.nodes > 1:
+        host = f"{job_name(run.metadata.name, stage, attempt)}-0.{service_name(run.metadata.name, stage)}"
+        env.append({"name": "MASTER_ADDR", "value": host})
+    return env
 
 
 def _env(
@@ -240,6 +239,8 @@ def job(
     env, env_from = _env(
         run, stage, mlflow_uri=mlflow_uri, parent_run_id=parent_run_id, stage_run_id=stage_run_id
     )
+    if stage in DISTRIBUTED:
+        env += _torchrun_env(run, stage, attempt)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": stage_spec.image or spec.images.trainer,

@@ -115,6 +115,14 @@ def relaunch(stage: str, config_json: str, folder: Path) -> int | None:
     cmd = torchrun_command(stage, str(path))
     if cmd is None:
         return None
+    from visionr1_jobs.contract import INVALID_MARKER
+
+    marker = folder / INVALID_MARKER
+    marker.unlink(missing_ok=True)
     atomic_write(path, config_json)
     print(f"[{stage}] launching {' '.join(cmd)}", file=sys.stderr, flush=True)
-    return subprocess.call(cmd)
+    rc = subprocess.call(cmd)
+    if rc != 0 and marker.exists():
+        # A rank refused its input: permanent, whatever exit code torchrun chose.
+        raise InvalidInput(marker.read_text().strip())
+    return rc
