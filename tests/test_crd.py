@@ -111,7 +111,5 @@ def test_ablations_are_one_line_changes_of_the_recipe() -> None:
 
 def test_manifest_reference_is_current() -> None:
     committed = (REPO / "docs" / "manifest-reference.md").read_text()
-    assert committed == reference_markdown(), (
-        "docs/manifest-reference.md is stale: `make crd`"
-    )
+    assert committed == reference_markdown(), "docs/manifest-reference.md is stale: `make crd`"
     assert "`spec.stages.grpo.params.ptst[].numGenerations`" in committed

@@ -211,6 +211,7 @@ CASES: list[tuple[str, dict[str, Any], str, bool]] = [
     ),
     ("backoff-too-high", {f"{S}.sft.backoffLimit": 101}, "spec.stages.sft.backoffLimit", True),
     ("zero-nodes", {f"{S}.grpo.nodes": 0}, "spec.stages.grpo.nodes", True),
+    ("sharded-filter", {f"{S}.filter.nodes": 4}, "stages.filter.nodes must be 1", True),
     ("bad-pvc-name", {"spec.storage.pvc": "Data_PVC"}, "spec.storage.pvc", True),
     # Rules only the models check: the API server cannot order stages or route by kind.
     (

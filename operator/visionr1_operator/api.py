@@ -364,6 +364,11 @@ class Stages(Model):
                 _off_or_fed("grpo", "(has(self.grpo.params) && has(self.grpo.params.dataset))"),
                 "stages.grpo.params.dataset is required when grpo is enabled",
             ),
+            (
+                "!has(self.filter) || !has(self.filter.nodes) || self.filter.nodes == 1",
+                "stages.filter.nodes must be 1: the filter dedupes across all rows in one pod "
+                "(scale it with params.workers)",
+            ),
         )
     )
 
@@ -408,6 +413,11 @@ class Stages(Model):
                         f"stages.{stage}.from.stage={ref.stage} is disabled; enable it or take "
                         "a dataset/checkpoint"
                     )
+        if self.filter.nodes != 1:
+            raise ValueError(
+                "stages.filter.nodes must be 1: the filter dedupes across all rows in one pod "
+                "(scale it with params.workers)"
+            )
         if self.grpo.enabled and self.grpo.params.dataset is None:
             raise ValueError("stages.grpo.params.dataset is required when grpo is enabled")
         return self

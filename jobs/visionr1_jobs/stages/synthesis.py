@@ -112,7 +112,9 @@ def _default_factory(backend: Backend, default_model: str | None) -> Any:
     return get_backend(backend, default_model)
 
 
-def run(cfg: ResolvedStageConfig, backend_factory: BackendFactory | None = None) -> StageManifest:
+def run(
+    cfg: ResolvedStageConfig, backend_factory: BackendFactory | None = None
+) -> StageManifest | None:
     """The stage program (see the module docstring)."""
     from visionr1_jobs.synthesis import shards as S
     from visionr1_jobs.synthesis.prompts import load_prompts
@@ -179,8 +181,8 @@ def run(cfg: ResolvedStageConfig, backend_factory: BackendFactory | None = None)
             f"[synthesis] shard {index}/{count} done; the last shard to finish writes the manifest",
             flush=True,
         )
-        # Not the last shard: exit 0 without a manifest (run_stage would write one on return).
-        raise SystemExit(0)
+        # Not the last shard: done without a manifest; the last shard to finish writes it.
+        return None
     write_manifest(cfg, manifest)
     return manifest
 
