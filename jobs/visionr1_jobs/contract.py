@@ -199,13 +199,20 @@ def progress(stage: str, done: int, total: int | None, **extra: Any) -> None:
     print("VISIONR1_PROGRESS " + json.dumps(payload, default=str), file=sys.stderr, flush=True)
 
 
+_PROGRESS_TAG = "VISIONR1_PROGRESS "
+
+
 def parse_progress(line: str) -> dict[str, Any] | None:
-    if not line.startswith("VISIONR1_PROGRESS "):
+    """The payload of a progress line, or None. The tag may follow other output on the same
+    line: tqdm redraws with a carriage return and no newline."""
+    at = line.rfind(_PROGRESS_TAG)
+    if at < 0:
         return None
     try:
-        return json.loads(line[len("VISIONR1_PROGRESS ") :])
+        payload = json.loads(line[at + len(_PROGRESS_TAG) :])
     except json.JSONDecodeError:
         return None
+    return payload if isinstance(payload, dict) else None
 
 
 # --------------------------------------------------------------------------- entry point
