@@ -406,11 +406,16 @@ class Executor:
             self.display.line(
                 f"  {r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}"
             )
-        accuracy = eval_accuracy(self.workdir)
-        if accuracy:
-            self.display.line("\n  eval accuracy per checkpoint:")
-            for ckpt, per_bench in accuracy.items():
-                cells = "  ".join(f"{b}={v:.3f}" for b, v in per_bench.items())
+        evals = eval_table(self.workdir)
+        if evals:
+            self.display.line("\n  eval per checkpoint (accuracy, format rate, mean tokens):")
+            for ckpt, per_bench in evals.items():
+                cells = "  ".join(
+                    f"{b}: acc={m.get('accuracy', float('nan')):.3f} "
+                    f"format={m.get('format_rate', float('nan')):.2f} "
+                    f"tokens={m.get('mean_response_tokens', float('nan')):.0f}"
+                    for b, m in per_bench.items()
+                )
                 self.display.line(f"    {ckpt:<14} {cells}")
         self.display.line(
             f"\nMLflow: mlflow ui --backend-store-uri {self.tracker.uri}  (then open http://127.0.0.1:5000)"
@@ -423,41 +428,38 @@ class Executor:
 
 _KEY_METRICS = {
     "synthesis": ("rows", "samples_per_s", "tokens_per_s"),
-    "filter": ("kept", "dropped", "keep_rate"),
-    "sft": ("train_loss", "steps", "train_runtime"),
-    "grpo": ("reward", "accuracy", "format", "completion_length"),
-    "eval": (),
+    "filter": ("rows_in", "kept", "keep_rate"),
+    "sft": ("global_step", "train_loss", "train_runtime"),
+    "grpo": ("mean_reward", "mean_format", "mean_accuracy", "mean_completion_length"),
 }
 
 
 def _key_metrics(stage: str, metrics: dict[str, float]) -> str:
+    """A few metrics worth a glance; GRPO's per PTST sub-stage (``stage-N/...``)."""
     wanted = _KEY_METRICS.get(stage, ())
-    chosen = [(k, v) for k, v in metrics.items() if any(w in k for w in wanted)][:5]
-    if not chosen:
-        chosen = list(metrics.items())[:4] if stage != "eval" else []
-    return "  ".join(f"{k}={_short(v)}" for k, v in chosen)
+    parts = []
+    for key, value in metrics.items():
+        prefix, _, name = key.rpartition("/")
+        if name in wanted:
+            label = f"{prefix}/{name.removeprefix('mean_')}" if prefix else name
+            parts.append(f"{label}={_short(value)}")
+    return "  ".join(parts)
 
 
-def eval_accuracy(workdir: Path) -> dict[str, dict[str, float]]:
-    """checkpoint → benchmark → accuracy, from ``eval/<checkpoint>/<benchmark>.json``."""
-    out: dict[str, dict[str, float]] = {}
-    root = workdir / "eval"
-    if not root.is_dir():
-        return out
-    for path in sorted(root.rglob("*.json")):
-        if path.name.startswith("_") or path.parent == root:
-            continue
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        acc = data.get("accuracy") if isinstance(data, dict) else None
-        if not isinstance(acc, int | float):
-            acc = (data.get("summary") or {}).get("accuracy") if isinstance(data, dict) else None
-        if isinstance(acc, int | float):
-            ckpt = str(path.parent.relative_to(root))
-            out.setdefault(ckpt, {})[path.stem] = float(acc)
-    return out
+def eval_table(workdir: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """checkpoint → benchmark → {accuracy, format_rate, ...}, from the eval stage's manifest."""
+    man = read_manifest(workdir, OUTPUT_DIRS["eval"])
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for key, value in (man.metrics if man else {}).items():
+        parts = key.rsplit(".", 2)
+        if len(parts) == 3:
+            ckpt, bench, metric = parts
+            out.setdefault(ckpt, {}).setdefault(bench, {})[metric] = value
+    # Pipeline order: base, sft, each PTST sub-stage, the final model, then anything else.
+    order = {"base": 0, "sft": 1, "grpo": 3}
+    return dict(
+        sorted(out.items(), key=lambda kv: (order.get(kv[0], 2 if "stage-" in kv[0] else 4), kv[0]))
+    )
 
 
 # --------------------------------------------------------------------------- CLI
