@@ -530,7 +530,10 @@ class EvalParams(Model):
     )
     judge: Literal["rule", "llm"] = Field("rule", description="rule = reproducible default.")
     llm_judge: Teacher | None = Field(
-        None, description="Judge model for judge=llm (model and version are recorded)."
+        None,
+        description="Judge model for judge=llm, usually backend kind openai (the served model id, "
+        "prompt version and sha256 are recorded). The judge runs greedy (temperature 0); "
+        "sampling.maxTokens and sampling.seed apply.",
     )
     seed: int = Field(0, ge=0, description="Sampling seed.")
 

@@ -55,6 +55,7 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], settings: dict[str, 
             lines.append(f"| paper: {label} | " + " | ".join(cells) + " |")
         judges = ", ".join(f"{b}: {PAPER_JUDGE[b]}" for b in paper_benches)
         lines += ["", f"Paper judges ({judges}); ours: {settings.get('judge', 'rule')}."]
+    lines += _judge_section(results, settings)
     lines += ["", "## Format and length", ""]
     lines.append("| checkpoint | benchmark | n | format rate (%) | mean tokens | mean chars |")
     lines.append("|---|---|---|---|---|---|")
@@ -95,6 +96,38 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], settings: dict[str, 
         lines += ["", "## Other metrics", ""]
         lines += [f"- {ckpt} / {b}: {k} = {_pct(v)}" for ckpt, b, k, v in extras]
     return "\n".join(lines) + "\n"
+
+
+def _judge_section(
+    results: dict[str, dict[str, dict[str, Any]]], settings: dict[str, Any]
+) -> list[str]:
+    """With the LLM judge: who judged, and rule vs LLM accuracy side by side per benchmark."""
+    if settings.get("judge") != "llm":
+        return []
+    sha = str(settings.get("judge_prompt_sha256", ""))[:12]
+    lines = [
+        "",
+        "## Judge",
+        "",
+        f"Headline accuracy uses the LLM judge: model {settings.get('judge_model_served')} "
+        f"(requested {settings.get('judge_model_requested')}, backend "
+        f"{settings.get('judge_backend')}), prompt {settings.get('judge_prompt_version')} "
+        f"(sha256 {sha}…), temperature {settings.get('judge_temperature')}. Replies without a "
+        "verdict after the re-asks keep the rule-based verdict (column 'unparsed').",
+        "",
+        "| checkpoint | benchmark | n | rule (%) | llm (%) | agreement (%) | unparsed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for ckpt, per in results.items():
+        for b, s in sorted(per.items()):
+            if "rule_accuracy" not in s:
+                continue
+            lines.append(
+                f"| {ckpt} | {b} | {s['n']} | {_pct(s['rule_accuracy'])} | "
+                f"{_pct(s['llm_accuracy'])} | {_pct(s.get('judge_agreement'))} | "
+                f"{s['judge_unparsed']} |"
+            )
+    return lines
 
 
 def plot(results: dict[str, dict[str, dict[str, Any]]], path: str | Path) -> Path:

@@ -56,13 +56,15 @@ class Generation:
     """One result. ``text`` is the visible answer; ``reasoning`` the thinking an API returned
     separately (DeepSeek's ``reasoning_content``), else None. Token counts come from the
     tokenizer or the server's ``usage`` (0 when a server reports none). ``finish_reason``:
-    ``stop`` (ended on its own) or ``length`` (hit max_tokens)."""
+    ``stop`` (ended on its own) or ``length`` (hit max_tokens). ``model``: the model id the
+    server says answered (an API's ``model`` field, e.g. a dated snapshot), else None."""
 
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
     reasoning: str | None = None
+    model: str | None = None
 
 
 def resolve_sampling(sampling: Sampling | dict[str, Any] | None, **overrides: Any) -> Sampling:

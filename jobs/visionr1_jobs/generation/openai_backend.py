@@ -181,6 +181,7 @@ class OpenAIBackend(GenerationBackend):
             completion_tokens=int(usage.get("completion_tokens") or 0),
             finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
             reasoning=message.get("reasoning_content") or message.get("reasoning") or None,
+            model=str(data["model"]) if data.get("model") else None,
         )
 
     # ----------------------------------------------------------------- a batch

@@ -13,6 +13,10 @@ present merges: scores all predictions, writes ``eval/<checkpoint>/<benchmark>.j
 ``accuracy.png``, logs to MLflow and writes the manifest. The other shards exit 0 without a
 manifest, so the Indexed Job succeeds when every index has, and by then the last one has merged
 (two shards finishing together both merge; the outputs are identical and written atomically).
+
+With ``judge: llm`` the merge also asks ``llmJudge`` for a verdict on every response
+(``visionr1_jobs.eval.llm_judge``): ``correct`` and the headline accuracy become the judge's,
+``rule_correct`` keeps the rule-based verdict, and the summaries carry both accuracies.
 """
 
 from __future__ import annotations
@@ -208,6 +212,58 @@ def _all_present(
     )
 
 
+def _check_judge(params: EvalParams) -> None:
+    """Fail before generating when the judge's prompt or API settings are wrong (an openai
+    backend only checks its config when built; other kinds would load a model, so wait)."""
+    from visionr1_jobs.eval.llm_judge import load_prompt
+
+    load_prompt()
+    assert params.llm_judge is not None  # EvalParams refuses judge 'llm' without it
+    if params.llm_judge.backend.kind == "openai":
+        from visionr1_jobs.generation import get_backend
+
+        get_backend(params.llm_judge.backend).close()
+
+
+def _apply_judge(
+    judge: GenerationBackend,
+    params: EvalParams,
+    rows: list[dict[str, Any]],
+    verdicts: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Add the LLM verdict to every rule verdict (``rule_correct`` keeps the rule's; ``correct``
+    becomes the judge's, or stays the rule's when the judge's reply was unparseable) and return
+    the summary fields comparing the two."""
+    from visionr1_jobs.eval.llm_judge import judge_rows, load_prompt
+
+    assert params.llm_judge is not None
+    judged = judge_rows(
+        judge,
+        rows,
+        verdicts,
+        prompt=load_prompt(),
+        max_tokens=params.llm_judge.sampling.max_tokens,
+        seed=params.llm_judge.sampling.seed,
+        model_name=params.llm_judge.backend.model,
+    )
+    for v, j in zip(verdicts, judged, strict=True):
+        v["rule_correct"] = v["correct"]
+        v.update(j)
+    n = len(verdicts)
+    parsed = [v for v in verdicts if v["llm_correct"] is not None]
+    return {
+        "rule_accuracy": sum(v["rule_correct"] for v in verdicts) / n if n else 0.0,
+        "llm_accuracy": sum(v["correct"] for v in verdicts) / n if n else 0.0,
+        "judge_unparsed": n - len(parsed),
+        "judge_agreement": (
+            sum(v["llm_correct"] == v["rule_correct"] for v in parsed) / len(parsed)
+            if parsed
+            else None
+        ),
+        "judge_models": sorted({str(v["judge_model"]) for v in verdicts if v["judge_model"]}),
+    }
+
+
 def _merge(
     cfg: ResolvedStageConfig,
     params: EvalParams,
@@ -235,6 +291,15 @@ def _merge(
         "backend": params.backend.kind,
         "shards": count,
     }
+    judge: GenerationBackend | None = None
+    if params.judge == "llm":
+        from visionr1_jobs.eval.llm_judge import judge_identity, load_prompt
+        from visionr1_jobs.generation import get_backend
+
+        assert params.llm_judge is not None
+        settings.update(judge_identity(params.llm_judge, load_prompt()))
+        judge = get_backend(params.llm_judge.backend)
+    served: set[str] = set()
     for name, model in checkpoints.items():
         folder = out_dir / checkpoint_slug(name)
         results[name] = {}
@@ -243,7 +308,10 @@ def _merge(
             for i in range(count):
                 rows += _read_jsonl(_shard_file(folder, bench, i, count))
             verdicts = [score_row(bench, r) for r in rows]
+            compared = _apply_judge(judge, params, rows, verdicts) if judge is not None else {}
+            served.update(compared.get("judge_models", ()))
             summary = summarize(bench, rows, verdicts)
+            summary.update(compared)
             summary.update(
                 checkpoint=name,
                 model=model,
@@ -265,6 +333,10 @@ def _merge(
             key = f"{checkpoint_slug(name)}/{bench}"
             outputs[key] = str(spath.relative_to(cfg.workspace))
             rows_count[key] = len(rows)
+    if judge is not None:
+        judge.close()
+        # The id the endpoint answered with (a dated snapshot for hosted APIs) is the version.
+        settings["judge_model_served"] = ",".join(sorted(served)) or "unknown"
     report = {"settings": settings, "results": results}
     rjson = atomic_write_json(out_dir / "report.json", report)
     rmd = atomic_write(out_dir / "report.md", markdown(results, settings))
@@ -287,6 +359,10 @@ def _merge(
             for k, v in s.items():
                 if k.endswith("_accuracy") and isinstance(v, float):
                     metrics[f"{base}.{k}"] = v
+            if "judge_unparsed" in s:
+                metrics[f"{base}.judge_unparsed"] = float(s["judge_unparsed"])
+                if s["judge_agreement"] is not None:
+                    metrics[f"{base}.judge_agreement"] = s["judge_agreement"]
             for dim, cats in s["per_category"].items():
                 for label, c in cats.items():
                     clean = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dim}.{label}")[:120]
@@ -325,10 +401,7 @@ def run(
     params = cfg.stage_params()
     assert isinstance(params, EvalParams)
     if params.judge == "llm":
-        raise InvalidInput(
-            "params.judge: 'llm' is not available in the stage yet; use judge 'rule' and re-score "
-            "saved predictions with an LLM judge offline"
-        )
+        _check_judge(params)
     keys = [k for k in cfg.inputs if k.startswith("checkpoint:")]
     if not keys:
         raise InvalidInput("config.inputs has no 'checkpoint:<name>' entry; nothing to evaluate")

@@ -1,0 +1,330 @@
+"""The optional LLM judge: verdict parsing, re-asks, fallback, what is recorded, and the eval
+stage with ``judge: llm`` against a small chat-completions server started by the test."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from visionr1_jobs.config import (
+    Backend,
+    Benchmark,
+    EvalParams,
+    InputLocation,
+    MlflowRef,
+    ResolvedStageConfig,
+    Sampling,
+    Teacher,
+)
+from visionr1_jobs.eval import llm_judge
+from visionr1_jobs.generation import Generation, GenerationBackend, get_backend
+from visionr1_jobs.stages import eval as eval_stage
+
+SERVED = "judge-model-2025-01-31"  # what the endpoint says answered (the version we record)
+REQUESTED = "judge-model"
+
+
+def naive_judge(prompt: str) -> str:
+    """Says 1 when the reference answer appears as a word anywhere in the model response
+    (reasoning included): deliberately unlike the rule-based scorer, so the two can differ."""
+    gold = re.search(r"### Reference answer\n(.*?)\n", prompt).group(1).strip()
+    resp = re.search(r"### Model response[^\n]*\n(.*?)\n### ", prompt, re.S).group(1)
+    hit = re.search(rf"(?<![\w.]){re.escape(gold)}(?![\w.])", resp)
+    return f"The reference is {gold}.\nVerdict: {1 if hit else 0}"
+
+
+class JudgeServer:
+    """POST /v1/chat/completions; the reply text is the next of ``script`` if any is queued,
+    else ``answer(user_prompt)``; every request body is kept."""
+
+    def __init__(self, answer: Callable[[str], str] = naive_judge) -> None:
+        self.answer = answer
+        self.script: list[str] = []
+        self.bodies: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"]
+                with outer.lock:
+                    outer.bodies.append(body)
+                    text = outer.script.pop(0) if outer.script else outer.answer(prompt)
+                payload = json.dumps(
+                    {
+                        "id": "c",
+                        "object": "chat.completion",
+                        "model": SERVED,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": text},
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 50, "completion_tokens": 8},
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server() -> Iterator[JudgeServer]:
+    srv = JudgeServer()
+    yield srv
+    srv.httpd.shutdown()
+    srv.httpd.server_close()
+
+
+def _teacher(srv: JudgeServer) -> Teacher:
+    return Teacher(
+        backend=Backend(kind="openai", base_url=srv.base_url, model=REQUESTED, max_retries=0),
+        sampling=Sampling(max_tokens=128, temperature=1.0, seed=7),
+    )
+
+
+def _judge(srv: JudgeServer, rows: list[dict], rules: list[dict]) -> list[dict]:
+    teacher = _teacher(srv)
+    with get_backend(teacher.backend) as backend:
+        return llm_judge.judge_rows(
+            backend,
+            rows,
+            rules,
+            prompt=llm_judge.load_prompt(),
+            max_tokens=teacher.sampling.max_tokens,
+            seed=teacher.sampling.seed,
+            model_name=REQUESTED,
+        )
+
+
+ROWS = [
+    {"id": "a", "question": "How many circles?", "answer": "3", "response": "I count 3 circles."},
+    {"id": "b", "question": "Sum?", "answer": "21", "response": "<answer> 12 </answer>"},
+]
+RULES = [  # the rule scorer missed the first (no answer tag) and got the second right
+    {"id": "a", "extracted": None, "correct": False},
+    {"id": "b", "extracted": "12", "correct": True},
+]
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("Verdict: 1", True),
+        ("the answer matches.\nverdict: 0\n", False),
+        ("**Verdict:** 1", True),
+        ("Verdict: 1.", True),
+        ("I think it is 1", None),
+        ("Verdict: 1\nVerdict: 0", None),  # conflicting
+        ("Verdict: 10", None),
+        ("", None),
+    ],
+)
+def test_parse_verdict_is_strict(reply: str, expected: bool | None) -> None:
+    assert llm_judge.parse_verdict(reply) is expected
+
+
+def test_prompt_file_has_the_judge_placeholders_and_renders_every_field() -> None:
+    p = llm_judge.load_prompt("v1")
+    text = llm_judge.build_prompt(
+        p,
+        question="Which bar?",
+        gold="A",
+        choices=["red", "blue"],
+        response="x" * 10_000 + " so A",
+        extracted=None,
+    )
+    assert "{{" not in text and "(A) red\n(B) blue" in text and "(nothing extracted)" in text
+    assert text.count("x") < 10_000 and "so A" in text  # only the response's end is sent
+    with pytest.raises(Exception, match="prompts/judge/v9.txt"):
+        llm_judge.load_prompt("v9")
+
+
+def test_judge_verdicts_parsed_and_recorded(server: JudgeServer) -> None:
+    out = _judge(server, ROWS, RULES)
+    assert [o["llm_correct"] for o in out] == [True, False]
+    assert [o["correct"] for o in out] == [True, False]  # the judge's verdict is the headline
+    assert all(o["judge_status"] == "ok" and o["judge_attempts"] == 1 for o in out)
+    assert out[0]["judge_raw"].endswith("Verdict: 1")
+    # The served id (the endpoint's `model` field) is the version recorded, not the request name.
+    assert {o["judge_model"] for o in out} == {SERVED}
+    sha = hashlib.sha256(
+        (Path(llm_judge.__file__).parent.parent / "prompts/judge/v1.txt").read_bytes()
+    ).hexdigest()
+    assert {(o["judge_prompt_version"], o["judge_prompt_sha256"]) for o in out} == {("v1", sha)}
+    # Greedy regardless of the teacher's sampling temperature; max tokens and seed are its own.
+    assert {(b["temperature"], b["max_tokens"], b["seed"]) for b in server.bodies} == {(0, 128, 7)}
+    assert {b["model"] for b in server.bodies} == {REQUESTED}
+    assert "I count 3 circles." in server.bodies[0]["messages"][0]["content"]
+
+
+def test_unparseable_reply_is_asked_again(server: JudgeServer) -> None:
+    server.script = ["Hmm, hard to say.", "Hmm, hard to say."]  # both rows' first replies
+    out = _judge(server, ROWS, RULES)
+    assert [o["llm_correct"] for o in out] == [True, False]
+    assert [o["judge_attempts"] for o in out] == [2, 2]
+    assert all(o["judge_raws"][0] == "Hmm, hard to say." for o in out)
+    assert len(server.bodies) == 4
+
+
+def test_always_unparseable_falls_back_to_the_rule_verdict(server: JudgeServer) -> None:
+    server.answer = lambda prompt: "Correct!"  # never a verdict line
+    out = _judge(server, ROWS, RULES)
+    assert [o["judge_status"] for o in out] == ["unparsed", "unparsed"]
+    assert [o["llm_correct"] for o in out] == [None, None]
+    assert [o["correct"] for o in out] == [False, True]  # the rule verdicts
+    assert [o["judge_attempts"] for o in out] == [llm_judge.RETRIES + 1] * 2
+    assert len(server.bodies) == 2 * (llm_judge.RETRIES + 1)
+
+
+# --------------------------------------------------------------------------- the eval stage
+
+
+class Scripted(GenerationBackend):
+    """'good' answers right; 'base' reasons its way to the right number, then answers a wrong
+    one: the rule scorer says wrong, the naive judge says right."""
+
+    kind = "scripted"
+
+    def __init__(self, model: str, answers: dict[tuple[str, str], str]) -> None:
+        self.model, self.answers = model, answers
+
+    def _generate(self, requests, sampling):  # type: ignore[no-untyped-def]
+        out = []
+        for req in requests:
+            gold = self.answers[(req.messages[0]["content"], req.images[0])]
+            if self.model.endswith("good"):
+                text = f"<think> looking </think><answer> Final Answer:{gold} </answer>"
+            else:
+                text = f"<think> it is {gold} </think><answer> Final Answer:{gold}9 </answer>"
+            out.append(Generation(text=text, completion_tokens=len(text) // 4))
+        return out
+
+
+def test_eval_stage_with_llm_judge_reports_both_accuracies(
+    tmp_path: Path, server: JudgeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from visionr1_jobs.contract import read_manifest
+    from visionr1_jobs.eval.readers import read_benchmark
+    from visionr1_jobs.toy.dataset import write_toy_dataset
+
+    write_toy_dataset(tmp_path / "toy", n=2, n_bench=4, seed=3)
+    rows = read_benchmark("toy", tmp_path / "toy" / "bench").rows
+    answers = {(r["question"], r["images"][0]): r["answer"] for r in rows}
+    monkeypatch.delenv("VISIONR1_SHARDS", raising=False)
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    params = EvalParams(
+        benchmarks=[Benchmark(name="toy", path="toy/bench")],
+        checkpoints=["base", "good"],
+        max_new_tokens=64,
+        retries_missing_answer=0,
+        judge="llm",
+        llm_judge=_teacher(server),
+    )
+    cfg = ResolvedStageConfig(
+        stage="eval",
+        workspace=str(tmp_path),
+        output_dir="eval",
+        base_model="models/base",
+        inputs={
+            "checkpoint:base": InputLocation(path="models/base", format="model"),
+            "checkpoint:good": InputLocation(path="models/good", format="model"),
+        },
+        params=params.dump(),
+        mlflow=MlflowRef(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="j"),
+    )
+    man = eval_stage.run(cfg, lambda model, p: Scripted(model, answers))
+    assert man is not None and read_manifest(tmp_path, "eval") == man
+    assert len(server.bodies) == 8  # one judge call per row and checkpoint
+
+    out = tmp_path / "eval"
+    base = json.loads((out / "base" / "toy.json").read_text())
+    good = json.loads((out / "good" / "toy.json").read_text())
+    assert (base["rule_accuracy"], base["llm_accuracy"], base["accuracy"]) == (0.0, 1.0, 1.0)
+    assert (good["rule_accuracy"], good["llm_accuracy"]) == (1.0, 1.0)
+    assert (base["judge_unparsed"], base["judge_agreement"], good["judge_agreement"]) == (0, 0, 1)
+    verdicts = [
+        json.loads(x)["verdict"]
+        for x in (out / "base/toy.verdicts.jsonl").read_text().split("\n")
+        if x
+    ]
+    assert all(
+        v["rule_correct"] is False and v["llm_correct"] is True and v["correct"] is True
+        for v in verdicts
+    )
+    assert all(
+        v["judge_raw"].endswith("Verdict: 1") and v["judge_model"] == SERVED for v in verdicts
+    )
+
+    report = json.loads((out / "report.json").read_text())
+    s = report["settings"]
+    assert (s["judge"], s["judge_model_served"], s["judge_model_requested"]) == (
+        "llm",
+        SERVED,
+        REQUESTED,
+    )
+    assert s["judge_prompt_sha256"] == llm_judge.load_prompt().sha256
+    assert s["judge_temperature"] == 0.0
+    md = (out / "report.md").read_text()
+    assert "## Judge" in md and SERVED in md
+    assert "| base | toy | 4 | 0.0 | 100.0 | 0.0 | 0 |" in md
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = mlflow.get_run(man.mlflow_run_id)
+    m, p = run.data.metrics, run.data.params
+    assert (m["base.toy.accuracy"], m["base.toy.rule_accuracy"], m["base.toy.llm_accuracy"]) == (
+        1.0,
+        0.0,
+        1.0,
+    )
+    assert m["base.toy.judge_unparsed"] == 0.0 and m["good.toy.judge_agreement"] == 1.0
+    assert p["eval.setting.judge_model_served"] == SERVED
+    assert p["eval.setting.judge_prompt_sha256"] == llm_judge.load_prompt().sha256
+    assert p["eval.setting.judge_prompt_version"] == "v1"
+
+
+def test_llm_judge_config_error_stops_before_generating(tmp_path: Path) -> None:
+    from visionr1_jobs.contract import InvalidInput
+
+    params = EvalParams(
+        benchmarks=[Benchmark(name="toy", path="toy/bench")],
+        checkpoints=["base"],
+        judge="llm",
+        llm_judge=Teacher(
+            backend=Backend(
+                kind="openai", base_url="http://127.0.0.1:9/v1", model="m", api_key_env="NO_KEY_X"
+            )
+        ),
+    )
+    cfg = ResolvedStageConfig(
+        stage="eval",
+        workspace=str(tmp_path),
+        output_dir="eval",
+        base_model="m",
+        inputs={"checkpoint:base": InputLocation(path="m", format="model")},
+        params=params.dump(),
+    )
+    with pytest.raises(InvalidInput, match="NO_KEY_X"):
+        eval_stage.run(cfg, lambda m, p: pytest.fail("must not generate"))
