@@ -61,6 +61,10 @@ demo: setup ## the laptop demo: toy data + tiny model + the whole pipeline on CP
 bench: setup ## run every benchmark in benchmarks/ (each prints JSON)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+.PHONY: device-check-prepare
+device-check-prepare: ## fetch the wheels the GPU machine lacks into .whl/ (then run scripts/device-check.sh there)
+	scripts/device-check.sh prepare
+
 .PHONY: images
 images: ## build the operator and trainer images (needs docker with BuildKit)
 	docker build -f images/operator/Dockerfile -t $(IMAGE_REPO)/operator:$(TAG) .
