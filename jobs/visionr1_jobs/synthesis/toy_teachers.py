@@ -92,9 +92,19 @@ class ToyTeachers(GenerationBackend):
         if len(words) > sampling.max_tokens:  # honour the budget like a real model: cut, 'length'
             out = " ".join(words[: sampling.max_tokens])
             return ToyGeneration(
-                out, len(text.split()), sampling.max_tokens, "length", None, behaviour
+                out,
+                prompt_tokens=len(text.split()),
+                completion_tokens=sampling.max_tokens,
+                finish_reason="length",
+                behaviour=behaviour,
             )
-        return ToyGeneration(out, len(text.split()), len(words), "stop", None, behaviour)
+        return ToyGeneration(
+            out,
+            prompt_tokens=len(text.split()),
+            completion_tokens=len(words),
+            finish_reason="stop",
+            behaviour=behaviour,
+        )
 
     def _generate(self, requests: list[ChatRequest], sampling: Sampling) -> list[Generation]:
         out: list[Generation] = []
