@@ -25,7 +25,6 @@ from visionr1_jobs.contract import (
     StageManifest,
     read_manifest,
     stage_dir,
-    write_manifest,
 )
 from visionr1_jobs.training import checkpoints as ckpt
 from visionr1_jobs.training import ptst, runtime
@@ -210,11 +209,7 @@ def train(cfg: ResolvedStageConfig, params: GRPOParams, folder: Path) -> StageMa
         started_at=started,
         extra=extra,
     )
-    if world.is_main:
-        write_manifest(cfg, manifest)
-    runtime.barrier()
-    # Only rank 0's manifest counts; other ranks return None so the contract writes nothing.
-    return manifest if world.is_main else None
+    return runtime.publish(cfg, manifest, world)
 
 
 def _substage(

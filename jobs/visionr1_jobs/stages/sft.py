@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from visionr1_jobs.config import ResolvedStageConfig, SFTParams
-from visionr1_jobs.contract import StageManifest, read_manifest, stage_dir, write_manifest
+from visionr1_jobs.contract import StageManifest, read_manifest, stage_dir
 from visionr1_jobs.training import checkpoints as ckpt
 from visionr1_jobs.training import runtime
 from visionr1_jobs.training.inputs import load_samples, model_input
@@ -97,11 +97,7 @@ def train(cfg: ResolvedStageConfig, params: SFTParams, folder: Path) -> StageMan
         started_at=started,
         extra=extra,
     )
-    if world.is_main:
-        write_manifest(cfg, manifest)
-    runtime.barrier()
-    # Only rank 0's manifest counts; other ranks return None so the contract writes nothing.
-    return manifest if world.is_main else None
+    return runtime.publish(cfg, manifest, world)
 
 
 def _fit(

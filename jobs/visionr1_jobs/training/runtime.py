@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from visionr1_jobs.contract import InvalidInput, atomic_write_json
+from visionr1_jobs.config import ResolvedStageConfig
+from visionr1_jobs.contract import InvalidInput, StageManifest, atomic_write_json, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -290,3 +291,14 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def publish(
+    cfg: ResolvedStageConfig, manifest: StageManifest, world: World
+) -> StageManifest | None:
+    """Rank 0 marks the stage done; every rank waits for it. Other ranks return None so the
+    contract writes nothing for them."""
+    if world.is_main:
+        write_manifest(cfg, manifest)
+    barrier()
+    return manifest if world.is_main else None
