@@ -127,9 +127,10 @@ class Tracker:
         return self.client.create_run(self.experiment_id, run_name=stage, tags=tags).info.run_id
 
     def set_status(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, status) if status != "RUNNING" else (
+        if status == "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
-        )
+        else:
+            self.client.set_terminated(run_id, status)
 
 
 def _version() -> str:

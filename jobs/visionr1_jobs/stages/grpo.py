@@ -311,12 +311,7 @@ def _substage(
                 processing_class=processor,
                 callbacks=callbacks,
             )
-            if world.is_main:
-                ckpt.remove_incomplete_checkpoints(checkpoints_dir)
-            runtime.barrier()
-            resume = ckpt.latest_complete_checkpoint(checkpoints_dir)
-            if resume is not None:
-                log.warning("%s: resuming from %s", label, resume.name)
+            resume = ckpt.resume_point(checkpoints_dir, world.is_main, label)
             t0 = time.time()
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             record["train_seconds_last_attempt"] = time.time() - t0

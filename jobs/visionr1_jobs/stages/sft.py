@@ -146,12 +146,7 @@ def _fit(
         processing_class=processor,
         callbacks=callbacks,
     )
-    if world.is_main:
-        ckpt.remove_incomplete_checkpoints(checkpoints_dir)
-    runtime.barrier()
-    resume = ckpt.latest_complete_checkpoint(checkpoints_dir)
-    if resume is not None:
-        log.warning("sft: resuming from %s", resume)
+    resume = ckpt.resume_point(checkpoints_dir, world.is_main, "sft")
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - t0

@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from visionr1_jobs.contract import fsync_dir
+
 log = logging.getLogger(__name__)
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -74,6 +76,18 @@ def remove_incomplete_checkpoints(folder: Path) -> list[Path]:
     return removed
 
 
+def resume_point(folder: Path, is_main: bool, label: str) -> Path | None:
+    """Where a restarted trainer resumes: rank 0 first clears half-written checkpoints, then
+    every rank picks the newest complete one (None = start fresh)."""
+    if is_main:
+        remove_incomplete_checkpoints(folder)
+    _barrier()
+    resume = latest_complete_checkpoint(folder)
+    if resume is not None:
+        log.warning("%s: resuming from %s", label, resume.name)
+    return resume
+
+
 def is_complete_model(path: Path) -> bool:
     """A final model folder: config + weights (only ever renamed into place complete)."""
     return (path / "config.json").exists() and any((path / w).exists() for w in _WEIGHTS)
@@ -103,24 +117,11 @@ def save_final_atomically(dest: Path, write: Callable[[Path], None], is_main: bo
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
             os.replace(dest, old / dest.name)
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return dest
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _barrier() -> None:
