@@ -103,7 +103,8 @@ class Backend(Model):
     model: str | None = Field(
         None,
         description="Model: a path, a hub id, or the served model name for `openai`. "
-        "Unset = the stage's own model (the run's base model or the checkpoint under test).",
+        "Unset = the stage's own model (the run's base model or the checkpoint under test). "
+        "Kind toy: unset (default behaviour) or a JSON file of the stand-ins' own settings.",
         max_length=512,
     )
     base_url: str | None = Field(
@@ -129,19 +130,6 @@ class Backend(Model):
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype (auto = bf16 on GPU, fp32 on CPU)."
-    )
-    toy_error_rate: float = Field(
-        0.25,
-        ge=0.0,
-        le=1.0,
-        description="Toy reasoner stand-in only: share of wrong answers (the filter must drop them).",
-    )
-    toy_inconsistent_rate: float = Field(
-        0.1,
-        ge=0.0,
-        le=1.0,
-        description="Toy reasoner stand-in only: share of CoTs whose final answer contradicts the "
-        "thinking's last conclusion, or that break the format.",
     )
 
     @model_validator(mode="after")
@@ -208,6 +196,14 @@ class SynthesisParams(Model):
         512, ge=1, le=1_000_000, description="Rows per output parquet file (rows)."
     )
     limit: int | None = Field(None, ge=1, description="Process at most this many input rows.")
+    max_failed_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Share of a shard's rows whose teacher calls may fail for good (content "
+        "filter, context length, other 4xx, retries spent; each dropped with its reason and "
+        "counted) before the shard fails.",
+    )
 
 
 # --------------------------------------------------------------------------- filter

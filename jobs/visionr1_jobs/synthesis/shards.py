@@ -7,6 +7,8 @@ Layout under the stage folder (``<workspace>/synthesis``)::
                                   presence means "finished": it is renamed into place last
     images/…                      the images, stored once (content-addressed)
     _shards/plan.json             the row layout every pod must agree on
+    _shards/shard-SSSSS-CCCCC.failed.json  the rows of chunk C dropped at the teachers (id, step,
+                                  reason, error), written just before the chunk itself
     _shards/shard-SSSSS.done.json one marker per finished shard (chunks, rows, hashes, timings)
     _manifest.json                written once every marker exists, by whichever pod sees that
 
@@ -101,6 +103,23 @@ def agree_on_plan(out_dir: Path, plan: dict[str, Any]) -> None:
             )
         return
     atomic_write_json(path, plan)
+
+
+def failed_path(out_dir: Path, chunk: Chunk) -> Path:
+    return out_dir / SHARDS_DIR / f"{chunk.name}.failed.json"
+
+
+def write_failed(out_dir: Path, chunk: Chunk, rows: list[dict[str, str]]) -> Path:
+    """The rows of ``chunk`` the teachers failed on (an empty list when none did)."""
+    return atomic_write_json(failed_path(out_dir, chunk), {"chunk": chunk.name, "rows": rows})
+
+
+def read_failed(out_dir: Path, chunk: Chunk) -> list[dict[str, str]]:
+    """The dropped rows of a finished chunk (none for a chunk written before drops existed)."""
+    try:
+        return list(json.loads(failed_path(out_dir, chunk).read_text())["rows"])
+    except FileNotFoundError:
+        return []
 
 
 def write_marker(out_dir: Path, index: int, marker: dict[str, Any]) -> Path:
