@@ -79,11 +79,11 @@ def _log_setup(params: SynthesisParams, prompts: dict[str, Any], names: dict[str
 
     for step, prompt in prompts.items():
         mlflow.log_text(prompt.text, f"prompts/{prompt.version}/{step}.txt")
-    with_hash = {f"prompt.{step}.sha256": p.sha256 for step, p in prompts.items()}
-    import contextlib
+    from visionr1_jobs.tracking import log_params_noting_changes
 
-    with contextlib.suppress(mlflow.exceptions.MlflowException):  # same values on a resumed run
-        mlflow.log_params(with_hash)
+    with_hash = {f"prompt.{step}.sha256": p.sha256 for step, p in prompts.items()}
+    # A resumed run holds these already; changed prompts are noted on the run, not dropped.
+    log_params_noting_changes(mlflow.MlflowClient(), mlflow.active_run().info.run_id, with_hash)
     tags = {
         "visionr1.describer": names["describer"],
         "visionr1.reasoner": names["reasoner"],
