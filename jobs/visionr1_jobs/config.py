@@ -124,7 +124,28 @@ class Backend(Model):
     timeout_s: float = Field(600.0, gt=0, le=86400, description="Per-request timeout (seconds).")
     max_retries: int = Field(5, ge=0, le=50, description="Retries on 429/5xx/timeouts (openai).")
     batch_size: int = Field(8, ge=1, le=4096, description="Prompts per batch (transformers).")
-    tensor_parallel_size: int = Field(1, ge=1, le=64, description="vLLM tensor parallel degree.")
+    tensor_parallel_size: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="vLLM: GPUs per engine (tensor parallel). Unset = all of the pod's GPUs.",
+    )
+    data_parallel_size: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="vLLM: engines per pod, each on its own tensorParallelSize GPUs, sharing "
+        "every batch. Unset = the pod's GPUs / tensorParallelSize.",
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=256,
+        le=1048576,
+        description="vLLM: context length (prompt + completion tokens). Unset = the model's own.",
+    )
+    max_images_per_prompt: int = Field(
+        4, ge=1, le=64, description="vLLM: images one prompt may carry (limit_mm_per_prompt)."
+    )
     gpu_memory_utilization: float = Field(
         0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take."
     )
@@ -523,6 +544,13 @@ class EvalParams(Model):
         ge=0,
         le=16,
         description="Ask again up to N times when `</answer>` is missing (paper: 4).",
+    )
+    batch_size: int = Field(
+        256,
+        ge=1,
+        le=100000,
+        description="Prompts generated together; each batch's predictions are saved when done, "
+        "so a restarted pod resumes after the last saved batch.",
     )
     judge: Literal["rule", "llm"] = Field("rule", description="rule = reproducible default.")
     llm_judge: Teacher | None = Field(

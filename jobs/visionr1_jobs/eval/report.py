@@ -56,15 +56,23 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], settings: dict[str, 
         judges = ", ".join(f"{b}: {PAPER_JUDGE[b]}" for b in paper_benches)
         lines += ["", f"Paper judges ({judges}); ours: {settings.get('judge', 'rule')}."]
     lines += _judge_section(results, settings)
+    lines += [
+        "",
+        "Failed: requests that failed for good at generation (after the backend's retries); "
+        "they count as wrong answers.",
+    ]
     lines += ["", "## Format and length", ""]
-    lines.append("| checkpoint | benchmark | n | format rate (%) | mean tokens | mean chars |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append(
+        "| checkpoint | benchmark | n | format rate (%) | mean tokens | mean chars | failed |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
     for ckpt, per in results.items():
         for b, s in sorted(per.items()):
             tok = s.get("mean_response_tokens")
             lines.append(
                 f"| {ckpt} | {b} | {s['n']} | {_pct(s['format_rate'])} | "
-                f"{'–' if tok is None else f'{tok:.0f}'} | {s['mean_response_chars']:.0f} |"
+                f"{'–' if tok is None else f'{tok:.0f}'} | {s['mean_response_chars']:.0f} | "
+                f"{s.get('failed', 0)} |"
             )
     for b in benches:
         dims = HEADLINE_DIMS.get(b, ())
