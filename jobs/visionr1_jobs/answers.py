@@ -1,4 +1,4 @@
-"""Answer logic shared by the filter, the GRPO reward and eval scoring (VISION-R1.md §4, §6, §7).
+"""Answer logic shared by the filter, the GRPO reward and eval scoring (method.md §4, §6, §7).
 
 Three questions, one module:
 

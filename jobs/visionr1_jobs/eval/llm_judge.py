@@ -1,6 +1,6 @@
 """The optional LLM judge (``params.judge: llm``): a second verdict on each saved response.
 
-The rule-based verdict stays the reproducible default (VISION-R1.md §7); the paper judged
+The rule-based verdict stays the reproducible default (method.md §7); the paper judged
 MathVista and MathVerse with an LLM, so this judge exists to compare against it. Every verdict
 row records what produced it: the model id the endpoint says answered (a dated snapshot for
 hosted APIs, else the configured name), the prompt version and its sha256, the temperature and

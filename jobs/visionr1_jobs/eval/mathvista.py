@@ -22,7 +22,7 @@ NAME = "mathvista"
 REQUIRED = ("answer", "choices", "question_type", "answer_type", "precision")
 GROUP_FIELDS = ("question_type", "answer_type", "language", "source", "category", "task")
 GROUP_FIELDS_EXTRA = ("context", "grade", "skills")
-# The paper's MathVista sub-scores (VISION-R1.md §7) as the leaderboard defines them.
+# The paper's MathVista sub-scores (method.md §7) as the leaderboard defines them.
 PAPER_SUBSCORES = {
     "GEO": ("skills", "geometry reasoning"),
     "ALG": ("skills", "algebraic reasoning"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# Vision-R1 paper (VISION-R1.md §7), accuracy in percent. The paper judged MathVista and MathVerse
+# Vision-R1 paper (method.md §7), accuracy in percent. The paper judged MathVista and MathVerse
 # with gpt-4o-mini; our default is rule-based, so expect a gap of a few points there.
 PAPER: dict[str, dict[str, float]] = {
     "Qwen2.5-VL-7B (base)": {

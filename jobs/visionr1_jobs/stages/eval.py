@@ -1,6 +1,6 @@
 """The eval stage: generate on each benchmark for each checkpoint, score, report, log to MLflow.
 
-Protocol (VISION-R1.md §7): the benchmark prompt as the only user turn (no system prompt),
+Protocol (method.md §7): the benchmark prompt as the only user turn (no system prompt),
 temperature 0.6, top_p 0.95, ``maxNewTokens``, and up to ``retriesMissingAnswer`` more asks for a
 response without ``</answer>`` (the last answered attempt is scored; every attempt is saved).
 Attempt ``k`` (0 = the first ask) samples with seed ``seed + k``: a seeded server or engine given
@@ -76,7 +76,7 @@ def resolve_checkpoint(cfg: ResolvedStageConfig, key: str) -> str:
 
 
 def _default_generator(model: str, params: EvalParams) -> GenerationBackend:
-    """The shared generation backend (issue 3) for one checkpoint; ``backend.model`` unset means
+    """The shared generation backend for one checkpoint; ``backend.model`` unset means
     the checkpoint itself."""
     from visionr1_jobs.generation import get_backend  # heavy libraries load with the kind
 
