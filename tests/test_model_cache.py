@@ -50,8 +50,8 @@ def test_every_run_and_stage_shares_one_model_cache_on_the_pvc() -> None:
 
 
 def test_the_cache_folder_is_configurable() -> None:
-    mount = _cache_mount(_pod(_run("run-a", modelCache="shared/models/hf"), "synthesis"))
-    assert mount["subPath"] == "shared/models/hf"
+    mount = _cache_mount(_pod(_run("run-a", modelCache="team/models/hf"), "synthesis"))
+    assert mount["subPath"] == "team/models/hf"
 
 
 def test_the_trainer_image_and_the_manifests_agree_on_hf_home() -> None:

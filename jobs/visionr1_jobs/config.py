@@ -1,7 +1,7 @@
 """Parameters of every stage program, as pydantic models.
 
 The stage programs own their parameters; the operator's VisionR1Run API embeds these models
-under ``spec.stages.<stage>.params``. Defaults reproduce the Vision-R1 paper (see VISION-R1.md);
+under ``spec.stages.<stage>.params``. Defaults reproduce the Vision-R1 paper (see docs/method.md);
 where the paper is silent the default is marked "not published" in the field description.
 
 This module imports only pydantic (and the standard library): the operator image has no torch.
@@ -184,7 +184,7 @@ class DatasetRef(Model):
 
 
 class SynthesisParams(Model):
-    """Modality bridging (VISION-R1.md §2): pseudo-CoT → detailed description → text reasoner."""
+    """Modality bridging (method.md §2): pseudo-CoT → detailed description → text reasoner."""
 
     describer: Teacher = Field(
         default_factory=lambda: Teacher(
@@ -262,7 +262,7 @@ DEFAULT_REPLACEMENTS: list[dict[str, str]] = [
 
 
 class FilterParams(Model):
-    """Rules that turn raw reasoner outputs into Vision-R1-cold (VISION-R1.md §3–4)."""
+    """Rules that turn raw reasoner outputs into Vision-R1-cold (method.md §3–4)."""
 
     require_correct: bool = Field(
         True, description="Keep only answers that match the ground truth."
@@ -360,7 +360,7 @@ _PIXELS_CEL = (
 
 
 class SFTParams(TrainCommon):
-    """Cold-start SFT (VISION-R1.md §5): full fine-tune, bf16, ZeRO-3."""
+    """Cold-start SFT (method.md §5): full fine-tune, bf16, ZeRO-3."""
 
     model_config = ConfigDict(json_schema_extra=_cel(_PIXELS_CEL))
 
@@ -402,7 +402,7 @@ PAPER_PTST: list[dict[str, int]] = [
 
 
 class GRPOParams(TrainCommon):
-    """GRPO with PTST and the hard formatting result reward (VISION-R1.md §6)."""
+    """GRPO with PTST and the hard formatting result reward (method.md §6)."""
 
     model_config = ConfigDict(
         json_schema_extra=_cel(
@@ -508,7 +508,7 @@ class Benchmark(Model):
 
 
 class EvalParams(Model):
-    """Evaluation (VISION-R1.md §7): the released harness's protocol, rule-based by default."""
+    """Evaluation (method.md §7): the released harness's protocol, rule-based by default."""
 
     model_config = ConfigDict(
         json_schema_extra=_cel(

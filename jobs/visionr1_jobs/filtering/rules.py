@@ -1,4 +1,4 @@
-"""The filter's per-sample rules (VISION-R1.md §3): pure functions, one verdict per sample.
+"""The filter's per-sample rules (method.md §3): pure functions, one verdict per sample.
 
 A reasoner output survives when, in this order, it is non-empty and not over-long; its tags are
 exactly ``<think>…</think><answer>…</answer>``; the answer block holds one ``Final Answer:X``;
@@ -344,7 +344,7 @@ def replace_wording(
 
 
 def vision_r1_response(think: str, final: str) -> str:
-    """The exact target format of the released data and the eval regex (VISION-R1.md §4)."""
+    """The exact target format of the released data and the eval regex (method.md §4)."""
     return f"<think> {think.strip()} </think><answer> Final Answer:{final.strip()} </answer>"
 
 

@@ -1,4 +1,4 @@
-"""The synthesis stage: modality bridging (VISION-R1.md §2), sharded over an Indexed Job.
+"""The synthesis stage: modality bridging (method.md §2), sharded over an Indexed Job.
 
 Each pod takes the contiguous rows of shard ``JOB_COMPLETION_INDEX`` of ``VISIONR1_SHARDS``,
 cuts them into chunks of ``params.rowsPerShard`` rows, and for every chunk not yet on disk runs

@@ -1,4 +1,4 @@
-"""Modality bridging (VISION-R1.md §2) for one batch of samples: three teacher calls per sample.
+"""Modality bridging (method.md §2) for one batch of samples: three teacher calls per sample.
 
 1. Pseudo-CoT: describer(image + question + ground-truth answer) → caption + reasoning.
 2. Description: describer(image + question + its pseudo-CoT) → a detailed description holding
