@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from visionr1_jobs import shards
 from visionr1_jobs.config import Backend, ResolvedStageConfig, SynthesisParams, Teacher
 from visionr1_jobs.contract import (
     InvalidInput,
@@ -37,7 +38,6 @@ from visionr1_jobs.contract import (
     sha256_file,
     shard_from_env,
     stage_dir,
-    write_manifest,
 )
 
 DATA_OUTPUT = "data"
@@ -180,24 +180,60 @@ def run(
             backend_factory or _default_factory,
             mlrun,
         )
-        S.write_marker(out_dir, index, marker)
-        markers = S.read_markers(out_dir, count)
-        if markers is not None:
-            manifest = _manifest(cfg, params, prompts, names, markers, started)
-            if mlrun is not None:
-                import mlflow
-
-                mlflow.log_metrics(manifest.metrics)
-                manifest.mlflow_run_id = mlrun.info.run_id
-    if markers is None:
+        manifest = shards.finish_shard(
+            cfg,
+            index,
+            count,
+            marker,
+            lambda markers: _merged(cfg, params, prompts, names, markers, started, mlrun),
+        )
+    if manifest is None:
         print(
             f"[synthesis] shard {index}/{count} done; the last shard to finish writes the manifest",
             flush=True,
         )
         # Not the last shard: done without a manifest; the last shard to finish writes it.
-        return None
-    write_manifest(cfg, manifest)
     return manifest
+
+
+def _merged(
+    cfg: ResolvedStageConfig,
+    params: SynthesisParams,
+    prompts: dict[str, Any],
+    names: dict[str, str],
+    markers: list[dict[str, Any]],
+    started: float | None,
+    mlrun: Any,
+) -> StageManifest:
+    """The merge: the chunks stay where the shards wrote them, so it is the manifest (and its
+    metrics logged to the MLflow run)."""
+    manifest = _manifest(cfg, params, prompts, names, markers, started)
+    if mlrun is not None:
+        import mlflow
+
+        mlflow.log_metrics(manifest.metrics)
+        manifest.mlflow_run_id = mlrun.info.run_id
+    return manifest
+
+
+def merge(cfg: ResolvedStageConfig) -> StageManifest:
+    """Merge the finished shards again and write the manifest (no generation): for a Job whose
+    pods all finished but whose merging pod died before ``_manifest.json``. Raises
+    :class:`visionr1_jobs.shards.ShardsIncomplete` naming the shards that have not finished."""
+    from visionr1_jobs.synthesis.prompts import load_prompts
+    from visionr1_jobs.tracking import stage_run
+
+    params = cfg.stage_params()
+    assert isinstance(params, SynthesisParams)
+    prompts = load_prompts(params.prompts_version)
+    names = {
+        "describer": teacher_name(params.describer, "describer", cfg.base_model),
+        "reasoner": teacher_name(params.reasoner, "reasoner", cfg.base_model),
+    }
+    with stage_run(cfg, name="synthesis", log_config=False) as mlrun:
+        return shards.merge_again(
+            cfg, lambda markers: _merged(cfg, params, prompts, names, markers, None, mlrun)
+        )
 
 
 def _generate(
@@ -338,7 +374,7 @@ def _manifest(
     prompts: dict[str, Any],
     names: dict[str, str],
     markers: list[dict[str, Any]],
-    started: float,
+    started: float | None,
 ) -> StageManifest:
     out_dir = stage_dir(cfg)
     rows = sum(m["rows"] for m in markers)
