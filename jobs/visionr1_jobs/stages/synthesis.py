@@ -7,7 +7,7 @@ the three teacher steps (:mod:`visionr1_jobs.synthesis.bridge`) and writes
 ``raw`` field. A restarted pod skips finished chunks and redoes the one it was killed in.
 When its chunks are done a pod writes its shard marker; the pod that then finds every shard's
 marker writes ``_manifest.json`` (outputs ``{"data": "synthesis"}``), and the others exit 0
-without one (see :mod:`visionr1_jobs.synthesis.shards` for why this is safe under concurrency).
+without one (see :mod:`visionr1_jobs.shards` for why this is safe under concurrency).
 
 A teacher request that fails for good (content filter, context length, another 4xx, retries
 spent) drops its row with a reason (:mod:`visionr1_jobs.synthesis.failures`); the dropped rows of
