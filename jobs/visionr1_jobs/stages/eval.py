@@ -233,6 +233,8 @@ def _generate_shards(
                 backend.close()
         for bench in benches:
             path = _shard_file(folder, bench, index, count)
+            for part in _part_files(folder, bench, index, count):  # a kill after the rename
+                part.unlink(missing_ok=True)
             rows = _read_jsonl(path)
             files[f"{checkpoint_slug(name)}/{bench}"] = {
                 "file": str(path.relative_to(stage_dir(cfg))),
@@ -277,7 +279,8 @@ def _generate_bench(
         )
     done += len(saved)
     sampling = _sampling(params)
-    next_part = len(parts) and int(parts[-1].name.rsplit(".part-", 1)[1].split(".")[0]) + 1
+    # Numbered on from the last saved part (the names sort in that order).
+    next_part = int(parts[-1].name.rsplit(".part-", 1)[1].split(".")[0]) + 1 if parts else 0
     for start in range(0, len(todo), params.batch_size):
         batch = todo[start : start + params.batch_size]
         prompts = [(prompt_of(rows[k]), list(rows[k].get("images") or [])) for k in batch]
