@@ -216,3 +216,110 @@ def test_merge_runs_again_on_its_own_and_names_missing_shards(
     monkeypatch.setenv("VISIONR1_SHARDS", "3")
     with pytest.raises(InvalidInput, match="different layout"):
         eval_stage.run(cfg, lambda m, p: pytest.fail("must not generate"))
+
+
+@pytest.mark.slow  # a real subprocess killed with SIGKILL (imports MLflow, ~20 s on 2 cores)
+def test_sigkilled_eval_pod_resumes_and_asks_the_server_only_for_unsaved_rows(
+    workspace: Path, answers: dict[tuple[str, str], str]
+) -> None:
+    """``python -m visionr1_jobs eval`` against an OpenAI-compatible server, killed mid-shard:
+    the server's request log shows the restarted pod asks only for the rows not yet saved."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from visionr1_jobs.config import Backend, MlflowRef
+
+    gold = {q: a for (q, _), a in answers.items()}  # right or wrong does not matter here
+    asked: list[str] = []
+    delay = {"s": 0.3}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            text = next(p["text"] for p in body["messages"][0]["content"] if p["type"] == "text")
+            asked.append(text)
+            time.sleep(delay["s"])
+            reply = f"<think> x </think><answer> Final Answer:{gold.get(text, '0')} </answer>"
+            data = json.dumps(
+                {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": reply},
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14},
+                }
+            ).encode()
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client was killed
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    ).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    backend = Backend(kind="openai", base_url=url, model="served", max_concurrency=2)
+    cfg = _cfg(workspace, backend=backend, batch_size=2)
+    cfg.mlflow = MlflowRef(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}", experiment="kill")
+    cfg_file = workspace / "eval.json"
+    cfg_file.write_text(cfg.model_dump_json(by_alias=True))
+    folder = workspace / "eval" / "base"
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JOB_COMPLETION_INDEX="0", VISIONR1_SHARDS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(repo / "jobs"), str(repo / "operator")])
+    cmd = [sys.executable, "-m", "visionr1_jobs", "eval", "--config", str(cfg_file)]
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 180
+            while len(list(folder.glob("toy.shard-*.part-*.jsonl"))) < 2:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, "no saved batch after 180 s"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)  # batch 3 is in flight (2 requests × 0.3 s)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        saved = [
+            json.loads(x)
+            for p in folder.glob("toy.shard-*.part-*.jsonl")
+            for x in p.read_text().splitlines()
+        ]
+        assert 4 <= len(saved) < N_BENCH and read_manifest(workspace, "eval") is None
+        before = len(asked)
+        delay["s"] = 0.0
+        rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    man = read_manifest(workspace, "eval")
+    assert man is not None and man.rows == {"base/toy": N_BENCH}
+    from collections import Counter
+
+    # Asked again: exactly the rows no saved batch held (the in-flight batch included).
+    saved_rows = {s["row_index"] for s in saved}
+    unsaved = [r["prompt"] for r in _verdicts(workspace) if r["row_index"] not in saved_rows]
+    assert len(unsaved) == N_BENCH - len(saved)
+    assert Counter(asked[before:]) == Counter(unsaved)
