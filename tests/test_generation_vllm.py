@@ -200,10 +200,10 @@ def test_a_real_vllm_engine_on_the_tiny_model_frees_its_gpu_memory(tmp_path: Pat
     from visionr1_jobs.toy.model import create_tiny_model
 
     model = tmp_path / "tiny"
-    create_tiny_model(model)
+    create_tiny_model(model, hidden=256)  # head sizes 64 (text) and 128 (vision): what kernels take
     Image.new("RGB", (56, 56), "blue").save(tmp_path / "a.png")
     free_before, _ = torch.cuda.mem_get_info()
-    gen = VLLMBackend(model, gpu_memory_utilization=0.3, max_model_len=2048)
+    gen = VLLMBackend(model, gpu_memory_utilization=0.3, max_model_len=2048, dtype="bfloat16")
     try:
         free_loaded, _ = torch.cuda.mem_get_info()
         outs = gen.generate(
