@@ -297,6 +297,8 @@ def grpo_step(
         "gradient_accumulation": batches.grad_accum,
         "s_per_step": round(timer.steps[0], 3),
         "completion_tokens_per_s_per_gpu": round(completion_tokens / timer.steps[0], 1),
+        # Prompt + completion tokens of the step (TRL's running count), generation included.
+        "tokens_per_s_per_gpu": round(float(logs.get("num_tokens", 0)) / timer.steps[0], 1),
         "mean_completion_length": logs["completions/mean_length"],
         "clipped_ratio": logs["completions/clipped_ratio"],
         "kl": logs.get("kl"),
