@@ -27,7 +27,7 @@ WHEELS=(
   trl==1.16.0
   datasets==4.7.0 dill==0.4.0 multiprocess==0.70.18
   hjson==3.1.0
-  pydantic==2.14.4 annotated-types==0.7.0 typing-inspection==0.4.2
+  pydantic==2.14.4 annotated-types==0.7.0 typing-inspection==0.4.5 typing-extensions==4.16.0
   math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2
 )
 
@@ -40,6 +40,8 @@ prepare() {
   for p in "${PLATFORMS[@]}"; do plat+=(--platform "$p"); done
   python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" \
     --implementation cp "${plat[@]}" -d .whl "${WHEELS[@]}"
+  # pydantic 2.14 needs typing-extensions >= 4.16 and typing-inspection >= 0.4.4, newer than a
+  # GPU machine may hold: both are carried (pure Python, backward compatible).
   # pydantic-core must match pydantic exactly: ask pydantic's metadata for the pin.
   local core
   core=$(unzip -p .whl/pydantic-2.14.4-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core==\([0-9.]*\).*/\1/p' | head -1)
