@@ -113,7 +113,7 @@ def test_job_of_a_gpu_training_stage() -> None:
     assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow:5000"
     assert env["VISIONR1_PARENT_RUN_ID"]["value"] == "p1"
     assert env["VISIONR1_STAGE_RUN_ID"]["value"] == "s1"
-    assert env["HF_HOME"]["value"].startswith("/workspace/")
+    assert env["HF_HOME"]["value"] == "/cache/huggingface"
     assert env["HF_TOKEN"] == {
         "name": "HF_TOKEN",
         "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}},
@@ -128,6 +128,12 @@ def test_job_of_a_gpu_training_stage() -> None:
     }
     # The PVC root, read-only: shared raw data and benchmarks referred to as /data/...
     assert mounts["/data"] == {"name": "workspace", "mountPath": "/data", "readOnly": True}
+    # The model cache: one folder of the PVC shared by every run, read-write (HF_HOME).
+    assert mounts["/cache/huggingface"] == {
+        "name": "workspace",
+        "mountPath": "/cache/huggingface",
+        "subPath": ".cache/huggingface",
+    }
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["workspace"]["persistentVolumeClaim"] == {"claimName": "visionr1-data"}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "128Gi"}

@@ -93,6 +93,14 @@ class Storage(Model):
         description="The run's workspace folder inside the PVC (mounted at /workspace; relative "
         "paths in the manifest are under it); default = <namespace>/<run name>.",
     )
+    model_cache: str = Field(
+        ".cache/huggingface",
+        max_length=1024,
+        pattern=r"^[^/].*$",
+        description="Folder inside the PVC (from its root) where stage pods download models "
+        "(HF_HOME), shared by every run and pod on the PVC so a model downloads once per "
+        "cluster; mounted read-write at /cache/huggingface.",
+    )
     local_dir: str | None = Field(
         None, max_length=4096, description="Workspace directory for `visionr1 run-local`."
     )

@@ -5,7 +5,7 @@ changed; a retry's backoff elapsed) does the same thing: read the run and its Jo
 execute the actions (create objects, suspend Jobs, open and end MLflow runs, post Events), and
 patch the status. Reconciles of one run are serialised by a lock; different runs go in parallel.
 All calls are async (our aiohttp client; MlflowClient in a thread), and kopf's worker_limit is
-left unset: a low limit turns millisecond transitions into seconds (DESIGN.md).
+left unset: a low limit turns millisecond transitions into seconds (docs/design.md).
 
 ``make_registry(config)`` builds a fresh kopf registry, so tests and ``visionr1 operator`` run the
 same handlers with their own settings.

@@ -1,7 +1,7 @@
 """A small async Kubernetes client over aiohttp, using the credentials kopf logged in with.
 
 kopf exposes no API client of its own, and the official ``kubernetes`` client is synchronous: a
-blocking call in a handler stalls every other run's reconcile (DESIGN.md measured ~40% slower
+blocking call in a handler stalls every other run's reconcile (measured: ~40% slower
 stage transitions). The operator needs only create / get / list / merge-patch, so they are here.
 """
 

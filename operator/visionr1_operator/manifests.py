@@ -37,7 +37,9 @@ WORKSPACE = "/workspace"
 SHARED_DATA = "/data"
 CONFIG_DIR = "/etc/visionr1"
 CONFIG_FILE = f"{CONFIG_DIR}/config.json"
-HF_HOME = f"{WORKSPACE}/.cache/huggingface"
+# The model cache: spec.storage.modelCache of the PVC, shared by every run on it (not the run's
+# workspace), so sixteen synthesis pods and the next run reuse one download of each model.
+HF_HOME = "/cache/huggingface"
 RDZV_PORT = 29500
 SHARDED = ("synthesis", "filter", "eval")
 DISTRIBUTED = ("sft", "grpo")
@@ -251,6 +253,7 @@ def job(
         "volumeMounts": [
             {"name": "workspace", "mountPath": WORKSPACE, "subPath": workspace_sub_path(run)},
             {"name": "workspace", "mountPath": SHARED_DATA, "readOnly": True},
+            {"name": "workspace", "mountPath": HF_HOME, "subPath": spec.storage.model_cache},
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
