@@ -1,0 +1,58 @@
+"""The ``control_plane`` fixture: one real Kubernetes control plane for the whole test session.
+
+Tests marked ``cluster`` take ``control_plane`` and get a :class:`controlplane.handle.ControlPlane`:
+
+    cp.kubeconfig: Path              the admin kubeconfig (system:masters)
+    cp.server: str                   https://127.0.0.1:<port>
+    cp.kubectl(*args, check=True, input=None, timeout=120) -> subprocess.CompletedProcess[str]
+                                     the real kubectl with --kubeconfig set; text in and out;
+                                     check=True raises CalledProcessError with stderr in the message
+    cp.helm(*args, check=True, input=None, timeout=300) -> subprocess.CompletedProcess[str]
+                                     the real helm with --kubeconfig set
+    cp.bin_dir: Path                 kube-apiserver, kube-controller-manager, kube-scheduler,
+                                     kubectl, etcd, helm (and kwok when built)
+    cp.kubectl_bin / cp.helm_bin: Path
+    cp.kwok_bin: Path | None         None when KWOK was not built
+    cp.node_name: str                the local node that really runs pods ("visionr1-local"):
+                                     allocatable cpu, memory and nvidia.com/gpu, labelled
+                                     nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3
+    cp.pv_root: Path                 the folders behind the PersistentVolumes
+    cp.logs_dir: Path                one log per component, and pods/<ns>_<pod>_<container>.log
+    cp.make_pvc(namespace, name, size="10Gi", *, uid=1000, gid=1000) -> Path
+                                     a PV (hostPath under pv_root, storage class visionr1-local)
+                                     and a PVC bound to it (waits for Bound); returns the folder,
+                                     owned by uid:gid, that pods see at the PVC's mount path
+    cp.token_kubeconfig(namespace, serviceaccount, *, seconds=3600) -> Path
+                                     a kubeconfig holding a TokenRequest token of that
+                                     ServiceAccount: the real API server enforces its RBAC
+    cp.api_client() -> kubernetes.client.ApiClient   an admin client of the maintained library
+    cp.pod_python: Path              the interpreter a pod's ``python``/``python3`` runs
+    cp.pids() -> dict[str, int]      component → pid of everything this control plane runs
+
+The fixture reuses a control plane started by ``make cluster-up`` (it stays running after the
+session); otherwise it starts its own and stops it at the end of the session, so no process
+outlives the session. Without Go and without a cached build, every cluster test skips with one
+line that says how to enable them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts" / "cluster"))
+
+from controlplane.handle import ControlPlane, Unavailable, session_control_plane  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    try:
+        with session_control_plane(REPO) as cp:
+            yield cp
+    except Unavailable as why:
+        pytest.skip(str(why))
