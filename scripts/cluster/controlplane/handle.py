@@ -29,7 +29,9 @@ class Unavailable(Exception):
     """The control plane cannot run here (no Go and no cached build); the message says how."""
 
 
-def _run(argv: list[str], *, check: bool, input: str | None, timeout: float) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: list[str], *, check: bool, input: str | None, timeout: float
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise subprocess.CalledProcessError(
@@ -189,7 +191,10 @@ class ControlPlane:
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
-                {"name": "local", "cluster": {"server": self.server, "certificate-authority-data": ca}}
+                {
+                    "name": "local",
+                    "cluster": {"server": self.server, "certificate-authority-data": ca},
+                }
             ],
             "users": [{"name": user, "user": {"token": token}}],
             "contexts": [
