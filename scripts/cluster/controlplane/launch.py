@@ -46,10 +46,26 @@ def _target(path: Path, is_file: bool) -> None:
         path.mkdir(parents=True, exist_ok=True)
 
 
+def _expose(masks: dict[str, list[str]]) -> None:
+    """Make the node's Python reachable for a non-root pod user when a folder above it is not
+    (here /root is 0700 and holds the interpreter): cover that folder with an empty tmpfs in this
+    namespace and bind back only the paths the pod needs. The host's folder is not changed."""
+    for hidden, keep in masks.items():
+        fds = {path: os.open(path, os.O_PATH) for path in keep}  # reachable only before the tmpfs
+        if _libc.mount(b"tmpfs", hidden.encode(), b"tmpfs", 0, b"mode=0755") != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"tmpfs on {hidden}: {os.strerror(err)}")
+        for path, fd in fds.items():
+            Path(path).mkdir(parents=True, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", path, MS_BIND | MS_REC)
+            os.close(fd)
+
+
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     try:
         socket.sethostname(spec["hostname"])
+        _expose(spec.get("masks") or {})
         # Mount the shallow targets first so a deeper one lands inside its parent's bind mount.
         for m in sorted(spec["mounts"], key=lambda m: len(Path(m["target"]).parts)):
             target = Path(m["target"])

@@ -75,6 +75,21 @@ def node_ip() -> str:
             return "127.0.0.1"
 
 
+def hidden_ancestors(paths: list[str]) -> dict[str, list[str]]:
+    """For each path a non-root user cannot reach (a folder above it lacks o+x): that highest
+    folder → the paths under it to bind back into the pod's view (see launch._expose)."""
+    masks: dict[str, list[str]] = {}
+    for raw in paths:
+        path = Path(raw).resolve()
+        if not path.exists():
+            continue
+        for parent in reversed(path.parents):
+            if parent != Path("/") and not parent.stat().st_mode & 0o001:
+                masks.setdefault(str(parent), []).append(str(path))
+                break
+    return masks
+
+
 class Api:
     """The few calls the runner makes, on dicts (the JSON the API server speaks)."""
 
@@ -473,6 +488,7 @@ class PodWorker(threading.Thread):
             "uid": uid,
             "gid": gid,
             "groups": groups,
+            "masks": self.runner.masks if uid != 0 else {},
         }
         spec_file = self.dir / f"{c['name']}.json"
         for stale in (spec_file.with_suffix(".json.error"),):
@@ -782,6 +798,9 @@ class NodeRunner:
         }
         self.workers: dict[str, PodWorker] = {}
         self.stopping = threading.Event()
+        self.masks = hidden_ancestors(
+            [sys.base_prefix, sys.prefix, *filter(None, self.pod_pythonpath.split(os.pathsep))]
+        )
 
     # -- the Node and its heartbeat ---------------------------------------------------------
 
