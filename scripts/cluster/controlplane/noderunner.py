@@ -195,7 +195,6 @@ class PodWorker(threading.Thread):
             "podIP": ip,
             "podIPs": [{"ip": ip}],
             "startTime": now(),
-            "qosClass": pod.get("status", {}).get("qosClass", "BestEffort"),
         }
         self.conds: dict[str, dict[str, Any]] = {}
         self.init_status: dict[str, dict[str, Any]] = {}
