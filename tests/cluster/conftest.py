@@ -13,6 +13,9 @@ Tests marked ``cluster`` take ``control_plane`` and get a :class:`controlplane.h
                                      kubectl, etcd, helm (and kwok when built)
     cp.kubectl_bin / cp.helm_bin: Path
     cp.kwok_bin: Path | None         None when KWOK was not built
+    cp.kwok_nodes: list[str]         fake GPU nodes KWOK runs (kwok-gpu-0..3: label type=kwok, taint
+                                     kwok.x-k8s.io/node=fake:NoSchedule, 500 pods, 8 GPUs each;
+                                     Job pods there turn Running then Succeeded at once); [] without KWOK
     cp.node_name: str                the local node that really runs pods ("visionr1-local"):
                                      allocatable cpu, memory and nvidia.com/gpu, labelled
                                      nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3

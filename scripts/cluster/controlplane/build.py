@@ -276,6 +276,40 @@ def ensure_built(layout: Layout, echo: Echo, *, rebuild: bool = False) -> dict[s
     return times
 
 
+# KWOK's own stage definitions (in its module), used as published: nodes initialize and keep
+# their lease; pods become Ready, Job pods complete (exit 0), deleted pods go away.
+KWOK_STAGES = (
+    "kustomize/stage/node/fast/node-initialize.yaml",
+    "kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
+    "kustomize/stage/pod/fast/pod-ready.yaml",
+    "kustomize/stage/pod/fast/pod-complete.yaml",
+    "kustomize/stage/pod/fast/pod-delete.yaml",
+)
+
+
+def kwok_stages(layout: Layout) -> Path | None:
+    """``<cache>/kwok-stages.yaml``, assembled once from the pinned KWOK module's stage files;
+    None when KWOK is not built or its module cannot be read."""
+    out = layout.cache / "kwok-stages.yaml"
+    if out.exists() or not layout.binary("kwok").is_file():
+        return out if out.exists() else None
+    proc = subprocess.run(
+        ["go", "mod", "download", "-json", f"sigs.k8s.io/kwok@{layout.versions.kwok.version}"],
+        capture_output=True,
+        text=True,
+        env=go_env(),
+        cwd=layout.cache,
+    )
+    if proc.returncode != 0:
+        return None
+    root = Path(json.loads(proc.stdout)["Dir"])
+    docs = [(root / rel).read_text() for rel in KWOK_STAGES if (root / rel).exists()]
+    if len(docs) != len(KWOK_STAGES):
+        return None
+    out.write_text("\n---\n".join(d.strip() for d in docs) + "\n")
+    return out
+
+
 def build_times(layout: Layout) -> dict[str, float]:
     """The recorded first-build time of each binary (seconds)."""
     record = layout.cache / "build-times.json"

@@ -34,7 +34,7 @@ from controlplane.build import ClusterError, Echo
 from controlplane.config import Layout
 
 # Start order; down goes the other way (the node runner first, so it can end its pods).
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "node")
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "node", "kwok")
 PORTS = {
     # name → (environment variable that fixes it, what uses it); 0 or unset picks a free port
     "etcd": ("VISIONR1_CLUSTER_ETCD_PORT", "etcd client"),
@@ -42,7 +42,13 @@ PORTS = {
     "apiserver": ("VISIONR1_CLUSTER_APISERVER_PORT", "kube-apiserver"),
     "controller-manager": ("VISIONR1_CLUSTER_CONTROLLER_MANAGER_PORT", "kube-controller-manager"),
     "scheduler": ("VISIONR1_CLUSTER_SCHEDULER_PORT", "kube-scheduler"),
+    "kwok": ("VISIONR1_CLUSTER_KWOK_PORT", "kwok"),
 }
+# Fake GPU nodes KWOK manages when it is built (the load benchmark): their pods only pretend,
+# Job pods complete at once. Tainted, so only pods that tolerate it land there.
+KWOK_NODES = tuple(f"kwok-gpu-{i}" for i in range(4))
+KWOK_LABEL = ("type", "kwok")
+KWOK_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}
 # The admission plugins a kubeadm cluster runs: the API server's defaults (named here so the
 # list is visible) plus NodeRestriction, which limits the node runner to its own node and pods.
 ADMISSION = (
@@ -69,6 +75,7 @@ class State(BaseModel):
     versions_hash: str
     started_at: float
     start_seconds: float = 0.0
+    kwok_nodes: list[str] = []
 
 
 # -- processes ----------------------------------------------------------------------------------
@@ -98,6 +105,8 @@ def _ours(layout: Layout, name: str, pid: int) -> bool:
     cmd = _cmdline(pid)
     if name == "node":
         return "controlplane.noderunner" in cmd and str(layout.repo) in cmd
+    if name == "kwok":
+        return str(layout.binary("kwok")) in cmd
     return str(layout.binary(name)) in cmd
 
 
@@ -224,6 +233,8 @@ def health(layout: Layout, state: State) -> dict[str, str]:
         out["node"] = "not running"
     else:
         out["node"] = node_condition(layout, state)
+    if "kwok" in state.pids:
+        out["kwok"] = "ok" if alive(state.pids["kwok"]) else "not running"
     return out
 
 
@@ -443,6 +454,54 @@ def kubectl(layout: Layout, *args: str, input: str | None = None) -> str:
     return proc.stdout
 
 
+def _kwok_argv(layout: Layout, ports: dict[str, int], stages: Path) -> list[str]:
+    return [
+        str(layout.binary("kwok")),
+        f"--kubeconfig={layout.kubeconfig}",
+        f"--config={stages}",
+        f"--manage-nodes-with-label-selector={KWOK_LABEL[0]}={KWOK_LABEL[1]}",
+        "--node-lease-duration-seconds=40",
+        f"--server-address=127.0.0.1:{ports['kwok']}",
+        f"--node-port={ports['kwok']}",
+        "--node-ip=127.0.0.1",
+    ]
+
+
+def _kwok_nodes(layout: Layout) -> None:
+    node = layout.versions.node
+    docs = []
+    for name in KWOK_NODES:
+        allocatable = {
+            "cpu": "256",
+            "memory": "2Ti",
+            "pods": "500",
+            "nvidia.com/gpu": str(node.gpus),
+        }
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "annotations": {
+                        "kwok.x-k8s.io/node": "fake",
+                        "node.alpha.kubernetes.io/ttl": "0",
+                    },
+                    "labels": {
+                        KWOK_LABEL[0]: KWOK_LABEL[1],
+                        "kubernetes.io/hostname": name,
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": "amd64",
+                        "nvidia.com/gpu.product": node.gpu_product,
+                    },
+                },
+                "spec": {"taints": [KWOK_TAINT]},
+                "status": {"allocatable": allocatable, "capacity": allocatable},
+            }
+        )
+    kubectl(layout, "apply", "-f", "-", input=yaml.safe_dump_all(docs))
+
+
 def _default_sa_exists(layout: Layout, server: str) -> bool:
     code, _ = _get(f"{server}/api/v1/namespaces/default/serviceaccounts/default", _tls(layout))
     return code == 200
@@ -542,6 +601,11 @@ def up(layout: Layout, echo: Echo, *, keep_data: bool = False) -> State:
                 layout,
                 state.pids,
             )
+            if (stages := build.kwok_stages(layout)) is not None:
+                state.pids["kwok"] = _spawn(layout, "kwok", _kwok_argv(layout, ports, stages))
+                _save(layout, state)
+                _kwok_nodes(layout)
+                state.kwok_nodes = list(KWOK_NODES)
             for name, status in health(layout, state).items():
                 if status != "ok":
                     raise ClusterError(f"{name}: {status} (log: {layout.logs / (name + '.log')})")

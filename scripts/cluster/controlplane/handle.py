@@ -77,6 +77,12 @@ class ControlPlane:
         return path if path.exists() else None
 
     @property
+    def kwok_nodes(self) -> list[str]:
+        """The fake GPU nodes KWOK manages (label type=kwok, taint kwok.x-k8s.io/node=fake:
+        NoSchedule; Job pods there complete at once), empty when KWOK is not running."""
+        return list(self.state.kwok_nodes) if "kwok" in self.state.pids else []
+
+    @property
     def node_name(self) -> str:
         return self.layout.versions.node.name
 
