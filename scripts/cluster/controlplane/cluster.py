@@ -376,6 +376,9 @@ def _argv(
             f"--etcd-servers={etcd_url}",
             "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1",
+            # The `kubernetes` Service gets no endpoints: a loopback address is refused there, and
+            # pods reach the API server through KUBERNETES_SERVICE_HOST=127.0.0.1 (no pod network).
+            "--endpoint-reconciler-type=none",
             f"--secure-port={ports['apiserver']}",
             f"--tls-cert-file={pk / 'apiserver.crt'}",
             f"--tls-private-key-file={pk / 'apiserver.key'}",

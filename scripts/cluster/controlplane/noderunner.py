@@ -57,7 +57,6 @@ from controlplane.podspec import (
 log = logging.getLogger("visionr1.node")
 LEASE_SECONDS = 40
 RUNTIME = "visionr1-process"
-SA_MOUNT_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 
 
 def _micro(t: dt.datetime | None = None) -> str:
@@ -138,11 +137,13 @@ class Api:
             )
 
     def token(
-        self, namespace: str, sa: str, pod: Mapping[str, Any], seconds: int, audience: str
+        self, namespace: str, sa: str, pod: Mapping[str, Any], seconds: int, audience: str | None
     ) -> str:
         body = {
             "spec": {
-                "audiences": [audience],
+                # none given: the API server's own audiences (what the kubelet asks for; a node
+                # may not name an audience a pod's volume does not)
+                **({"audiences": [audience]} if audience else {}),
                 "expirationSeconds": seconds,
                 "boundObjectRef": {
                     "apiVersion": "v1",
@@ -352,7 +353,7 @@ class PodWorker(threading.Thread):
                             self.pod["spec"].get("serviceAccountName", "default"),
                             self.pod,
                             int(t.get("expirationSeconds", 3607)),
-                            t.get("audience") or SA_MOUNT_AUDIENCE,
+                            t.get("audience"),
                         )
                         self._write_items(folder, {t["path"]: token.encode()}, None, mode)
                     elif "configMap" in source or "secret" in source:
@@ -420,7 +421,9 @@ class PodWorker(threading.Thread):
             path.chmod(0o644)
         return path
 
-    def start(self, c: Mapping[str, Any], vols: dict[str, tuple[Path, bool]]) -> Container:
+    def start_container(
+        self, c: Mapping[str, Any], vols: dict[str, tuple[Path, bool]]
+    ) -> Container:
         spec = self.pod["spec"]
         hostname = spec.get("hostname") or self.name
         uid, gid, groups = user_of(self.pod, c)
@@ -597,9 +600,11 @@ class PodWorker(threading.Thread):
                     self._waiting_all("ContainerCreating", f"MountVolume.SetUp failed: {err}")
                     self.publish()
             except (ConfigError, ApiException) as err:
-                if str(err) != last:
-                    last = str(err)
-                    self._waiting_all("CreateContainerConfigError", str(err)[:500])
+                text = _api_message(err) if isinstance(err, ApiException) else str(err)
+                if text != last:
+                    last = text
+                    log.info("pod %s/%s cannot start: %s", self.ns, self.name, text)
+                    self._waiting_all("CreateContainerConfigError", text[:500])
                     self.publish()
             self.delete_requested.wait(2)
         return None
@@ -623,7 +628,7 @@ class PodWorker(threading.Thread):
     ) -> Container | None:
         """Start ``c``; on a config error mark it waiting and return None."""
         try:
-            ctr = self.start(c, vols)
+            ctr = self.start_container(c, vols)
         except ConfigError as err:
             statuses[c["name"]] = self._cstatus(
                 c, {"waiting": {"reason": "CreateContainerConfigError", "message": str(err)}}
@@ -772,6 +777,14 @@ class PodWorker(threading.Thread):
             if not self.is_alive():  # it had finished already: just remove the pod
                 self.runner.api.delete_pod(self.ns, self.name, self.uid)
                 self.cleanup()
+
+
+def _api_message(err: ApiException) -> str:
+    """The API server's own message of a failed call (its Status), not the HTTP dump."""
+    try:
+        return json.loads(err.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return f"{err.status} {err.reason}"
 
 
 def _backoff(restarts: int) -> float:
@@ -954,9 +967,10 @@ class NodeRunner:
                 if pod["metadata"].get("deletionTimestamp"):
                     self.api.delete_pod(pod["metadata"]["namespace"], pod["metadata"]["name"], uid)
                 return
-            if (pod.get("status") or {}).get("containerStatuses") and not pod["metadata"].get(
-                "deletionTimestamp"
-            ):
+            statuses = (pod.get("status") or {}).get("containerStatuses") or []
+            if any("running" in (cs.get("state") or {}) for cs in statuses) and not pod[
+                "metadata"
+            ].get("deletionTimestamp"):
                 self._lost(pod)
                 return
             worker = PodWorker(self, pod)
