@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--keep-data", action="store_true", help="keep etcd's data from the last run")
     sub.add_parser("down", help="stop everything up started")
     sub.add_parser("status", help="what runs and its health")
+    sub.add_parser(
+        "env",
+        help='shell exports for kubectl and helm: eval "$(python scripts/cluster/cli.py env)"',
+    )
     b = sub.add_parser("build", help="build the pinned binaries into the cache (up does it too)")
     b.add_argument("--rebuild", action="store_true", help="rebuild even if the cache has them")
     args = parser.parse_args(argv)
@@ -41,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             cluster.down(layout, echo)
         elif args.command == "status":
             return cluster.status(layout, echo)
+        elif args.command == "env":
+            echo(f"export KUBECONFIG={layout.kubeconfig}")
+            echo(f'export PATH="{layout.bin_dir}:$PATH"')
         else:
             times = build.ensure_built(layout, echo, rebuild=args.rebuild)
             build.verify(layout)

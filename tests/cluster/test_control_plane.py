@@ -273,7 +273,7 @@ def test_second_up_down_and_nothing_left(control_plane: ControlPlane, tmp_path: 
     assert first.returncode == 0, first.stderr
     layout = Layout.for_repo(repo)
     state = cluster.running(layout)
-    assert state is not None and state.start_seconds < 60
+    assert state is not None and state.start_seconds < 120  # seconds, not a build
     again = _cli(repo, "up")
     assert again.returncode == 0 and "already running" in again.stdout
     assert cluster.running(layout).pids == state.pids  # nothing new started

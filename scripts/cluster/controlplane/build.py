@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,9 +225,15 @@ def is_built(layout: Layout) -> bool:
 
 def verify(layout: Layout) -> None:
     """Raise :class:`DamagedCache` when a cached binary is missing or does not run."""
-    for name in REQUIRED:
+
+    def check(name: str) -> tuple[str, bool, str]:
         path = layout.binary(name)
-        ok, why = _runs(path) if path.is_file() else (False, "missing")
+        return (name, *(_runs(path) if path.is_file() else (False, "missing")))
+
+    with ThreadPoolExecutor(len(REQUIRED)) as pool:  # together: this runs on every up
+        results = list(pool.map(check, REQUIRED))
+    for name, ok, why in results:
+        path = layout.binary(name)
         if not ok:
             raise DamagedCache(
                 f"the cached {name} ({path}) does not run ({why}): rebuild with "
