@@ -16,6 +16,7 @@ sys.path.insert(0, str(HERE))
 from controlplane import build, cluster  # noqa: E402
 from controlplane.build import ClusterError  # noqa: E402
 from controlplane.config import Layout  # noqa: E402
+from controlplane.handle import ControlPlane  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         "env",
         help='shell exports for kubectl and helm: eval "$(python scripts/cluster/cli.py env)"',
     )
+    pvc = sub.add_parser(
+        "pvc", help="a folder under .visionr1/cluster/pv/, its PV and a PVC bound to it"
+    )
+    pvc.add_argument("namespace")
+    pvc.add_argument("name")
+    pvc.add_argument("--size", default="10Gi")
     b = sub.add_parser("build", help="build the pinned binaries into the cache (up does it too)")
     b.add_argument("--rebuild", action="store_true", help="rebuild even if the cache has them")
     args = parser.parse_args(argv)
@@ -45,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
             cluster.down(layout, echo)
         elif args.command == "status":
             return cluster.status(layout, echo)
+        elif args.command == "pvc":
+            state = cluster.running(layout)
+            if state is None:
+                raise ClusterError("nothing running: make cluster-up first")
+            cp = ControlPlane(layout=layout, state=state, owned=False)
+            cp.kubectl("create", "namespace", args.namespace, check=False)
+            folder = cp.make_pvc(args.namespace, args.name, args.size)
+            echo(f"PVC {args.namespace}/{args.name} bound; its folder: {folder}")
         elif args.command == "env":
             echo(f"export KUBECONFIG={layout.kubeconfig}")
             echo(f'export PATH="{layout.bin_dir}:$PATH"')

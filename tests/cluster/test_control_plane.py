@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -149,6 +150,14 @@ def test_pod_sees_env_configmap_and_pvc_subpath_as_its_user(control_plane: Contr
         ],
     )
     _apply(cp, pod)
+    try:
+        _check_reader(cp, ns, folder, run_dir)
+    finally:
+        cp.kubectl("delete", "namespace", ns, "--wait=false")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_reader(cp: ControlPlane, ns: str, folder: Path, run_dir: Path) -> None:
     done = _terminal(cp, ns, "reader")
     assert done["status"]["phase"] == "Succeeded", done["status"]
     term = done["status"]["containerStatuses"][0]["state"]["terminated"]

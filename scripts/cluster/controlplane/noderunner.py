@@ -159,6 +159,51 @@ class Api:
         return self._json(resp)["status"]["token"]
 
 
+# The `kubernetes` Service as pods resolve it: kubernetes.default.svc:443 (in each pod's /etc/hosts)
+# on a loopback address of its own, forwarded to the API server. A kube-proxy stand-in for this one
+# Service only: in-cluster clients that use the name (kopf's service-account login does) connect.
+SERVICE_ADDRESS = "127.0.96.1"
+SERVICE_NAMES = (
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+)
+
+
+class ServiceForwarder(threading.Thread):
+    def __init__(self, target_port: int) -> None:
+        super().__init__(name="kubernetes-service", daemon=True)
+        self.target_port = target_port
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind((SERVICE_ADDRESS, 443))
+        self.server.listen(64)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def run(self) -> None:
+        while True:
+            client_sock, _ = self.server.accept()
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            except OSError:
+                client_sock.close()
+                continue
+            upstream.settimeout(None)
+            for a, b in ((client_sock, upstream), (upstream, client_sock)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+
 class Container:
     """One running container process."""
 
@@ -417,9 +462,30 @@ class PodWorker(threading.Thread):
             path.write_text(
                 base
                 + f"\n# visionr1 local node: this pod\n{self.runner.ip}\t{' '.join(names)}\n127.0.0.1\t{hostname}\n"
+                + (f"{SERVICE_ADDRESS}\t{' '.join(SERVICE_NAMES)}\n" if self.runner.service else "")
             )
             path.chmod(0o644)
         return path
+
+    def _user_db(self, uid: int, gid: int, home: str) -> list[dict[str, Any]]:
+        """An image names its user in its own /etc/passwd (getpass.getuser() and friends need it);
+        the host's may not know the pod's uid, so the pod sees the host's files plus that entry."""
+        mounts = []
+        for name, ident, line in (
+            ("passwd", uid, f"pod-{uid}:x:{uid}:{gid}:visionr1 pod user:{home}:/bin/sh\n"),
+            ("group", gid, f"pod-{gid}:x:{gid}:\n"),
+        ):
+            host = Path("/etc") / name
+            text = host.read_text() if host.exists() else ""
+            if any(row.split(":")[2:3] == [str(ident)] for row in text.splitlines()):
+                continue
+            path = self.dir / f"etc-{name}"
+            path.write_text(text + ("" if text.endswith("\n") or not text else "\n") + line)
+            path.chmod(0o644)
+            mounts.append(
+                {"source": str(path), "target": str(host), "readOnly": True, "file": True}
+            )
+        return mounts
 
     def start_container(
         self, c: Mapping[str, Any], vols: dict[str, tuple[Path, bool]]
@@ -479,6 +545,7 @@ class PodWorker(threading.Thread):
                 "file": True,
             }
         )
+        mounts += self._user_db(uid, gid, base["HOME"])
         argv = [*(c.get("command") or []), *(c.get("args") or [])]
         argv = [expand(a, env) for a in argv]
         launch = {
@@ -810,6 +877,7 @@ class NodeRunner:
         }
         self.workers: dict[str, PodWorker] = {}
         self.stopping = threading.Event()
+        self.service = False
         self.masks = hidden_ancestors(
             [sys.base_prefix, sys.prefix, *filter(None, self.pod_pythonpath.split(os.pathsep))]
         )
@@ -1051,6 +1119,11 @@ class NodeRunner:
         self.layout.pods.mkdir(parents=True, exist_ok=True)
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        try:
+            ServiceForwarder(self.apiserver_port).start()
+            self.service = True
+        except OSError as err:  # the address is taken: pods reach the API server by IP only
+            log.warning("kubernetes.default.svc not served to pods: %s", err)
         self.register()
         self.renew_lease()
         threading.Thread(target=self.heartbeat, name="heartbeat", daemon=True).start()
