@@ -180,6 +180,10 @@ def world(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
             str(values),
         )
         pv = Path(cp.make_pvc(NS, PVC, "10Gi"))
+        # A share every pod user may write to, as RWX (NFS) shares usually are: the kubelet
+        # creates a missing subPath folder (the run's <namespace>/<name>) as root with the mode
+        # of the volume's root, so with 0755 the stage user could not write its workspace.
+        pv.chmod(0o777)
         _toy_world(pv)
         operator = OperatorProcess(
             Path(cp.token_kubeconfig(RELEASE_NS, SA)),
@@ -329,10 +333,10 @@ def _write_reference(rec: Recorder, describe: str, elapsed: float) -> None:
 # --------------------------------------------------------------------------- faults
 
 
-# SFT long enough to be interrupted between checkpoints: 4 micro-batches per optimizer step,
+# SFT long enough to be interrupted between checkpoints: 2 micro-batches per optimizer step,
 # a checkpoint every 2 steps.
-STEPS = 30
-SLOW_SFT = {"globalBatchSize": 16, "perDeviceBatchSize": 4, "saveSteps": 2}
+STEPS = 16
+SLOW_SFT = {"globalBatchSize": 8, "perDeviceBatchSize": 4, "saveSteps": 2}
 
 
 def _small(name: str, stages: list[str], **sft: Any) -> dict[str, Any]:
