@@ -49,7 +49,34 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts" / "cluster"))
 
-from controlplane.handle import ControlPlane, Unavailable, session_control_plane  # noqa: E402
+from controlplane.config import Layout  # noqa: E402
+from controlplane.handle import (  # noqa: E402
+    ControlPlane,
+    Unavailable,
+    session_control_plane,
+    unavailable_reason,
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without Go and without a cached build, set the cluster tests aside and say so in one line
+    (a skip per test would print one line each)."""
+    cluster = [item for item in items if item.get_closest_marker("cluster")]
+    if not cluster or (reason := unavailable_reason(Layout.for_repo(REPO))) is None:
+        return
+    config.hook.pytest_deselected(items=cluster)
+    items[:] = [item for item in items if not item.get_closest_marker("cluster")]
+    config.stash[_SET_ASIDE] = f"{len(cluster)} cluster tests not run: {reason}"
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    if line := config.stash.get(_SET_ASIDE, None):
+        terminalreporter.write_line(line, yellow=True)
+
+
+_SET_ASIDE = pytest.StashKey[str]()
 
 
 @pytest.fixture(scope="session")

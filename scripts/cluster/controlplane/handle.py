@@ -224,9 +224,8 @@ def unavailable_reason(layout: Layout) -> str | None:
         return None
     if shutil.which("go") is None:
         return (
-            "cluster tests need Go >= "
-            f"{layout.versions.go.minimum} to build the control plane once (not found on PATH): "
-            "install Go (https://go.dev/dl) and rerun, or run `make cluster-up` where Go is"
+            f"they need Go >= {layout.versions.go.minimum} once, to build the control plane (go "
+            "is not on PATH): install Go (https://go.dev/dl) and rerun `make test` or `make e2e`"
         )
     return None
 
