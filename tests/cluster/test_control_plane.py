@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from controlplane import cluster
+from controlplane import build, cluster
 from controlplane.config import CACHE_ROOT_ENV, Layout
 from controlplane.handle import ControlPlane
 
@@ -348,3 +348,23 @@ def test_bad_input_gives_one_line(control_plane: ControlPlane, tmp_path: Path) -
     proc = _cli(repo, "up", env=env)
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
     assert "Go not found on PATH" in proc.stderr
+
+
+def test_a_failed_build_names_the_module_and_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release that does not exist: the build stops with one line naming module and version."""
+    if shutil.which("go") is None:
+        pytest.skip("needs Go")
+    monkeypatch.setenv(CACHE_ROOT_ENV, str(tmp_path / "cache"))
+    real = Layout.for_repo(tmp_path)
+    versions = real.versions.model_copy(
+        update={"kubernetes": real.versions.kubernetes.model_copy(update={"version": "v1.37.999"})}
+    )
+    layout = Layout(repo=tmp_path, versions=versions, versions_hash="broken")
+    lines: list[str] = []
+    with pytest.raises(build.BuildFailed) as err:
+        build.ensure_built(layout, lines.append)
+    message = str(err.value)
+    assert "k8s.io/kubernetes@v1.37.999" in message and "\n" not in message
+    assert not layout.binary("kube-apiserver").exists()
