@@ -167,11 +167,15 @@ def _staging_modules(module_version: str, cwd: Path, log: Path) -> list[str]:
         capture_output=True,
         text=True,
     )
+    with log.open("a") as out:
+        out.write(f"$ go mod download -json {module_version}\n{proc.stdout}{proc.stderr}")
     if proc.returncode != 0:
-        info = proc.stdout.strip() or proc.stderr.strip()
-        raise BuildFailed(
-            f"downloading {module_version} failed: {info.splitlines()[-1] if info else ''} (see {log})"
-        )
+        try:  # go reports the reason in the JSON's Error field
+            why = json.loads(proc.stdout)["Error"]
+        except (ValueError, KeyError):
+            why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        why = " ".join(why.split())  # one line
+        raise BuildFailed(f"downloading {module_version} failed: {why} (log: {log})")
     gomod = Path(json.loads(proc.stdout)["GoMod"]).read_text()
     return sorted(set(re.findall(r"^\s*(k8s\.io/[\w.-]+)\s*=>\s*\./staging/", gomod, re.M)))
 
