@@ -368,3 +368,38 @@ def test_a_failed_build_names_the_module_and_version(
     message = str(err.value)
     assert "k8s.io/kubernetes@v1.37.999" in message and "\n" not in message
     assert not layout.binary("kube-apiserver").exists()
+
+
+def test_init_containers_run_in_order_before_the_container(control_plane: ControlPlane) -> None:
+    cp = control_plane
+    ns = _namespace(cp)
+    step = "import os; open('/shared/log', 'a').write(os.environ['STEP'] + ' ')"
+    pod = _pod(
+        "ordered",
+        ns,
+        "print(open('/shared/log').read().strip())",
+        container={"volumeMounts": [{"name": "shared", "mountPath": "/shared"}]},
+        initContainers=[
+            {
+                "name": f"init-{i}",
+                "image": "python:3.11",
+                "command": ["python", "-c", step],
+                "env": [{"name": "STEP", "value": str(i)}],
+                "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+            }
+            for i in (1, 2)
+        ],
+        volumes=[{"name": "shared", "emptyDir": {}}],
+    )
+    _apply(cp, pod)
+    done = _terminal(cp, ns, "ordered")
+    assert done["status"]["phase"] == "Succeeded"
+    inits = done["status"]["initContainerStatuses"]
+    assert [s["name"] for s in inits] == ["init-1", "init-2"]
+    assert all(s["state"]["terminated"]["reason"] == "Completed" for s in inits)
+    assert (
+        inits[0]["state"]["terminated"]["finishedAt"]
+        <= inits[1]["state"]["terminated"]["startedAt"]
+    )
+    assert (cp.logs_dir / "pods" / f"{ns}_ordered_main.log").read_text().strip() == "1 2"
+    cp.kubectl("delete", "namespace", ns, "--wait=false")
