@@ -34,8 +34,9 @@ Tests marked ``cluster`` take ``control_plane`` and get a :class:`controlplane.h
 
 The fixture reuses a control plane started by ``make cluster-up`` (it stays running after the
 session); otherwise it starts its own and stops it at the end of the session, so no process
-outlives the session. Without Go and without a cached build, every cluster test skips with one
-line that says how to enable them.
+outlives the session. One test session per checkout at a time: a second session would reuse the
+first one's control plane and lose it when the first ends. Without Go and without a cached
+build, the cluster tests are set aside with one line that says how to enable them.
 """
 
 from __future__ import annotations
