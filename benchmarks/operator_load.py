@@ -284,9 +284,9 @@ def control_plane_rounds(counts: list[int], timeout: float) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "scripts" / "cluster"))
     from concurrent.futures import ThreadPoolExecutor
 
-    from controlplane.handle import session_control_plane
     from kubernetes import client
 
+    from controlplane.handle import session_control_plane
     from visionr1_operator.crd import crd
 
     results = []

@@ -7,10 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-# Public benchmark and data-format samples with their official verdicts, committed so every clone
-# tests the same rows; test_realdata_copy.py checks them against the committed SHA256SUMS.
-REALDATA = REPO / "tests" / "data" / "realdata"
+from repo_paths import REALDATA, REPO  # noqa: F401  (REPO kept for fixtures below)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")

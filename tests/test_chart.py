@@ -30,7 +30,7 @@ from kubernetes_validate.utils import validate as k8s_validate
 from visionr1_operator import chart_crd
 from visionr1_operator.crd import crd
 
-from conftest import REPO
+from repo_paths import REPO
 
 CHART = REPO / "charts" / "visionr1-operator"
 README = CHART / "README.md"

@@ -13,8 +13,8 @@ from visionr1_operator.crd import crd, crd_yaml
 from visionr1_operator.reference import reference_markdown
 from visionr1_operator.validate import validate_file
 
-from conftest import REPO
 from crd_tools import api_server_errors
+from repo_paths import REPO
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from repo_paths import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,7 @@ OLDER_INTEGER_RULE = {
 
 @pytest.fixture(scope="module")
 def outputs() -> list[dict]:
-    from conftest import REALDATA
+    from repo_paths import REALDATA
 
     return json.loads((REALDATA / "mathvista_model_outputs_sample.json").read_text())
 

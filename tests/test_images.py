@@ -21,7 +21,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from conftest import REPO
+from repo_paths import REPO
 
 IMAGES = REPO / "images"
 DOCKERFILES = {name: IMAGES / name / "Dockerfile" for name in ("operator", "trainer")}

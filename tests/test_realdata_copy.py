@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
-from conftest import REALDATA
+from repo_paths import REALDATA
 
 
 def test_copy_is_complete_and_unmodified() -> None:
