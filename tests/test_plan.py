@@ -244,7 +244,11 @@ SITUATIONS: list[tuple[str, VisionR1Run, Any, list[ObservedJob], datetime, list[
         status_after(QUEUED, running="sft"),
         [job("sft", suspended=True)],
         T0,
-        [StageProgress("sft", "Pending", "queued", "waiting for admission (suspended Job)")],
+        [
+            StageProgress(
+                "sft", "Pending", "queued", "waiting for Kueue to admit it (LocalQueue gpu-team)"
+            )
+        ],
     ),
     (
         "a Job created just before a crash is adopted, not duplicated",

@@ -398,6 +398,7 @@ def observe_job(obj: Mapping[str, Any]) -> ObservedJob | None:
         failed=int(status.get("failed") or 0),
         suspended=bool(spec.get("suspend")),
         held=(meta.get("annotations") or {}).get(ANNOTATION_HELD) == "operator",
+        queue=lab.get(KUEUE_QUEUE_LABEL) or None,
         complete=complete,
         failed_reason=failed_reason,
         message=message,

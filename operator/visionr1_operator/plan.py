@@ -53,6 +53,10 @@ RetryStage         the attempt failed with a retryable code; the next one starts
 StageFailed        the stage failed for good (permanent code or retries spent)
 SuspendStage       ``spec.suspend``: suspend ``job_name`` (None when no Job is running)
 ResumeStage        ``spec.suspend`` cleared: unsuspend ``job_name`` (None when no Job)
+SuspendWorkload    ``spec.suspend`` on a queued Job: deactivate its Kueue Workload
+                   (``spec.active: false``); its ``spec.suspend`` is Kueue's, never written
+ResumeWorkload     ``spec.suspend`` cleared on a queued Job: reactivate its Workload, so it
+                   goes back through admission
 FinishRun          the run ended: ``Succeeded`` or ``Failed`` (end the MLflow parent run)
 Requeue            nothing to do before ``after_s`` seconds: call ``plan`` again then
 =================  ======================================================================
@@ -80,6 +84,10 @@ from visionr1_operator.api import (
 PERMANENT_REASONS = frozenset({"PodFailurePolicy", "DeadlineExceeded"})
 
 CONDITION_TYPES = ("Progressing", "Suspended", "Succeeded", "Failed")
+
+
+# StageProgress.progress of a Job waiting for Kueue's admission (created suspended, or evicted)
+QUEUED = "queued"
 
 
 def job_name(run_name: str, stage: str, attempt: int) -> str:
@@ -112,7 +120,10 @@ class ObservedJob:
     succeeded: int = 0
     failed: int = 0
     suspended: bool = False
-    held: bool = False  # suspended by the operator for spec.suspend (not by a queue)
+    # suspended by the operator for spec.suspend: a plain Job through its spec.suspend, a queued
+    # Job through its Kueue Workload (spec.active: false)
+    held: bool = False
+    queue: str | None = None  # the Job's Kueue LocalQueue (kueue.x-k8s.io/queue-name label)
     complete: bool = False
     failed_reason: str | None = None  # reason of the Job's Failed=True condition; None = not failed
     message: str = ""
@@ -229,6 +240,23 @@ class ResumeStage:
 
 
 @dataclass(frozen=True)
+class SuspendWorkload:
+    """Pause a queued Job through Kueue: its Workload's ``spec.active`` goes false (Kueue then
+    evicts it if admitted and keeps it out of the queue). Kueue owns the Job's ``spec.suspend``."""
+
+    stage: str
+    job_name: str
+
+
+@dataclass(frozen=True)
+class ResumeWorkload:
+    """Reactivate a queued Job's Workload: it is queued again and runs once Kueue admits it."""
+
+    stage: str
+    job_name: str
+
+
+@dataclass(frozen=True)
 class FinishRun:
     phase: Literal["Succeeded", "Failed"]
     reason: str
@@ -249,6 +277,8 @@ Action = (
     | StageFailed
     | SuspendStage
     | ResumeStage
+    | SuspendWorkload
+    | ResumeWorkload
     | FinishRun
     | Requeue
 )
@@ -355,23 +385,29 @@ def _apply_one(s: VisionR1RunStatus, a: Action, now: datetime) -> None:  # noqa:
         st.phase = "Failed"
         st.finish_time = ts
         st.message = a.message
-    elif isinstance(a, SuspendStage):
+    elif isinstance(a, SuspendStage | SuspendWorkload):
         s.phase = "Suspended"
         if a.stage is not None:
             _stage(s, a.stage).phase = "Suspended"
+        how = (
+            "its Kueue Workload is deactivated"
+            if isinstance(a, SuspendWorkload)
+            else "the running Job is suspended"
+        )
         s.conditions = set_condition(
             cond,
             "Suspended",
             "True",
             "RunSuspended",
-            "spec.suspend is true: no new Jobs; the running Job is suspended",
+            f"spec.suspend is true: no new Jobs; {how}",
             now,
         )
-    elif isinstance(a, ResumeStage):
+    elif isinstance(a, ResumeStage | ResumeWorkload):
         s.phase = "Running"
         if a.stage is not None:
             st = _stage(s, a.stage)
-            st.phase = "Running" if a.job_name else "Pending"
+            # a reactivated Workload waits for Kueue's admission again
+            st.phase = "Running" if isinstance(a, ResumeStage) and a.job_name else "Pending"
         s.conditions = set_condition(
             cond, "Suspended", "False", "RunResumed", "spec.suspend is false", now
         )
@@ -563,22 +599,31 @@ def plan(
                 )
             )
             return actions
-        # running, or suspended (by us for spec.suspend, or by Kueue until it admits the Job)
+        # Running, or suspended (by us for spec.suspend, or by Kueue until it admits the Job).
+        # Kueue owns spec.suspend of a queued Job: suspending an admitted one would be undone by
+        # Kueue (and redone by us, in a loop), un-suspending one would skip admission. So a
+        # queued Job is paused and resumed through its Workload (spec.active), never its suspend.
+        queue = job.queue or spec.queue_name
         if spec.suspend:
-            if not job.suspended:
+            if queue and not job.held:
+                emit(SuspendWorkload(stage, job.name))
+            elif not queue and not job.suspended:
                 emit(SuspendStage(stage, job.name))
             elif st.phase != "Suspended" or s.phase != "Suspended":
                 emit(SuspendStage(stage, None))
             return actions
-        if job.suspended and (job.held or not spec.queue_name):
+        if queue and job.held:
+            emit(ResumeWorkload(stage, job.name))
+            return actions
+        if not queue and job.suspended:
             emit(ResumeStage(stage, job.name))
             return actions
         if st.phase == "Suspended" or s.phase == "Suspended":
             emit(ResumeStage(stage, None))
         if outcome == "suspended":
-            # Created suspended for Kueue, or not yet admitted: waiting for quota.
+            # Created suspended for Kueue, or evicted by it (preempted): waiting for quota.
             want = StageProgress(
-                stage, "Pending", "queued", "waiting for admission (suspended Job)"
+                stage, "Pending", QUEUED, f"waiting for Kueue to admit it (LocalQueue {queue})"
             )
         else:
             want = StageProgress(stage, "Running", _job_progress(job))
@@ -619,6 +664,14 @@ def describe(a: Action) -> tuple[Literal["Normal", "Warning"], str, str] | None:
     if isinstance(a, ResumeStage):
         what = f"Job {a.job_name} resumed" if a.job_name else "continuing"
         return "Normal", "Resumed", f"spec.suspend is false: {what}"
+    if isinstance(a, SuspendWorkload):
+        what = f"Kueue Workload of Job {a.job_name} deactivated"
+        return "Normal", "Suspended", f"spec.suspend is true: {what}"
+    if isinstance(a, ResumeWorkload):
+        what = f"Kueue Workload of Job {a.job_name} reactivated"
+        return "Normal", "Resumed", f"spec.suspend is false: {what}"
+    if isinstance(a, StageProgress) and a.progress == QUEUED:
+        return "Normal", "StageQueued", f"{a.stage}: {a.message}"
     if isinstance(a, FinishRun):
         return ("Normal" if a.phase == "Succeeded" else "Warning"), a.reason, a.message
     return None
@@ -631,6 +684,7 @@ __all__ = [
     "ObservedJob",
     "Requeue",
     "ResumeStage",
+    "ResumeWorkload",
     "RetryPolicy",
     "RetryStage",
     "StageFailed",
@@ -638,6 +692,7 @@ __all__ = [
     "StageSucceeded",
     "StartRun",
     "SuspendStage",
+    "SuspendWorkload",
     "apply",
     "describe",
     "invalid_spec",
