@@ -24,7 +24,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from visionr1_operator import manifests, mlflow_runs
+from visionr1_operator import kueue, manifests, mlflow_runs
 from visionr1_operator.api import (
     API_VERSION,
     GROUP,
@@ -41,10 +41,12 @@ from visionr1_operator.plan import (
     ObservedJob,
     Requeue,
     ResumeStage,
+    ResumeWorkload,
     RetryPolicy,
     StageFailed,
     StartRun,
     SuspendStage,
+    SuspendWorkload,
     apply,
     describe,
     invalid_spec,
@@ -270,6 +272,16 @@ class Reconciler:
                     a.job_name,
                     manifests.suspend_patch(isinstance(a, SuspendStage)),
                 )
+            elif isinstance(a, SuspendWorkload | ResumeWorkload):
+                # A queued Job: Kueue owns its spec.suspend; pause it through its Workload.
+                try:
+                    await kueue.set_active(
+                        self.kube, namespace, a.job_name, isinstance(a, ResumeWorkload)
+                    )
+                except kueue.WorkloadNotFound as exc:
+                    log.info("%s/%s: %s; trying again", namespace, name, exc)
+                    self.schedule(namespace, name, self.config.error_delay_s)
+                    continue  # not applied: the next reconcile plans it again
             elif isinstance(a, StageFailed) and uri:
                 stage_run = status.stages.get(a.stage) and status.stages[a.stage].mlflow_run_id
                 if stage_run:
