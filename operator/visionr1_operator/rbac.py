@@ -30,6 +30,11 @@ RULES: tuple[Rule, ...] = (
     Rule("", "events", frozenset({"create"})),
 )
 
+# With Kueue (the chart's ``kueue.enabled``): spec.suspend of a queued run deactivates and
+# reactivates the Job's Workload (kueue.py), found by listing the namespace's Workloads. Not in
+# RULES: a cluster without Kueue has no Workload API and the operator never calls it.
+KUEUE_RULES: tuple[Rule, ...] = (Rule("kueue.x-k8s.io", "workloads", frozenset({"list", "patch"})),)
+
 
 def covers(api_group: str, resource: str, verb: str) -> Rule | None:
     """The rule that allows ``verb`` on ``resource`` of ``api_group``, if any."""

@@ -101,6 +101,13 @@ operator/visionr1_operator/rbac.py (tests/test_chart.py keeps the two equal).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.kueue.enabled }}
+# Queued runs: Kueue owns a queued Job's spec.suspend, so spec.suspend of a run deactivates and
+# reactivates the Job's Workload (found by listing the namespace's Workloads).
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "patch"]
+{{- end }}
 {{- end }}
 
 {{- define "visionr1.mlflow.needsVolume" -}}
