@@ -39,6 +39,7 @@ class Logged:
     name: str | None
     watch: bool
     user_agent: str
+    label_selector: str | None = None
 
 
 RUNS = "/apis/visionr1.io/v1alpha1/namespaces/{ns}/visionr1runs"
@@ -49,6 +50,7 @@ RESOURCES: dict[str, tuple[str, set[str]]] = {
     "batch/v1/jobs": ("Job", {"status"}),
     "v1/configmaps": ("ConfigMap", set()),
     "v1/services": ("Service", set()),
+    "v1/pods": ("Pod", {"status"}),
     "v1/events": ("Event", set()),
 }
 # kopf waits for these to be discoverable even with scanning disabled (it never lists them then;
@@ -86,6 +88,7 @@ class Emulator(kmock.KubernetesEmulator):
                 name=request.name,
                 watch=bool(request.params.get("watch")),
                 user_agent=request.headers.get("User-Agent", ""),
+                label_selector=request.params.get("labelSelector"),
             )
         )
         # Forget finished requests (a watch stays listed while it streams).

@@ -21,6 +21,9 @@ StageName = Literal["synthesis", "filter", "sft", "grpo", "eval"]
 #: Exit status of a stage program whose config or input is invalid. Permanent: the operator maps
 #: it to ``FailJob`` in the Job's podFailurePolicy and never retries it.
 EXIT_INVALID_INPUT = 65
+#: Exit status of a stage program whose input stage has no ``_manifest.json`` (yet): retryable.
+#: The operator re-merges a sharded producer whose Job succeeded, then retries the consumer.
+EXIT_INPUT_MISSING = 66
 
 
 class Model(BaseModel):

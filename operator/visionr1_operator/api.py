@@ -481,6 +481,9 @@ class StageStatus(Model):
     attempts: int = Field(0, ge=0)
     start_time: str | None = None
     finish_time: str | None = None
+    next_retry_time: str | None = Field(
+        None, description="When the next attempt starts (RFC 3339), while a retry waits."
+    )
     mlflow_run_id: str | None = None
     outputs: dict[str, str] = Field(default_factory=dict)
     progress: str | None = None
