@@ -183,13 +183,47 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+PODS = "/api/v1/namespaces/{ns}/pods"
+
+
+async def put_pod(
+    client: httpx.AsyncClient, job: dict[str, Any], status: dict[str, Any], index: int = 0
+) -> str:
+    """A pod of ``job`` in ``status`` (as the Job controller and the kubelet would report it),
+    created or replaced; returns its name."""
+    name = f"{job['metadata']['name']}-{index}-abcde"
+    labels = {
+        **job["spec"]["template"]["metadata"]["labels"],
+        "batch.kubernetes.io/job-name": job["metadata"]["name"],
+    }
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": labels},
+        "spec": job["spec"]["template"]["spec"],
+        "status": status,
+    }
+    r = await client.post(PODS.format(ns=NS), json=pod)
+    if r.status_code == 409:
+        r = await client.patch(
+            f"{PODS.format(ns=NS)}/{name}/status",
+            json={"status": status},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+    r.raise_for_status()
+    return name
+
+
 async def job_running(client: httpx.AsyncClient, name: str) -> None:
+    """The Job has one active pod, and that pod is Running."""
     r = await client.patch(
         f"{JOBS.format(ns=NS)}/{name}/status",
         json={"status": {"active": 1, "startTime": _now()}},
         headers={"Content-Type": "application/merge-patch+json"},
     )
     r.raise_for_status()
+    job = (await client.get(f"{JOBS.format(ns=NS)}/{name}")).json()
+    await put_pod(client, job, {"phase": "Running", "startTime": _now()})
 
 
 async def job_succeeded(client: httpx.AsyncClient, name: str, completions: int = 1) -> None:
