@@ -75,6 +75,14 @@ push: images ## push both images with TAG
 	docker push $(IMAGE_REPO)/operator:$(TAG)
 	docker push $(IMAGE_REPO)/trainer:$(TAG)
 
+.PHONY: kueue-up
+kueue-up: setup ## real Kueue (built once from its module) on the running local control plane
+	$(BIN)/python scripts/cluster/kueue.py up
+
+.PHONY: kueue-down
+kueue-down: setup ## stop Kueue and remove its webhooks (its CRDs and queues stay)
+	$(BIN)/python scripts/cluster/kueue.py down
+
 .PHONY: clean
 clean: ## remove the demo workspace and caches (keeps .venv)
 	rm -rf .visionr1/tiny-cpu .pytest_cache .ruff_cache
