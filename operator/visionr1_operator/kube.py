@@ -60,6 +60,8 @@ def resource(api_version: str, plural: str) -> Any:
             group, version, kind, plural
         )
     return found
+
+
 T = TypeVar("T")
 
 
