@@ -133,6 +133,7 @@ class Kube:
         config: KubeConfig,
         timeouts: Timeouts | None = None,
         field_manager: str = "visionr1-operator",
+        transport: httpx2.AsyncBaseTransport | None = None,  # tests: a mock transport
     ) -> None:
         self.timeouts = timeouts or Timeouts()
         t = self.timeouts
@@ -141,6 +142,7 @@ class Kube:
             timeout=httpx2.Timeout(t.request_s, connect=t.connect_s),
             field_manager=field_manager,
             trust_env=False,
+            transport=transport,
         )
 
     @classmethod
