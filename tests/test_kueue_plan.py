@@ -142,9 +142,14 @@ def test_preempted_job_waits_in_the_queue_as_the_same_attempt() -> None:
     assert status.stages["sft"].job_name == "tiny-cpu-sft-0"
     described = describe(actions[0])
     assert described is not None and described[:2] == ("Normal", "StageQueued")
+    progressing = next(c for c in status.conditions if c.type == "Progressing")
+    assert (progressing.status, progressing.reason) == ("True", "StageQueued")
+    assert f"LocalQueue {QUEUE}" in progressing.message
     readmitted = sft(active=1)
     status = apply(status, plan(QUEUED_RUN, status, [readmitted], T0), T0)
     assert status.stages["sft"].phase == "Running" and status.stages["sft"].attempts == 1
+    progressing = next(c for c in status.conditions if c.type == "Progressing")
+    assert progressing.reason == "StageRunning"
 
 
 def test_a_queued_job_never_gets_a_suspend_patch() -> None:

@@ -50,7 +50,7 @@ class Client(Protocol):
         name: str,
         patch: Mapping[str, Any],
         subresource: str | None = None,
-    ) -> dict[str, Any]: ...
+    ) -> Any: ...
 
 
 def workload_of(

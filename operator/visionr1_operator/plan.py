@@ -434,6 +434,11 @@ def _apply_one(s: VisionR1RunStatus, a: Action, now: datetime) -> None:  # noqa:
             s.conditions = set_condition(
                 cond, "Progressing", "True", a.problem, f"{a.stage}: {a.message}", now
             )
+        elif a.progress == QUEUED:
+            # waiting for Kueue (quota, or evicted): say so where `kubectl describe` looks
+            s.conditions = set_condition(
+                cond, "Progressing", "True", "StageQueued", f"{a.stage}: {a.message}", now
+            )
         elif any(c.type == "Progressing" and c.reason != "StageRunning" for c in cond):
             running = f"{a.stage}: {a.progress}"
             s.conditions = set_condition(cond, "Progressing", "True", "StageRunning", running, now)
