@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import yaml
 
-from visionr1_jobs.config import EXIT_INVALID_INPUT
+from visionr1_jobs.config import BASE_MODEL_ENV, BASE_MODEL_REVISION_ENV, EXIT_INVALID_INPUT
 from visionr1_jobs.contract import atomic_write_json, parse_progress, read_manifest
 from visionr1_operator import plan as planner
 from visionr1_operator.api import VisionR1Run, VisionR1RunStatus
@@ -328,6 +328,8 @@ class Executor:
             "VISIONR1_SHARDS": "1",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "PYTHONUNBUFFERED": "1",
+            BASE_MODEL_ENV: self.run.spec.base_model.name,
+            BASE_MODEL_REVISION_ENV: self.run.spec.base_model.revision or "",
         }
         env.setdefault("HF_HOME", str(self.workdir / ".cache" / "huggingface"))
         self.display.line(f"▶ {stage} (attempt {attempt + 1}) · log: {log_path}")

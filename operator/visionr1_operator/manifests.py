@@ -29,7 +29,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from visionr1_jobs.config import EXIT_INPUT_MISSING, EXIT_INVALID_INPUT
+from visionr1_jobs.config import (
+    BASE_MODEL_ENV,
+    BASE_MODEL_REVISION_ENV,
+    EXIT_INPUT_MISSING,
+    EXIT_INVALID_INPUT,
+)
 from visionr1_operator.api import API_VERSION, GROUP, KIND, VisionR1Run
 from visionr1_operator.plan import ObservedJob, job_name, parse_time
 from visionr1_operator.policy import ClusterPolicy
@@ -193,7 +198,10 @@ def _env(
         {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"},
         {"name": "MLFLOW_EXPERIMENT_NAME", "value": spec.mlflow.experiment},
         {"name": "HF_HOME", "value": HF_HOME},
+        {"name": BASE_MODEL_ENV, "value": spec.base_model.name},
     ]
+    if spec.base_model.revision:  # every loader of the base model loads this revision
+        env.append({"name": BASE_MODEL_REVISION_ENV, "value": spec.base_model.revision})
     uri = spec.mlflow.tracking_uri or mlflow_uri
     if uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": uri})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from visionr1_jobs.config import Sampling
+from visionr1_jobs.config import Sampling, model_revision
 from visionr1_jobs.generation.base import (
     ChatRequest,
     Generation,
@@ -45,9 +45,12 @@ class VLLMBackend(GenerationBackend):
         from transformers import AutoProcessor
 
         self.model_name = str(model)
-        self.processor = AutoProcessor.from_pretrained(model)
+        revision = model_revision(model)  # spec.baseModel.revision for the base model
+        self.processor = AutoProcessor.from_pretrained(model, revision=revision)
         kwargs: dict[str, Any] = {
             "model": self.model_name,
+            "revision": revision,
+            "tokenizer_revision": revision,
             "tensor_parallel_size": tensor_parallel_size,
             "gpu_memory_utilization": gpu_memory_utilization,
             "dtype": dtype,
