@@ -151,3 +151,18 @@ async def test_the_client_does_not_retry_a_refusal_and_names_it() -> None:
         )
     assert err.value.status == 422 and err.value.reason == "Invalid"
     assert "is invalid" in str(err.value) and calls == ["POST"]
+
+
+def test_no_handler_asks_kopf_for_a_finalizer() -> None:
+    """Nothing holds a run's deletion for the operator: after `helm uninstall`, deleting a run
+    or its namespace must not hang on a finalizer nobody will remove. kopf adds its finalizer
+    only for handlers that require one, and removes a stale one (an older version's) when none
+    does. (Checked here on the registry: kmock cannot apply kopf's finalizer-removal patch; the
+    kmock deletion test checks that no finalizer is added.)"""
+    from visionr1_operator.handlers import make_registry
+
+    registry = make_registry(OperatorConfig())
+    changing = list(registry._changing.get_all_handlers())
+    assert changing, "the run handlers are registered"
+    assert [h.id for h in changing if h.requires_finalizer] == []
+    assert list(registry._spawning.get_all_handlers()) == []  # no daemons or timers either

@@ -83,15 +83,17 @@ class Storage(Model):
         max_length=253,
         pattern=DNS_SUBDOMAIN,
         description="PersistentVolumeClaim (ReadWriteMany for multi-node stages) holding the "
-        "workspace. Its root is also mounted read-only at /data in every stage pod: put shared raw "
-        "data, benchmarks and models there and refer to them as /data/….",
+        "workspace; required on a cluster. Its shared data folder (the operator's "
+        "--shared-data-path, default shared/) is mounted read-only at /data in every stage pod: "
+        "put shared raw data, benchmarks and models there and refer to them as /data/….",
     )
     sub_path: str = Field(
         "",
         max_length=1024,
         pattern=r"^[^/].*$|^$",
         description="The run's workspace folder inside the PVC (mounted at /workspace; relative "
-        "paths in the manifest are under it); default = <namespace>/<run name>.",
+        "paths in the manifest are under it); default = <namespace>/<run name>; on a cluster it "
+        "must be under <namespace>/.",
     )
     local_dir: str | None = Field(
         None, max_length=4096, description="Workspace directory for `visionr1 run-local`."
