@@ -541,4 +541,3 @@ async def test_pod_trouble_and_the_failing_pods_exit_code_are_shown(
     # the next attempt's time is its own field, not a finish time in the future
     finished, due = stage["finishTime"], stage["nextRetryTime"]
     assert finished < due
-
