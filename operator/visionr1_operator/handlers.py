@@ -202,33 +202,40 @@ class Reconciler:
 
     async def reconcile(self, namespace: str, name: str) -> None:
         assert self.kube is not None, "not logged in"
-        async with self.locks[(namespace, name)]:
+        key = (namespace, name)
+        async with self.locks[key]:
             try:
                 obj = await self.kube.get(API_VERSION, PLURAL, namespace, name)
             except ApiError as exc:
-                if exc.status == 404:
-                    self.forget(namespace, name)
-                    return
-                raise
-            if (obj.get("metadata") or {}).get("deletionTimestamp"):
+                if exc.status != 404:
+                    raise
+                obj = None
+            if obj is not None:
+                await self._reconcile(namespace, name, obj)
                 return
-            status = _status(obj)
-            if status.phase in ("Succeeded", "Failed"):
-                return  # a finished run is never run again
-            now = datetime.now(UTC)
-            spec_only = {k: v for k, v in obj.items() if k != "status"}
-            problems = [str(p) for p in validate_object(spec_only)]
-            if not problems:
-                run = VisionR1Run.model_validate(spec_only)
-                run.metadata.namespace = namespace
-                problems = cluster_problems(run, self.config.policy)
-            if problems:
-                await self._finish(obj, status, status, [invalid_spec("; ".join(problems))], now)
-                return
-            jobs = self._observe(namespace, name, obj)
-            actions = plan(run, status, jobs, now, self.config.retry)
-            new, extra = await self._execute(run, obj, status, actions, now)
-            await self._finish(obj, status, new, [*actions, *extra], now, executed=True)
+        self.forget(namespace, name)  # gone: after the lock is released, so it goes too
+
+    async def _reconcile(self, namespace: str, name: str, obj: dict[str, Any]) -> None:
+        assert self.kube is not None
+        if (obj.get("metadata") or {}).get("deletionTimestamp"):
+            return
+        status = _status(obj)
+        if status.phase in ("Succeeded", "Failed"):
+            return  # a finished run is never run again
+        now = datetime.now(UTC)
+        spec_only = {k: v for k, v in obj.items() if k != "status"}
+        problems = [str(p) for p in validate_object(spec_only)]
+        if not problems:
+            run = VisionR1Run.model_validate(spec_only)
+            run.metadata.namespace = namespace
+            problems = cluster_problems(run, self.config.policy)
+        if problems:
+            await self._finish(obj, status, status, [invalid_spec("; ".join(problems))], now)
+            return
+        jobs = self._observe(namespace, name, obj)
+        actions = plan(run, status, jobs, now, self.config.retry)
+        new, extra = await self._execute(run, obj, status, actions, now)
+        await self._finish(obj, status, new, [*actions, *extra], now, executed=True)
 
     def _observe(self, namespace: str, name: str, obj: Mapping[str, Any]) -> list[ObservedJob]:
         """The run's Jobs from kopf's in-memory index (filled from the watch before any handler
@@ -642,11 +649,15 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
         run_name = (meta.get("labels") or {}).get(manifests.LABEL_RUN)
         if not run_name:
             return
-        seen_of_run = rec.seen[(namespace, run_name)]
+        key = (namespace, run_name)
         job = meta.get("name", "")
         if event.get("type") == "DELETED":
+            seen_of_run = rec.seen.get(key) or {}
             seen_of_run.pop(job, None)
+            if not seen_of_run:
+                rec.seen.pop(key, None)  # nothing kept for a run that is gone
         else:
+            seen_of_run = rec.seen[key]
             seen = manifests.observe_job(body)
             if seen is None or seen_of_run.get(job) == seen:
                 return  # nothing the plan would see has changed
@@ -668,11 +679,15 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
         facts = manifests.observe_pod(body)
         if not run_name or facts is None:
             return
-        seen_of_run = rec.seen_pods[(namespace, run_name)]
+        key = (namespace, run_name)
         pod = meta.get("name", "")
         if event.get("type") == "DELETED":
-            seen_of_run.pop(pod, None)
+            left = rec.seen_pods.get(key) or {}
+            left.pop(pod, None)
+            if not left:
+                rec.seen_pods.pop(key, None)
             return  # a pod going away changes nothing the Job does not report itself
+        seen_of_run = rec.seen_pods[key]
         if seen_of_run.get(pod) == facts:
             return
         seen_of_run[pod] = facts
