@@ -541,3 +541,62 @@ async def test_pod_trouble_and_the_failing_pods_exit_code_are_shown(
     # the next attempt's time is its own field, not a finish time in the future
     finished, due = stage["finishTime"], stage["nextRetryTime"]
     assert finished < due
+
+
+@contextlib.asynccontextmanager
+async def tcp_proxy(port: int, target: str) -> AsyncIterator[None]:
+    """Forward 127.0.0.1:``port`` to ``target`` (http://host:port) while the context is open."""
+    host, _, target_port = target.removeprefix("http://").partition(":")
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(target_port))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    try:
+        yield
+    finally:
+        server.close()
+
+
+async def test_mlflow_coming_back_is_picked_up_on_its_own(
+    k8s: Any, client: httpx.AsyncClient, mlflow_uri: str
+) -> None:
+    from kmock_cluster import _free_port
+
+    port = _free_port()  # nothing listens yet: MLflow is "down"
+    uri = f"http://127.0.0.1:{port}"
+
+    def tracking() -> dict[str, Any]:
+        conds = status(k8s).get("conditions", [])
+        return next((c for c in conds if c["type"] == "Tracking"), {})
+
+    with operator(k8s, uri):
+        await create_run(client, tiny())
+        first = await next_job(k8s, "synthesis")
+        await wait_for(lambda: tracking().get("status") == "False", what="MLflow down")
+        async with tcp_proxy(port, mlflow_uri):  # MLflow is back
+            await wait_for(lambda: tracking().get("status") == "True", what="MLflow back")
+            await wait_for(lambda: status(k8s).get("mlflowRunId"), what="parent run opened")
+            await job_succeeded(client, first["metadata"]["name"])
+            second = await next_job(k8s, "filter")
+    env = {
+        e["name"]: e.get("value")
+        for e in second["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["VISIONR1_PARENT_RUN_ID"] == status(k8s)["mlflowRunId"]
+    assert "VISIONR1_PARENT_RUN_ID" not in {
+        e["name"] for e in first["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert tracking()["reason"] == "MlflowReachable"
+    assert "MlflowReachable" in [r for r, _ in events(k8s)]
