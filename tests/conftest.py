@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-# An unmodified copy of ../shared/realdata (the public samples with their official verdicts), so a
-# clone tests the same rows wherever it lives; test_realdata_copy.py checks it still matches.
+# Public benchmark and data-format samples with their official verdicts, committed so every clone
+# tests the same rows; test_realdata_copy.py checks them against the committed SHA256SUMS.
 REALDATA = REPO / "tests" / "data" / "realdata"
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -49,6 +49,10 @@ def test_extract_answer(text: str, expected: str | None) -> None:
         ("Thus the answer is 12 cm.", None, "12 cm", "answer_is"),
         ("Answer: C", True, "C", "answer_is"),
         ("After checking every option I pick (D)", True, "D", "option_letter"),
+        # A leading marked option wins over the article "A" later in its own text.
+        ("(B) A sphere has no base.", True, "B", "leading_option"),
+        ("B. A sphere has no base.", None, "B", "leading_option"),
+        ("A sphere has no base, so (C)", True, "C", "option_letter"),
         ("the total is 1,250 apples", False, "1,250", "last_number"),
         ("no idea", None, None, "none"),
     ],
@@ -187,6 +191,31 @@ def test_worker_timeout_kills_and_recovers() -> None:
     assert time.perf_counter() - start < 0.5
     assert answers._WORKER.proc is None  # the stuck worker was killed
     assert answers_match("\\sqrt{8}", "2\\sqrt{2}", timeout_s=30)  # and a fresh one serves
+
+
+def test_match_answers_tells_a_timeout_from_a_wrong_answer() -> None:
+    slow = "\\frac{(x+1)^{80}(x-1)^{80}}{(x^2-1)^{79}}"
+    answers.match_answers("\\sqrt{8}", "2\\sqrt{2}", timeout_s=30)  # warm the worker
+    assert answers.match_answers(slow, "x^2-1", timeout_s=0.05) == (False, True)
+    assert answers.match_answers("\\sqrt{3}", "2\\sqrt{2}", timeout_s=30) == (False, False)
+    # Inside a list: one element's timeout is the list's.
+    assert answers.match_answers(f"[{slow}, 2]", "[x^2-1, 2]", timeout_s=0.05).timed_out
+
+
+def test_a_slow_first_comparison_that_says_false_is_a_wrong_answer_not_a_timeout() -> None:
+    """The first call after a (re)start also waits for the worker's imports (seconds): when it
+    then answers False, the filter drops the row as wrong, not as a verify timeout."""
+    from visionr1_jobs.config import FilterParams
+    from visionr1_jobs.filtering.rules import WRONG_ANSWER, Item, RuleSet, judge
+
+    answers._WORKER.stop()  # cold: the next comparison pays the imports
+    think = "Let me look at the figure carefully. The length works out to the square root of 3."
+    text = f"<think> {think} </think><answer> Final Answer:\\sqrt{{3}} </answer>"
+    rules = RuleSet.from_params(FilterParams(verify_timeout_s=0.05, check_consistency=False))
+    start = time.perf_counter()
+    verdict = judge(Item(0, "q", "2\\sqrt{2}", None, text), rules)
+    assert time.perf_counter() - start > 0.05  # it was slow...
+    assert verdict.reason == WRONG_ANSWER  # ...and it is a wrong answer
 
 
 def test_thread_safe_under_concurrency() -> None:

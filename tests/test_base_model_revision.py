@@ -83,3 +83,14 @@ def test_the_loaders_load_the_base_models_revision(tmp_path: Path) -> None:
     default, v2, pinned = load(None), load("v2"), load(V2)
     assert default != v2, "the revision chose other weights"
     assert v2 == pinned, "refs/v2 and its commit are the same weights"
+
+
+def test_vllm_engines_load_the_base_models_revision(monkeypatch: pytest.MonkeyPatch) -> None:
+    from visionr1_jobs.generation.vllm_backend import engine_args
+
+    monkeypatch.setenv("VISIONR1_BASE_MODEL", MODEL_ID)
+    monkeypatch.setenv("VISIONR1_BASE_MODEL_REVISION", "v2")
+    args = engine_args(MODEL_ID, tensor_parallel_size=1)
+    assert args["revision"] == args["tokenizer_revision"] == "v2"
+    other = engine_args("Qwen/Qwen2.5-VL-72B-Instruct", tensor_parallel_size=8)  # a teacher
+    assert "revision" not in other

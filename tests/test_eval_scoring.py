@@ -105,6 +105,11 @@ MATHVERSE = [
     (tag("False"), mverse("False", "multi-choice", QTF), True),
     (tag("C, D"), mverse("C\nD", "multi-choice", QMULTI), True),
     (tag("C"), mverse("C\nD", "multi-choice", QMULTI), False),
+    # Several letters, lower case, joined by the word "and" (not split on its letters a, n, d).
+    (tag("a and d"), mverse("A\nD", "multi-choice", QMULTI), True),
+    (tag("(A) and (D)"), mverse("A\nD", "multi-choice", QMULTI), True),
+    (tag("C和D"), mverse("C\nD", "multi-choice", QMULTI), True),
+    (tag("a and c"), mverse("A\nD", "multi-choice", QMULTI), False),
     (tag("2191.7"), mverse("2191.7 metres"), True),
     (tag("315°T"), mverse("315^\\circT"), True),
     (tag("118°"), mverse("118掳T"), True),  # mojibake degree sign

@@ -1,4 +1,4 @@
-"""The filter's per-sample rules on hand-written chains of thought (VISION-R1.md §3–4)."""
+"""The filter's per-sample rules on hand-written chains of thought (method.md §3–4)."""
 
 from __future__ import annotations
 

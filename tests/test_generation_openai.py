@@ -1,4 +1,5 @@
-"""The OpenAI-compatible backend against a small chat-completions server started by the test."""
+"""The OpenAI-compatible backend (the official ``openai`` client) against a small
+chat-completions server started by the test."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ KEY = "sk-test-123"
 
 class FakeServer:
     """Speaks POST /v1/chat/completions. ``script`` lists what the next requests get:
-    "ok", "429", "500", "sleep" (longer than the client timeout), "401"; then "ok"."""
+    "ok", "429" (Retry-After 1.2 s), "500", "400" (context too long), "sleep" (longer than the
+    client timeout); then "ok". A wrong key gets 401; a user text containing "too long" gets 400."""
 
     def __init__(self) -> None:
         self.script: list[str] = []
@@ -49,12 +51,16 @@ class FakeServer:
                     time.sleep(1.0)
                     action = "ok"
                 if action == "429":
-                    return self._send(429, {"error": "rate limited"}, {"Retry-After": "0"})
+                    return self._send(429, {"error": "rate limited"}, {"Retry-After": "1.2"})
                 if action == "500":
                     return self._send(500, {"error": "boom"})
                 user_text = body["messages"][-1]["content"]
                 if isinstance(user_text, list):
                     user_text = next(p["text"] for p in user_text if p["type"] == "text")
+                if action == "400" or "too long" in user_text:
+                    return self._send(
+                        400, {"error": {"message": "maximum context length is 8 tokens"}}
+                    )
                 self._send(
                     200,
                     {
@@ -113,7 +119,6 @@ def _backend(server: FakeServer, monkeypatch: pytest.MonkeyPatch, **kw: object) 
         "max_concurrency": 2,
         "timeout_s": 5.0,
         "max_retries": 3,
-        "backoff_base_s": 0.01,
     }
     opts.update(kw)
     return OpenAIBackend(server.url, "served-model", **opts)  # type: ignore[arg-type]
@@ -155,15 +160,24 @@ def test_success_sends_images_as_data_urls_and_reads_usage(
     assert text_only["messages"] == [{"role": "user", "content": "reason about it"}]
 
 
-@pytest.mark.parametrize("failure", ["429", "500"])
-def test_retries_then_succeeds(
-    failure: str, server: FakeServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    server.script = [failure, failure]
+def test_retries_then_succeeds(server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    server.script = ["500", "500"]
     gen = _backend(server, monkeypatch, max_concurrency=1)
     (out,) = gen.generate([user("hi")], max_tokens=8)
     assert out.text == "echo: hi"
-    assert gen.requests_sent == len(server.bodies) == 3
+    assert len(server.bodies) == 3
+
+
+def test_rate_limit_waits_as_long_as_retry_after_says(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.script = ["429"]
+    gen = _backend(server, monkeypatch, max_concurrency=1)
+    t0 = time.monotonic()
+    (out,) = gen.generate([user("hi")], max_tokens=8)
+    # The client's own first backoff is at most 0.5 s; the server asked for 1.2 s.
+    assert out.text == "echo: hi" and len(server.bodies) == 2
+    assert time.monotonic() - t0 >= 1.15
 
 
 def test_timeout_is_retried_then_reported(
@@ -172,11 +186,34 @@ def test_timeout_is_retried_then_reported(
     server.script = ["sleep"]
     gen = _backend(server, monkeypatch, timeout_s=0.3, max_concurrency=1)
     (out,) = gen.generate([user("slow")], max_tokens=8)
-    assert out.text == "echo: slow" and gen.requests_sent == 2
+    assert out.text == "echo: slow" and len(server.bodies) == 2
+    server.bodies.clear()
     server.script = ["sleep", "sleep"]
     gen = _backend(server, monkeypatch, timeout_s=0.3, max_retries=1)
     with pytest.raises(APIError, match=r"failed after 2 attempts; last: timed out after 0.3 s"):
         gen.generate([user("slow")], max_tokens=8)
+    assert len(server.bodies) == 2
+
+
+def test_row_errors_fail_one_request_not_the_batch(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gen = _backend(server, monkeypatch, max_concurrency=2, max_retries=1)
+    batch = [user("a"), user("this is too long"), user("c")]
+    with pytest.raises(APIError, match=r"HTTP 400 for request 1 \(not retryable\)"):
+        gen.generate(batch, max_tokens=8)
+    server.bodies.clear()
+    outs = gen.generate(batch, max_tokens=8, row_errors=True)
+    assert [o.text for o in outs] == ["echo: a", "", "echo: c"]
+    assert [o.error is None for o in outs] == [True, False, True]
+    assert outs[1].finish_reason == "error" and "maximum context length" in str(outs[1].error)
+    assert len(server.bodies) == 3  # a 400 is permanent: not retried
+    # Retries spent on a 5xx: the row fails, the others still answer.
+    server.script = ["500", "500"]
+    gen1 = _backend(server, monkeypatch, max_concurrency=1, max_retries=1)
+    outs = gen1.generate([user("x"), user("y")], max_tokens=8, row_errors=True)
+    assert outs[0].error and "failed after 2 attempts; last: HTTP 500" in outs[0].error
+    assert outs[1].text == "echo: y"
 
 
 def test_bad_key_is_a_clear_error_without_a_retry_storm(
@@ -186,7 +223,7 @@ def test_bad_key_is_a_clear_error_without_a_retry_storm(
     with pytest.raises(
         APIError, match=r"HTTP 401: the API key \(read from \$TEST_KEY\) was refused"
     ):
-        gen.generate([user(f"q{i}") for i in range(20)], max_tokens=8)
+        gen.generate([user(f"q{i}") for i in range(20)], max_tokens=8, row_errors=True)
     # At most the requests already in flight when the first 401 came back; none retried.
     assert 1 <= len(server.bodies) <= 2
 

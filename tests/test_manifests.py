@@ -135,7 +135,7 @@ def test_job_of_a_gpu_training_stage() -> None:
     assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow:5000"
     assert env["VISIONR1_PARENT_RUN_ID"]["value"] == "p1"
     assert env["VISIONR1_STAGE_RUN_ID"]["value"] == "s1"
-    assert env["HF_HOME"]["value"].startswith("/workspace/")
+    assert env["HF_HOME"]["value"] == "/cache/huggingface"
     assert env["HF_TOKEN"] == {
         "name": "HF_TOKEN",
         "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}},
@@ -155,7 +155,13 @@ def test_job_of_a_gpu_training_stage() -> None:
         "subPath": "shared",
         "readOnly": True,
     }
-    assert set(mounts) == {"/workspace", "/data", "/etc/visionr1", "/dev/shm"}
+    # The model cache: one folder per namespace, shared by its runs, read-write (HF_HOME).
+    assert mounts["/cache/huggingface"] == {
+        "name": "workspace",
+        "mountPath": "/cache/huggingface",
+        "subPath": "ml/.cache/huggingface",
+    }
+    assert set(mounts) == {"/workspace", "/data", "/cache/huggingface", "/etc/visionr1", "/dev/shm"}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["workspace"]["persistentVolumeClaim"] == {"claimName": "visionr1-data"}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "128Gi"}
@@ -295,6 +301,11 @@ def test_mounts_are_the_runs_folder_and_the_configured_shared_folder_only() -> N
     assert mounts == [
         {"name": "workspace", "mountPath": "/workspace", "subPath": "ml/qwen25vl-7b"},
         {"name": "workspace", "mountPath": "/data", "subPath": "datasets", "readOnly": True},
+        {
+            "name": "workspace",
+            "mountPath": "/cache/huggingface",
+            "subPath": "ml/.cache/huggingface",
+        },
     ]
     # nothing in the pod mounts the PVC without a subPath
     for c in [*pod["initContainers"], *pod["containers"]]:
@@ -319,7 +330,7 @@ def test_fresh_pvc_the_init_container_creates_and_chowns_the_runs_folder(tmp_pat
     assert sc["runAsUser"] == 0 and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER"]}
     assert init["image"] == pod["containers"][0]["image"]  # already pulled for the stage
-    # it mounts the folder above the run's (the namespace's), not the PVC's root
+    # it mounts the namespace's folder, not the PVC's root
     [mount] = init["volumeMounts"]
     assert mount == {"name": "workspace", "mountPath": "/parent", "subPath": "ml"}
     if os.geteuid() != 0 or shutil.which("sh") is None:
@@ -328,10 +339,11 @@ def test_fresh_pvc_the_init_container_creates_and_chowns_the_runs_folder(tmp_pat
     parent.mkdir(mode=0o755)
     args = [a.replace("/parent", str(parent)) for a in init["args"]]
     subprocess.run([*init["command"], *args], check=True)
-    made = parent / "qwen25vl-7b"
-    st = made.stat()
-    assert (st.st_uid, st.st_gid) == (1000, 1000)
-    assert st.st_mode & 0o777 == 0o775
+    # the run's folder and the namespace's model cache, both the stage user's
+    for made in (parent / "qwen25vl-7b", parent / ".cache" / "huggingface"):
+        st = made.stat()
+        assert (st.st_uid, st.st_gid) == (1000, 1000), made
+        assert st.st_mode & 0o777 == 0o775
     # idempotent: a second attempt's init container finds it there
     subprocess.run([*init["command"], *args], check=True)
 

@@ -166,3 +166,21 @@ def test_no_handler_asks_kopf_for_a_finalizer() -> None:
     assert changing, "the run handlers are registered"
     assert [h.id for h in changing if h.requires_finalizer] == []
     assert list(registry._spawning.get_all_handlers()) == []  # no daemons or timers either
+
+
+def test_a_run_may_not_reach_outside_its_namespaces_folder() -> None:
+    from visionr1_operator.policy import ClusterPolicy, cluster_problems
+
+    run, _ = run_and_object()
+    assert cluster_problems(run, ClusterPolicy()) == []
+    run.spec.storage.sub_path = "other-team/their-run"
+    [problem] = cluster_problems(run, ClusterPolicy())
+    assert problem.startswith("spec.storage.subPath") and "under ml/" in problem
+    run.spec.storage.sub_path = ""
+    run.spec.storage.model_cache = "../other-team/.cache"
+    [problem] = cluster_problems(run, ClusterPolicy())
+    assert problem.startswith("spec.storage.modelCache")
+    run.spec.storage.model_cache = ".cache/huggingface"
+    run.metadata.namespace = "shared"  # its folder would be the read-only shared data folder
+    [problem] = cluster_problems(run, ClusterPolicy())
+    assert "shared data folder" in problem

@@ -1,20 +1,23 @@
-"""The committed real-data samples are byte-identical to the shared originals (when present)."""
+"""The committed real-data samples are complete and unmodified: every file matches the committed
+checksum list (``tests/data/realdata/SHA256SUMS``), and no file is missing or unlisted."""
 
 from __future__ import annotations
 
-import filecmp
+import hashlib
 
-import pytest
-
-from conftest import REALDATA, SHARED
+from conftest import REALDATA
 
 
 def test_copy_is_complete_and_unmodified() -> None:
-    files = sorted(p.name for p in REALDATA.iterdir())
-    assert "README.md" in files and len(files) >= 12
-    original = SHARED / "realdata"
-    if not original.is_dir():
-        pytest.skip("../shared/realdata is not beside this clone; the committed copy is used")
-    match, mismatch, errors = filecmp.cmpfiles(original, REALDATA, files, shallow=False)
-    assert not mismatch and not errors
-    assert sorted(p.name for p in original.iterdir()) == files
+    listed = {}
+    for line in (REALDATA / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        listed[name.lstrip("*")] = digest
+    present = sorted(p.name for p in REALDATA.iterdir() if p.name != "SHA256SUMS")
+    assert sorted(listed) == present and "README.md" in present and len(present) >= 12
+    changed = [
+        name
+        for name, digest in listed.items()
+        if hashlib.sha256((REALDATA / name).read_bytes()).hexdigest() != digest
+    ]
+    assert not changed, f"modified samples (restore them from git): {changed}"

@@ -1,4 +1,4 @@
-"""The GRPO reward on hand-written completions (VISION-R1.md §6: hard formatting result reward)."""
+"""The GRPO reward on hand-written completions (method.md §6: hard formatting result reward)."""
 
 from __future__ import annotations
 

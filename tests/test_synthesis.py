@@ -32,14 +32,22 @@ N_ROWS = 60
 TARGET = re.compile(r"<think> .+ </think><answer> Final Answer:\S(?:.*\S)? </answer>", re.S)
 
 
-def toy_teacher(seed: int = 7, **rates: float) -> Teacher:
-    return Teacher(backend=Backend(kind="toy", **rates), sampling=Sampling(seed=seed))
+def toy_teacher(seed: int = 7, config: Path | None = None) -> Teacher:
+    backend = Backend(kind="toy", model=str(config) if config else None)
+    return Teacher(backend=backend, sampling=Sampling(seed=seed))
+
+
+def toy_config(folder: Path, error_rate: float, inconsistent_rate: float) -> Path:
+    """The toy stand-ins' own settings file (never part of the production schema)."""
+    path = folder / f"toy-teachers-{error_rate}-{inconsistent_rate}.json"
+    path.write_text(json.dumps({"errorRate": error_rate, "inconsistentRate": inconsistent_rate}))
+    return path
 
 
 def synthesis_cfg(ws: Path, mlflow_db: Path, **params: Any) -> ResolvedStageConfig:
     p = SynthesisParams(
         describer=toy_teacher(),
-        reasoner=toy_teacher(toy_error_rate=0.25, toy_inconsistent_rate=0.15),
+        reasoner=toy_teacher(config=toy_config(ws, 0.25, 0.15)),
         rows_per_shard=16,
         **params,
     )
@@ -350,12 +358,12 @@ def test_toy_reasoner_solves_from_the_description_text_alone() -> None:
         assert TARGET.fullmatch(text)
 
 
-def test_toy_reasoner_rates_and_determinism() -> None:
+def test_toy_reasoner_rates_and_determinism(tmp_path: Path) -> None:
     from visionr1_jobs.generation import get_backend, user
     from visionr1_jobs.toy.world import generate
 
     prompts = [_reasoner_prompt(p) for p, _ in generate(300, 2, "train")]
-    backend = get_backend(Backend(kind="toy", toy_error_rate=0.3, toy_inconsistent_rate=0.2))
+    backend = get_backend(Backend(kind="toy", model=str(toy_config(tmp_path, 0.3, 0.2))))
     reqs = [user(t, visionr1_step="reasoner") for t in prompts]
     a = backend.generate(reqs, Sampling(seed=1))
     b = backend.generate(reqs, Sampling(seed=1))
@@ -368,6 +376,25 @@ def test_toy_reasoner_rates_and_determinism() -> None:
     assert (
         sum("The description" in g.text or "According to the description" in g.text for g in a) > 30
     )
+
+
+def test_toy_knobs_are_not_in_the_production_schema(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from visionr1_jobs.generation import get_backend
+
+    # A real backend refuses toy fields; the toy kind keeps its settings in its own file.
+    for kind in ("openai", "toy", "vllm"):
+        with pytest.raises(ValidationError, match="toyErrorRate|toy_error_rate"):
+            Backend.model_validate({"kind": kind, "baseUrl": "http://x/v1", "toyErrorRate": 0.3})
+    assert not any("toy" in name.lower() for name in Backend.model_json_schema()["properties"])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"errorRate": 2}')
+    with pytest.raises(InvalidInput, match="backend.model .*errorRate"):
+        get_backend(Backend(kind="toy", model=str(bad)))
+    with pytest.raises(InvalidInput, match="backend.model .*JSON file"):
+        get_backend(Backend(kind="toy", model=str(tmp_path / "missing.json")))
+    assert get_backend(Backend(kind="toy")).error_rate == 0.25  # type: ignore[attr-defined]
 
 
 def test_toy_describer_needs_the_scene() -> None:

@@ -1,4 +1,4 @@
-"""SFT and GRPO with PTST, end to end on the tiny model and toy data, CPU only (VISION-R1.md §5–6).
+"""SFT and GRPO with PTST, end to end on the tiny model and toy data, CPU only (method.md §5–6).
 
 Real TRL trainers, a real MLflow sqlite store, real subprocesses: SFT then GRPO with two PTST
 sub-stages; GRPO killed with SIGKILL during sub-stage 2 and resumed; both stages under torchrun

@@ -1,4 +1,4 @@
-"""Answer logic shared by the filter, the GRPO reward and eval scoring (VISION-R1.md §4, §6, §7).
+"""Answer logic shared by the filter, the GRPO reward and eval scoring (method.md §4, §6, §7).
 
 Three questions, one module:
 
@@ -54,6 +54,8 @@ _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _FINAL_PREFIX = re.compile(r"^\s*final\s*answer\s*[:：]\s*", re.IGNORECASE)
 _FINAL_ANY = re.compile(r"final\s*answer\s*(?:is)?\s*[:：]\s*", re.IGNORECASE)
+# "(B) …", "B. …", "B) …" or "B: …" at the very start; a bare "A sphere" is an article.
+_LEADING_OPTION = re.compile(r"^(?:\(([A-H])\)|([A-H])[.):])(?=[\s.,;:]|$)")
 _ANSWER_IS = re.compile(
     r"(?:the\s+(?:final\s+|correct\s+)?answer\s+is|answer\s*[:：])\s*[:：]?\s*", re.IGNORECASE
 )
@@ -79,9 +81,8 @@ class Extraction(NamedTuple):
     """An extracted answer and the rule that found it (saved with every eval verdict)."""
 
     value: str | None
-    method: (
-        str  # answer_tag | final_answer | boxed | answer_is | option_letter | last_number | none
-    )
+    method: str  # answer_tag | final_answer | boxed | answer_is | leading_option |
+    # option_letter | last_number | none
 
 
 def last_boxed(text: str) -> str | None:
@@ -132,6 +133,11 @@ def extract_final(text: str, multiple_choice: bool | None = None) -> Extraction:
             return Extraction(value, "answer_is")
     stripped = text.strip()
     if multiple_choice is not False:
+        # A response that opens with a marked option ("(B) A sphere has no base.") answers with
+        # it; the trailing-letter pattern below would take the article "A" of its text instead.
+        lead = _LEADING_OPTION.match(stripped)
+        if lead:
+            return Extraction(lead.group(1) or lead.group(2), "leading_option")
         letters = re.findall(r"(?:^|[\s(\[])([A-H])(?:[)\].:,]|\s|$)", stripped[-80:])
         if letters:
             return Extraction(letters[-1], "option_letter")
@@ -413,7 +419,8 @@ class _Worker:
                     with contextlib.suppress(OSError):
                         fh.close()
 
-    def compare(self, gold: str, pred: str, timeout_s: float) -> bool:
+    def compare(self, gold: str, pred: str, timeout_s: float) -> bool | None:
+        """math-verify's verdict, or None when it did not answer within ``timeout_s``."""
         with self.lock:
             for _attempt in range(2):
                 if self.proc is None or self.proc.poll() is not None:
@@ -437,7 +444,7 @@ class _Worker:
                 else:
                     if not ready:
                         self.stop()  # timed out: kill the stuck sympy computation
-                        return False
+                        return None
                 self.stop()  # crashed: restart once
             return False
 
@@ -447,12 +454,8 @@ _WORKER = _Worker()
 atexit.register(_WORKER.stop)
 
 
-def symbolic_match(pred: str, gold: str, timeout_s: float | None = 5.0) -> bool:
-    """math-verify equivalence of ``pred`` and ``gold`` (LaTeX or plain), bounded by ``timeout_s``.
-
-    See the module docstring for how the bound is enforced. Over-long or exponent-bomb input is
-    refused (False) before sympy sees it.
-    """
+def _symbolic(pred: str, gold: str, timeout_s: float | None) -> bool | None:
+    """math-verify's verdict, or None when it ran out of ``timeout_s``."""
     if len(pred) > MAX_SYMBOLIC_CHARS or len(gold) > MAX_SYMBOLIC_CHARS:
         return False
     if _SYMBOLIC_BLOWUP.search(pred) or _SYMBOLIC_BLOWUP.search(gold):
@@ -465,7 +468,37 @@ def symbolic_match(pred: str, gold: str, timeout_s: float | None = 5.0) -> bool:
     return _WORKER.compare(gold, pred, timeout_s)
 
 
+def symbolic_match(pred: str, gold: str, timeout_s: float | None = 5.0) -> bool:
+    """math-verify equivalence of ``pred`` and ``gold`` (LaTeX or plain), bounded by ``timeout_s``.
+
+    See the module docstring for how the bound is enforced. Over-long or exponent-bomb input is
+    refused (False) before sympy sees it.
+    """
+    return bool(_symbolic(pred, gold, timeout_s))
+
+
 # --------------------------------------------------------------------------- the judge
+
+
+class MatchResult(NamedTuple):
+    """A verdict and whether it is a timeout: ``timed_out`` is True only when math-verify was
+    stopped at its bound (``matched`` is then False). A comparison that was merely slow (the
+    first one also waits for the worker's imports) and came back False is a plain mismatch."""
+
+    matched: bool
+    timed_out: bool = False
+
+
+def match_answers(
+    pred: str, gold: str, choices: list[str] | None = None, timeout_s: float | None = 5.0
+) -> MatchResult:
+    """:func:`answers_match`, telling a wrong answer apart from a comparison that timed out."""
+    timeouts: list[bool] = []
+    try:
+        ok = _match(pred, gold, choices, timeout_s, timeouts)
+    except Exception:
+        ok = False
+    return MatchResult(ok, not ok and bool(timeouts))
 
 
 def answers_match(
@@ -476,37 +509,48 @@ def answers_match(
     Order: normalised text equality; multiple choice (when ``choices`` are given or the gold is a
     bare option letter) with letter ↔ option text; numbers (units/%/degrees stripped, tolerance);
     element-wise lists; then math-verify (fractions, roots, π, sets, intervals, equations) in a
-    killable worker bounded by ``timeout_s`` seconds (None: in-process, unbounded).
+    killable worker bounded by ``timeout_s`` seconds (None: in-process, unbounded). A timeout
+    counts as no match; :func:`match_answers` says which it was.
     """
-    try:
-        if pred is None or gold is None:
-            return False
-        pred, gold = str(pred), str(gold)
-        if not pred.strip() or not gold.strip():
-            return False
-        np_, ng = normalize_text(pred), normalize_text(gold)
-        if np_ == ng:
-            return True
-        if choices:
-            verdict = _choices_match(pred, gold, [str(c) for c in choices])
-            if verdict is not None:
-                return verdict
-        elif re.fullmatch(r"\(?[A-Z]\)?", gold.strip()):
-            letter = option_letter(pred, 26)
-            return letter is not None and _LETTERS[letter] == gold.strip().strip("()")
-        if np_.replace(" ", "") == ng.replace(" ", ""):
-            return True
-        num = numbers_match(pred, gold)
-        if num is not None:
-            return num
-        gl, pl = _as_list(gold), _as_list(pred)
-        if gl is not None and pl is not None:
-            return len(gl) == len(pl) and all(
-                answers_match(p, g, None, timeout_s) for p, g in zip(pl, gl, strict=True)
-            )
-        return symbolic_match(pred, gold, timeout_s)
-    except Exception:
+    return match_answers(pred, gold, choices, timeout_s).matched
+
+
+def _match(
+    pred: str,
+    gold: str,
+    choices: list[str] | None,
+    timeout_s: float | None,
+    timeouts: list[bool],
+) -> bool:
+    if pred is None or gold is None:
         return False
+    pred, gold = str(pred), str(gold)
+    if not pred.strip() or not gold.strip():
+        return False
+    np_, ng = normalize_text(pred), normalize_text(gold)
+    if np_ == ng:
+        return True
+    if choices:
+        verdict = _choices_match(pred, gold, [str(c) for c in choices])
+        if verdict is not None:
+            return verdict
+    elif re.fullmatch(r"\(?[A-Z]\)?", gold.strip()):
+        letter = option_letter(pred, 26)
+        return letter is not None and _LETTERS[letter] == gold.strip().strip("()")
+    if np_.replace(" ", "") == ng.replace(" ", ""):
+        return True
+    num = numbers_match(pred, gold)
+    if num is not None:
+        return num
+    gl, pl = _as_list(gold), _as_list(pred)
+    if gl is not None and pl is not None:
+        return len(gl) == len(pl) and all(
+            _match(p, g, None, timeout_s, timeouts) for p, g in zip(pl, gl, strict=True)
+        )
+    verdict = _symbolic(pred, gold, timeout_s)
+    if verdict is None:
+        timeouts.append(True)
+    return bool(verdict)
 
 
 if __name__ == "__main__":

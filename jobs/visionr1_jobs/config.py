@@ -1,7 +1,7 @@
 """Parameters of every stage program, as pydantic models.
 
 The stage programs own their parameters; the operator's VisionR1Run API embeds these models
-under ``spec.stages.<stage>.params``. Defaults reproduce the Vision-R1 paper (see VISION-R1.md);
+under ``spec.stages.<stage>.params``. Defaults reproduce the Vision-R1 paper (see docs/method.md);
 where the paper is silent the default is marked "not published" in the field description.
 
 This module imports only pydantic (and the standard library): the operator image has no torch.
@@ -119,7 +119,8 @@ class Backend(Model):
     model: str | None = Field(
         None,
         description="Model: a path, a hub id, or the served model name for `openai`. "
-        "Unset = the stage's own model (the run's base model or the checkpoint under test).",
+        "Unset = the stage's own model (the run's base model or the checkpoint under test). "
+        "Kind toy: unset (default behaviour) or a JSON file of the stand-ins' own settings.",
         max_length=512,
     )
     base_url: str | None = Field(
@@ -139,25 +140,33 @@ class Backend(Model):
     timeout_s: float = Field(600.0, gt=0, le=86400, description="Per-request timeout (seconds).")
     max_retries: int = Field(5, ge=0, le=50, description="Retries on 429/5xx/timeouts (openai).")
     batch_size: int = Field(8, ge=1, le=4096, description="Prompts per batch (transformers).")
-    tensor_parallel_size: int = Field(1, ge=1, le=64, description="vLLM tensor parallel degree.")
+    tensor_parallel_size: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="vLLM: GPUs per engine (tensor parallel). Unset = all of the pod's GPUs.",
+    )
+    data_parallel_size: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="vLLM: engines per pod, each on its own tensorParallelSize GPUs, sharing "
+        "every batch. Unset = the pod's GPUs / tensorParallelSize.",
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=256,
+        le=1048576,
+        description="vLLM: context length (prompt + completion tokens). Unset = the model's own.",
+    )
+    max_images_per_prompt: int = Field(
+        4, ge=1, le=64, description="vLLM: images one prompt may carry (limit_mm_per_prompt)."
+    )
     gpu_memory_utilization: float = Field(
         0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype (auto = bf16 on GPU, fp32 on CPU)."
-    )
-    toy_error_rate: float = Field(
-        0.25,
-        ge=0.0,
-        le=1.0,
-        description="Toy reasoner stand-in only: share of wrong answers (the filter must drop them).",
-    )
-    toy_inconsistent_rate: float = Field(
-        0.1,
-        ge=0.0,
-        le=1.0,
-        description="Toy reasoner stand-in only: share of CoTs whose final answer contradicts the "
-        "thinking's last conclusion, or that break the format.",
     )
 
     @model_validator(mode="after")
@@ -191,7 +200,7 @@ class DatasetRef(Model):
 
 
 class SynthesisParams(Model):
-    """Modality bridging (VISION-R1.md §2): pseudo-CoT → detailed description → text reasoner."""
+    """Modality bridging (method.md §2): pseudo-CoT → detailed description → text reasoner."""
 
     describer: Teacher = Field(
         default_factory=lambda: Teacher(
@@ -224,6 +233,14 @@ class SynthesisParams(Model):
         512, ge=1, le=1_000_000, description="Rows per output parquet file (rows)."
     )
     limit: int | None = Field(None, ge=1, description="Process at most this many input rows.")
+    max_failed_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Share of a shard's rows whose teacher calls may fail for good (content "
+        "filter, context length, other 4xx, retries spent; each dropped with its reason and "
+        "counted) before the shard fails.",
+    )
 
 
 # --------------------------------------------------------------------------- filter
@@ -261,7 +278,7 @@ DEFAULT_REPLACEMENTS: list[dict[str, str]] = [
 
 
 class FilterParams(Model):
-    """Rules that turn raw reasoner outputs into Vision-R1-cold (VISION-R1.md §3–4)."""
+    """Rules that turn raw reasoner outputs into Vision-R1-cold (method.md §3–4)."""
 
     require_correct: bool = Field(
         True, description="Keep only answers that match the ground truth."
@@ -359,7 +376,7 @@ _PIXELS_CEL = (
 
 
 class SFTParams(TrainCommon):
-    """Cold-start SFT (VISION-R1.md §5): full fine-tune, bf16, ZeRO-3."""
+    """Cold-start SFT (method.md §5): full fine-tune, bf16, ZeRO-3."""
 
     model_config = ConfigDict(json_schema_extra=_cel(_PIXELS_CEL))
 
@@ -401,7 +418,7 @@ PAPER_PTST: list[dict[str, int]] = [
 
 
 class GRPOParams(TrainCommon):
-    """GRPO with PTST and the hard formatting result reward (VISION-R1.md §6)."""
+    """GRPO with PTST and the hard formatting result reward (method.md §6)."""
 
     model_config = ConfigDict(
         json_schema_extra=_cel(
@@ -507,7 +524,7 @@ class Benchmark(Model):
 
 
 class EvalParams(Model):
-    """Evaluation (VISION-R1.md §7): the released harness's protocol, rule-based by default."""
+    """Evaluation (method.md §7): the released harness's protocol, rule-based by default."""
 
     model_config = ConfigDict(
         json_schema_extra=_cel(
@@ -543,6 +560,13 @@ class EvalParams(Model):
         ge=0,
         le=16,
         description="Ask again up to N times when `</answer>` is missing (paper: 4).",
+    )
+    batch_size: int = Field(
+        256,
+        ge=1,
+        le=100000,
+        description="Prompts generated together; each batch's predictions are saved when done, "
+        "so a restarted pod resumes after the last saved batch.",
     )
     judge: Literal["rule", "llm"] = Field("rule", description="rule = reproducible default.")
     llm_judge: Teacher | None = Field(

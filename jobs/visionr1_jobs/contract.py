@@ -1,4 +1,4 @@
-"""The stage contract (DESIGN.md): atomic writes, the done-marker manifest, shards, exit codes.
+"""The stage contract (docs/design.md): atomic writes, the done-marker manifest, shards, exit codes.
 
 A stage is done if and only if ``<workspace>/<stage>/_manifest.json`` exists. It is written last and
 atomically; everything a stage writes on the way goes through :func:`atomic_write` too, so a

@@ -95,6 +95,14 @@ class Storage(Model):
         "paths in the manifest are under it); default = <namespace>/<run name>; on a cluster it "
         "must be under <namespace>/.",
     )
+    model_cache: str = Field(
+        ".cache/huggingface",
+        max_length=1024,
+        pattern=r"^[^/].*$",
+        description="Folder inside the namespace's folder of the PVC (<namespace>/<modelCache>) "
+        "where stage pods download models (HF_HOME), shared by the namespace's runs and pods so a "
+        "model downloads once per namespace; mounted read-write at /cache/huggingface.",
+    )
     local_dir: str | None = Field(
         None, max_length=4096, description="Workspace directory for `visionr1 run-local`."
     )

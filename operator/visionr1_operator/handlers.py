@@ -5,7 +5,8 @@ or one of its pods changed; a retry's backoff elapsed) does the same thing: read
 Jobs, ``plan``, execute the actions (create objects, suspend Jobs, open and end MLflow runs, post
 Events), and patch the status. Reconciles of one run are serialised by a lock; different runs go
 in parallel. All calls are async (lightkube through ``kube``; MlflowClient in a thread), and
-kopf's worker_limit is left unset: a low limit turns millisecond transitions into seconds.
+kopf's worker_limit is left unset: a low limit turns millisecond transitions into seconds
+(docs/design.md).
 
 What goes wrong is shown to people, never swallowed: a create refused (403, 422, quota) or an
 object of the same name that this run does not own (a deleted run's children still being

@@ -37,7 +37,7 @@ from visionr1_jobs.config import (
 )
 from visionr1_operator.api import API_VERSION, GROUP, KIND, VisionR1Run
 from visionr1_operator.plan import ObservedJob, job_name, parse_time
-from visionr1_operator.policy import ClusterPolicy
+from visionr1_operator.policy import ClusterPolicy, model_cache_sub_path
 from visionr1_operator.policy import workspace_sub_path as workspace_sub_path
 from visionr1_operator.resolve import resolve_stage_config
 
@@ -57,7 +57,10 @@ SHARED_DATA = "/data"
 INIT_MOUNT = "/parent"
 CONFIG_DIR = "/etc/visionr1"
 CONFIG_FILE = f"{CONFIG_DIR}/config.json"
-HF_HOME = f"{WORKSPACE}/.cache/huggingface"
+# The model cache: spec.storage.modelCache under the namespace's folder of the PVC, shared by the
+# namespace's runs (not the run's workspace; not across tenants, who could poison each other's
+# weights), so sixteen synthesis pods and the next run reuse one download of each model.
+HF_HOME = "/cache/huggingface"
 RDZV_PORT = 29500
 SHARDED = ("synthesis", "filter", "eval")
 DISTRIBUTED = ("sft", "grpo")
@@ -244,19 +247,29 @@ def _resources(run: VisionR1Run, stage: str) -> dict[str, Any]:
 def _workspace_init(run: VisionR1Run, image: str, pull_policy: str) -> dict[str, Any]:
     """Creates the run's folder and gives it to the stage user (see the module docstring)."""
     sub = posixpath.normpath(workspace_sub_path(run)).strip("/")
-    parent, leaf = posixpath.split(sub)
+    namespace = run.metadata.namespace or "default"
+    if sub.startswith(f"{namespace}/"):  # always on a cluster (policy): the namespace's folder
+        parent = namespace
+        folders = [sub, model_cache_sub_path(run)]
+    else:  # `visionr1 render` of a manifest the operator would refuse: the run's folder only
+        parent, folders = posixpath.dirname(sub), [sub]
     mount: dict[str, Any] = {"name": "workspace", "mountPath": INIT_MOUNT}
     if parent:
         mount["subPath"] = parent
-    target = f"{INIT_MOUNT}/{leaf}"
+    targets = [f"{INIT_MOUNT}/{posixpath.relpath(f, parent or '.')}" for f in folders]
     owner = f"{RUN_AS_USER}:{RUN_AS_USER}"
     return {
         "name": INIT_CONTAINER,
         "image": image,
         "imagePullPolicy": pull_policy,
         # Not recursive: only the folder itself; what the stages write there is theirs already.
-        "command": ["sh", "-c", 'mkdir -p "$0" && chown "$1" "$0" && chmod 0775 "$0"'],
-        "args": [target, owner],
+        "command": [
+            "sh",
+            "-c",
+            'o="$1"; shift; for d in "$@"; do mkdir -p "$d" && chown "$o" "$d" && '
+            'chmod 0775 "$d" || exit 1; done',
+        ],
+        "args": [INIT_CONTAINER, owner, *targets],
         "volumeMounts": [mount],
         "resources": {
             "requests": {"cpu": "10m", "memory": "16Mi"},
@@ -320,6 +333,7 @@ def job(
                 "subPath": posixpath.normpath(policy.shared_data_path).strip("/"),
                 "readOnly": True,
             },
+            {"name": "workspace", "mountPath": HF_HOME, "subPath": model_cache_sub_path(run)},
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],

@@ -33,6 +33,12 @@ def workspace_sub_path(run: VisionR1Run) -> str:
     return run.spec.storage.sub_path or f"{run.metadata.namespace or 'default'}/{run.metadata.name}"
 
 
+def model_cache_sub_path(run: VisionR1Run) -> str:
+    """The model cache folder in the PVC: ``<namespace>/<spec.storage.modelCache>``."""
+    namespace = run.metadata.namespace or "default"
+    return f"{namespace}/{posixpath.normpath(run.spec.storage.model_cache).strip('/')}"
+
+
 def _norm(path: str) -> str:
     return posixpath.normpath(path).strip("/")
 
@@ -65,6 +71,11 @@ def cluster_problems(run: VisionR1Run, policy: ClusterPolicy) -> list[str]:
             problems.append(
                 f"spec.storage.subPath: {storage.sub_path!r} is outside this namespace's folder; "
                 f"use a folder under {namespace}/ (or leave it unset: {namespace}/<run name>)"
+            )
+        elif posixpath.normpath(storage.model_cache).startswith(".."):
+            problems.append(
+                f"spec.storage.modelCache: {storage.model_cache!r} leaves this namespace's folder; "
+                f"use a folder inside it (default .cache/huggingface = {namespace}/.cache/huggingface)"
             )
         elif shared and (sub == shared or sub.startswith(f"{shared}/")):
             problems.append(

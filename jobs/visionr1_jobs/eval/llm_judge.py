@@ -1,6 +1,6 @@
 """The optional LLM judge (``params.judge: llm``): a second verdict on each saved response.
 
-The rule-based verdict stays the reproducible default (VISION-R1.md §7); the paper judged
+The rule-based verdict stays the reproducible default (method.md §7); the paper judged
 MathVista and MathVerse with an LLM, so this judge exists to compare against it. Every verdict
 row records what produced it: the model id the endpoint says answered (a dated snapshot for
 hosted APIs, else the configured name), the prompt version and its sha256, the temperature and
@@ -153,14 +153,15 @@ def judge_rows(
     served: list[str | None] = [None] * len(rows)
     parsed: list[bool | None] = [None] * len(rows)
     todo = list(range(len(rows)))
-    for _ in range(retries + 1):
+    for attempt in range(retries + 1):
         if not todo:
             break
         gens = backend.generate(
             [{"messages": [{"role": "user", "content": texts[i]}]} for i in todo],
             temperature=TEMPERATURE,
             max_tokens=max_tokens,
-            seed=seed,
+            # A re-ask with the first ask's seed would get the first reply back from a seeded server.
+            seed=None if seed is None else seed + attempt,
         )
         for i, g in zip(todo, gens, strict=True):
             replies[i].append(g.text)

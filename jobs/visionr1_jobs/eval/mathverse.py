@@ -21,6 +21,9 @@ NAME = "mathverse"
 REQUIRED = ("answer", "question_type")
 MAIN_VERSIONS = ("Text Dominant", "Text Lite", "Vision Intensive", "Vision Dominant", "Vision Only")
 
+# Between the letters of a several-option answer ("C and D", "C, D", "C和D"): whitespace, a
+# comma, a semicolon, 和 or the word "and" (not the letters a, n and d: "a and d" names A and D).
+_SEPARATORS = re.compile(r"(?:\s|,|;|和|\band\b)+", re.IGNORECASE)
 _OPTION_LINE = re.compile(r"^\s*\(?([A-H])\)?\s*[:.：)]\s*(.*?)\s*$")
 
 
@@ -71,7 +74,7 @@ def score(row: dict[str, Any], response: str) -> dict[str, Any]:
         if letters is not None and len(letters) > 1:
             said = {
                 chr(ord("A") + i)
-                for p in re.split(r"[\s,;和and]+", value)
+                for p in _SEPARATORS.split(value)
                 if p and (i := option_letter(p, 8)) is not None
             }
             correct = said == letters

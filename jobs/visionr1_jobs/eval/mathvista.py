@@ -22,7 +22,7 @@ NAME = "mathvista"
 REQUIRED = ("answer", "choices", "question_type", "answer_type", "precision")
 GROUP_FIELDS = ("question_type", "answer_type", "language", "source", "category", "task")
 GROUP_FIELDS_EXTRA = ("context", "grade", "skills")
-# The paper's MathVista sub-scores (VISION-R1.md §7) as the leaderboard defines them.
+# The paper's MathVista sub-scores (method.md §7) as the leaderboard defines them.
 PAPER_SUBSCORES = {
     "GEO": ("skills", "geometry reasoning"),
     "ALG": ("skills", "algebraic reasoning"),
@@ -175,8 +175,18 @@ def score_extraction(row: dict[str, Any], extraction: Any) -> tuple[str | None, 
 
 
 def score(row: dict[str, Any], response: str) -> dict[str, Any]:
-    """Extract from the raw response, then judge with the official rules."""
+    """Extract from the raw response, then judge with the official rules.
+
+    A row that already carries the official ``extraction`` (an official result file, re-scored
+    with ``visionr1 score``) is judged on that extraction with the official normalisation only,
+    so those files re-score as they were scored: an integer row whose extraction is
+    ``"2000 and 2005"`` is wrong, whatever number our extractor would find in the response.
+    """
     require(row, REQUIRED, NAME)
+    given = row.get("extraction")
+    if isinstance(given, str):
+        prediction, correct = score_extraction(row, given)
+        return verdict(row, response, given, "given_extraction", prediction, correct)
     extracted, method = extract(response, row)
     prediction, correct = score_extraction(row, extracted)
     return verdict(row, response, extracted, method, prediction, correct)

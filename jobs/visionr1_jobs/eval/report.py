@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# Vision-R1 paper (VISION-R1.md §7), accuracy in percent. The paper judged MathVista and MathVerse
+# Vision-R1 paper (method.md §7), accuracy in percent. The paper judged MathVista and MathVerse
 # with gpt-4o-mini; our default is rule-based, so expect a gap of a few points there.
 PAPER: dict[str, dict[str, float]] = {
     "Qwen2.5-VL-7B (base)": {
@@ -56,15 +56,23 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], settings: dict[str, 
         judges = ", ".join(f"{b}: {PAPER_JUDGE[b]}" for b in paper_benches)
         lines += ["", f"Paper judges ({judges}); ours: {settings.get('judge', 'rule')}."]
     lines += _judge_section(results, settings)
+    lines += [
+        "",
+        "Failed: requests that failed for good at generation (after the backend's retries); "
+        "they count as wrong answers.",
+    ]
     lines += ["", "## Format and length", ""]
-    lines.append("| checkpoint | benchmark | n | format rate (%) | mean tokens | mean chars |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append(
+        "| checkpoint | benchmark | n | format rate (%) | mean tokens | mean chars | failed |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
     for ckpt, per in results.items():
         for b, s in sorted(per.items()):
             tok = s.get("mean_response_tokens")
             lines.append(
                 f"| {ckpt} | {b} | {s['n']} | {_pct(s['format_rate'])} | "
-                f"{'–' if tok is None else f'{tok:.0f}'} | {s['mean_response_chars']:.0f} |"
+                f"{'–' if tok is None else f'{tok:.0f}'} | {s['mean_response_chars']:.0f} | "
+                f"{s.get('failed', 0)} |"
             )
     for b in benches:
         dims = HEADLINE_DIMS.get(b, ())

@@ -40,7 +40,8 @@ def summarize(
 ) -> dict[str, Any]:
     """Accuracy overall and per category, format rate, mean response length, extra metrics.
 
-    ``rows`` may carry ``response_tokens`` (from generation) for the mean length in tokens.
+    ``rows`` may carry ``response_tokens`` (from generation) for the mean length in tokens and
+    ``failed`` (the request failed for good) for the failed-row count.
     """
     mod = scorer(name)
     n = len(verdicts)
@@ -57,6 +58,8 @@ def summarize(
         "benchmark": name,
         "n": n,
         "correct": correct,
+        # Requests that failed for good at generation (scored wrong; counted so it shows).
+        "failed": sum(bool(r.get("failed")) for r in rows),
         "accuracy": correct / n if n else 0.0,
         "format_rate": sum(bool(v.get("format_ok")) for v in verdicts) / n if n else 0.0,
         "mean_response_chars": sum(v.get("response_chars", 0) for v in verdicts) / n if n else 0.0,

@@ -1,4 +1,4 @@
-"""The toy benchmark (issue 3's toy world): answers compared with :func:`answers_match`."""
+"""The toy benchmark (the toy world): answers compared with :func:`answers_match`."""
 
 from __future__ import annotations
 

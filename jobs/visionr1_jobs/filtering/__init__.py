@@ -1,1 +1,1 @@
-"""The filter: per-sample rules, worker-process judging, dedupe (VISION-R1.md §3)."""
+"""The filter: per-sample rules, worker-process judging, dedupe (method.md §3)."""

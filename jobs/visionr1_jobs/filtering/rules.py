@@ -1,4 +1,4 @@
-"""The filter's per-sample rules (VISION-R1.md §3): pure functions, one verdict per sample.
+"""The filter's per-sample rules (method.md §3): pure functions, one verdict per sample.
 
 A reasoner output survives when, in this order, it is non-empty and not over-long; its tags are
 exactly ``<think>…</think><answer>…</answer>``; the answer block holds one ``Final Answer:X``;
@@ -22,7 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from visionr1_jobs.answers import answers_match, extract_answer, format_ok, normalize_text
+from visionr1_jobs.answers import (
+    MatchResult,
+    extract_answer,
+    format_ok,
+    match_answers,
+    normalize_text,
+)
 
 # Drop reasons, in the order the rules run (dedupe runs last, across samples).
 EMPTY = "empty_response"
@@ -63,7 +69,8 @@ REASONS: tuple[str, ...] = (
     DUPLICATE,
 )
 
-Matcher = Callable[[str, str, "list[str] | None", float], bool]
+# Returns a MatchResult (which knows a timeout from a mismatch) or a plain bool.
+Matcher = Callable[[str, str, "list[str] | None", float], "bool | MatchResult"]
 
 
 @dataclass(frozen=True)
@@ -337,7 +344,7 @@ def replace_wording(
 
 
 def vision_r1_response(think: str, final: str) -> str:
-    """The exact target format of the released data and the eval regex (VISION-R1.md §4)."""
+    """The exact target format of the released data and the eval regex (method.md §4)."""
     return f"<think> {think.strip()} </think><answer> Final Answer:{final.strip()} </answer>"
 
 
@@ -347,13 +354,17 @@ def vision_r1_response(think: str, final: str) -> str:
 def _timed_match(
     match: Matcher, pred: str, gold: str, choices: list[str] | None, timeout_s: float
 ) -> tuple[bool, bool]:
-    """(matched, timed out): answers_match returns False when its bound expires."""
+    """(matched, timed out). A MatchResult says itself whether math-verify was stopped at its
+    bound (a slow first call that answered False is a wrong answer); for a plain-bool matcher
+    only the clock can tell."""
     t0 = time.perf_counter()
-    ok = match(pred, gold, choices, timeout_s)
-    return ok, (not ok and time.perf_counter() - t0 >= timeout_s)
+    result = match(pred, gold, choices, timeout_s)
+    if isinstance(result, MatchResult):
+        return result.matched, result.timed_out
+    return result, (not result and time.perf_counter() - t0 >= timeout_s)
 
 
-def judge(item: Item, rules: RuleSet, match: Matcher = answers_match) -> Verdict:
+def judge(item: Item, rules: RuleSet, match: Matcher = match_answers) -> Verdict:
     """Run every rule on one sample; the first failing rule is the drop reason."""
     text = item.response or ""
     if not text.strip():

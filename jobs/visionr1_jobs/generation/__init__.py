@@ -4,7 +4,7 @@
     with get_backend(Backend(kind="transformers"), "models/tiny-qwen25vl") as gen:
         outs = gen.generate([user("How many circles?", ["a.png"])], temperature=0, max_tokens=64)
 
-Importing this package is cheap: torch, transformers, vLLM and httpx load with the kind chosen.
+Importing this package is cheap: torch, transformers, vLLM and openai load with the kind chosen.
 """
 
 from visionr1_jobs.generation.base import (

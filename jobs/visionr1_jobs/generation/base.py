@@ -57,7 +57,9 @@ class Generation:
     separately (DeepSeek's ``reasoning_content``), else None. Token counts come from the
     tokenizer or the server's ``usage`` (0 when a server reports none). ``finish_reason``:
     ``stop`` (ended on its own) or ``length`` (hit max_tokens). ``model``: the model id the
-    server says answered (an API's ``model`` field, e.g. a dated snapshot), else None."""
+    server says answered (an API's ``model`` field, e.g. a dated snapshot), else None.
+    ``error``: set (and ``finish_reason`` ``error``, ``text`` empty) when the request failed for
+    good and the caller asked for per-request failures (``generate(..., row_errors=True)``)."""
 
     text: str
     prompt_tokens: int = 0
@@ -65,6 +67,7 @@ class Generation:
     finish_reason: str = "stop"
     reasoning: str | None = None
     model: str | None = None
+    error: str | None = None
 
 
 def resolve_sampling(sampling: Sampling | dict[str, Any] | None, **overrides: Any) -> Sampling:
@@ -79,6 +82,10 @@ class GenerationBackend(abc.ABC):
 
     #: the Backend.kind this implements
     kind: str = ""
+    #: ``_generate`` takes ``row_errors`` and reports a request that failed for good as its own
+    #: failed Generation (remote APIs). Local engines fail as a whole (out of memory, a dead
+    #: worker): for them a failure is never one row's, so it always raises.
+    supports_row_errors: bool = False
 
     @abc.abstractmethod
     def _generate(self, requests: list[ChatRequest], sampling: Sampling) -> list[Generation]: ...
@@ -92,15 +99,23 @@ class GenerationBackend(abc.ABC):
         top_p: float | None = None,
         max_tokens: int | None = None,
         seed: int | None = None,
+        row_errors: bool = False,
     ) -> list[Generation]:
-        """One Generation per request, in order. Keyword arguments override ``sampling``."""
+        """One Generation per request, in order. Keyword arguments override ``sampling``.
+
+        ``row_errors``: a request that fails for good comes back with ``error`` set instead of
+        failing the batch (where the backend can tell one request's failure apart; see
+        ``supports_row_errors``)."""
         reqs = [ChatRequest.coerce(r) for r in requests]
         if not reqs:
             return []
         params = resolve_sampling(
             sampling, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed
         )
-        out = self._generate(reqs, params)
+        if row_errors and self.supports_row_errors:
+            out = self._generate(reqs, params, row_errors=True)  # type: ignore[call-arg]
+        else:
+            out = self._generate(reqs, params)
         if len(out) != len(reqs):
             raise RuntimeError(f"{self.kind} backend returned {len(out)} results for {len(reqs)}")
         return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Callable
+from typing import Any
 
 from visionr1_jobs.config import Backend
 from visionr1_jobs.contract import InvalidInput
@@ -58,12 +59,20 @@ def _transformers(backend: Backend, default_model: str | None) -> GenerationBack
 def _vllm(backend: Backend, default_model: str | None) -> GenerationBackend:
     from visionr1_jobs.generation.vllm_backend import VLLMBackend
 
-    return VLLMBackend(
-        _model(backend, default_model),
-        tensor_parallel_size=backend.tensor_parallel_size,
-        gpu_memory_utilization=backend.gpu_memory_utilization,
-        dtype=backend.dtype,
-    )
+    return VLLMBackend(_model(backend, default_model), **vllm_options(backend))
+
+
+def vllm_options(backend: Backend) -> dict[str, Any]:
+    """The VLLMBackend options a Backend config sets (all of them: a field left out here would
+    be silently ignored on the GPU)."""
+    return {
+        "tensor_parallel_size": backend.tensor_parallel_size,
+        "data_parallel_size": backend.data_parallel_size,
+        "gpu_memory_utilization": backend.gpu_memory_utilization,
+        "dtype": backend.dtype,
+        "max_model_len": backend.max_model_len,
+        "max_images_per_prompt": backend.max_images_per_prompt,
+    }
 
 
 def _openai(backend: Backend, default_model: str | None) -> GenerationBackend:

@@ -1,11 +1,18 @@
 """Any OpenAI-compatible chat-completions endpoint (vLLM or SGLang servers, hosted APIs).
 
-* At most ``max_concurrency`` requests in flight.
-* Retries with exponential backoff and jitter on 429, 5xx, timeouts and connection errors,
-  honouring ``Retry-After``; up to ``max_retries`` retries per request.
-* Any other 4xx is permanent: a 401/403 stops the whole batch at once (a bad key would fail
-  every request the same way, so nothing more is sent) and raises :class:`APIError` naming the
-  environment variable the key came from.
+Built on the official ``openai`` client (``AsyncOpenAI``), which owns the HTTP side: connection
+pooling, the per-request ``timeout``, and ``max_retries`` retries with exponential backoff and
+jitter on 408/409/429/5xx, timeouts and connection errors, honouring the server's
+``Retry-After`` / ``retry-after-ms``. On top of it this backend adds:
+
+* At most ``max_concurrency`` requests in flight (a semaphore over the batch).
+* A 401/403 stops the whole batch at once (a bad key would fail every request the same way, so
+  nothing more is sent) and raises :class:`APIError` naming the environment variable the key came
+  from.
+* A request that fails for good (any other 4xx such as a provider's content filter or a too-long
+  context, or retries spent) raises :class:`APIError` for the batch, or, with
+  ``generate(..., row_errors=True)``, comes back as its own failed :class:`Generation`
+  (``error`` set, empty text) while the rest of the batch completes.
 * Images are sent inline as ``data:`` URLs; the key is read from the environment variable
   ``api_key_env`` (fill it from a Kubernetes Secret), never from the config.
 """
@@ -14,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import threading
 from typing import Any
 
@@ -28,7 +34,9 @@ from visionr1_jobs.generation.base import (
     data_url,
 )
 
-RETRY_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
+# Sent when no apiKeyEnv is set (a local vLLM/SGLang server without auth): the client insists on
+# a key, and without one it would silently pick up OPENAI_API_KEY from the pod's environment.
+NO_KEY = "EMPTY"
 
 
 class APIError(RuntimeError):
@@ -36,7 +44,7 @@ class APIError(RuntimeError):
 
 
 class _Abort(Exception):
-    """Another request already failed permanently; do not send this one."""
+    """Another request already failed on the key; do not send this one."""
 
 
 def _text_of(content: Any) -> str:
@@ -45,8 +53,15 @@ def _text_of(content: Any) -> str:
     return content or ""
 
 
+def _detail(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    text = str(body if body is not None else getattr(exc, "message", exc))
+    return text[:300].strip()
+
+
 class OpenAIBackend(GenerationBackend):
     kind = "openai"
+    supports_row_errors = True
 
     def __init__(
         self,
@@ -57,20 +72,17 @@ class OpenAIBackend(GenerationBackend):
         max_concurrency: int = 16,
         timeout_s: float = 600.0,
         max_retries: int = 5,
-        backoff_base_s: float = 1.0,
-        backoff_max_s: float = 60.0,
         extra_body: dict[str, Any] | None = None,
     ) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
         self.extra_body = extra_body or {}
-        self.headers = {"Content-Type": "application/json"}
+        self.api_key = NO_KEY
         if api_key_env:
             key = os.environ.get(api_key_env, "")
             if not key:
@@ -78,13 +90,11 @@ class OpenAIBackend(GenerationBackend):
                     f"backend.apiKeyEnv: environment variable {api_key_env} is empty or unset; "
                     "fill it from a Secret with the stage's env (valueFrom.secretKeyRef)"
                 )
-            self.headers["Authorization"] = f"Bearer {key}"
-        #: requests sent, including retries (for logs and tests)
-        self.requests_sent = 0
+            self.api_key = key
 
     # ----------------------------------------------------------------- one request
 
-    def _body(self, req: ChatRequest, sampling: Sampling) -> dict[str, Any]:
+    def _messages(self, req: ChatRequest) -> list[dict[str, Any]]:
         messages = content_parts(
             req, lambda p: {"type": "image_url", "image_url": {"url": data_url(p)}}
         )
@@ -93,111 +103,124 @@ class OpenAIBackend(GenerationBackend):
             parts = m["content"]
             if isinstance(parts, list) and all(p.get("type") == "text" for p in parts):
                 m["content"] = "".join(p["text"] for p in parts)
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "max_tokens": sampling.max_tokens,
-            **self.extra_body,
-        }
-        if sampling.seed is not None:
-            body["seed"] = sampling.seed
-        return body
-
-    def _delay(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after:
-            try:
-                return min(float(retry_after), self.backoff_max_s)
-            except ValueError:
-                pass  # an HTTP date: fall back to our own backoff
-        base = min(self.backoff_base_s * 2**attempt, self.backoff_max_s)
-        return base * (0.5 + random.random() / 2)
+        return messages
 
     async def _one(
         self,
         client: Any,
         sem: asyncio.Semaphore,
         abort: asyncio.Event,
-        body: dict[str, Any],
+        req: ChatRequest,
+        sampling: Sampling,
         index: int,
+        row_errors: bool,
     ) -> Generation:
-        import httpx
+        import openai
 
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            async with sem:
-                if abort.is_set():
-                    raise _Abort
-                self.requests_sent += 1
-                try:
-                    resp = await client.post(self.url, json=body, headers=self.headers)
-                except httpx.TimeoutException:
-                    last, retry_after = f"timed out after {self.timeout_s:g} s", None
-                except httpx.TransportError as exc:
-                    last, retry_after = f"connection error ({type(exc).__name__}: {exc})", None
-                else:
-                    if resp.status_code == 200:
-                        return self._parse(resp, index)
-                    detail = resp.text[:300].strip()
-                    if resp.status_code in (401, 403):
-                        abort.set()
-                        where = (
-                            f" (read from ${self.api_key_env})"
-                            if self.api_key_env
-                            else (" (no key sent: set backend.apiKeyEnv)")
-                        )
-                        raise APIError(
-                            f"{self.url}: HTTP {resp.status_code}: the API key{where} was refused; "
-                            f"no retries. Server said: {detail}"
-                        )
-                    if resp.status_code not in RETRY_STATUS:
-                        abort.set()
-                        raise APIError(
-                            f"{self.url}: HTTP {resp.status_code} for request {index} "
-                            f"(not retryable): {detail}"
-                        )
-                    last, retry_after = (
-                        f"HTTP {resp.status_code}: {detail}",
-                        resp.headers.get("retry-after"),
-                    )
-            if attempt < self.max_retries:
-                await asyncio.sleep(self._delay(attempt, retry_after))
-        raise APIError(
-            f"{self.url}: request {index} failed after {self.max_retries + 1} attempts; last: {last}"
-        )
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": self._messages(req),
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+        }
+        if sampling.seed is not None:
+            kwargs["seed"] = sampling.seed
+        if self.extra_body:
+            kwargs["extra_body"] = self.extra_body
+        async with sem:
+            if abort.is_set():
+                raise _Abort
+            try:
+                resp = await client.chat.completions.create(**kwargs)
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+                abort.set()
+                where = (
+                    f" (read from ${self.api_key_env})"
+                    if self.api_key_env
+                    else " (no key sent: set backend.apiKeyEnv)"
+                )
+                raise APIError(
+                    f"{self.url}: HTTP {exc.status_code}: the API key{where} was refused; "
+                    f"no retries. Server said: {_detail(exc)}"
+                ) from exc
+            except openai.APIStatusError as exc:
+                retried = exc.status_code in (408, 409, 429) or exc.status_code >= 500
+                msg = (
+                    f"{self.url}: request {index} failed after {self.max_retries + 1} attempts; "
+                    f"last: HTTP {exc.status_code}: {_detail(exc)}"
+                    if retried
+                    else f"{self.url}: HTTP {exc.status_code} for request {index} "
+                    f"(not retryable): {_detail(exc)}"
+                )
+                return self._failed(msg, exc, row_errors)
+            except openai.APITimeoutError as exc:
+                msg = (
+                    f"{self.url}: request {index} failed after {self.max_retries + 1} attempts; "
+                    f"last: timed out after {self.timeout_s:g} s"
+                )
+                return self._failed(msg, exc, row_errors)
+            except openai.APIConnectionError as exc:
+                msg = (
+                    f"{self.url}: request {index} failed after {self.max_retries + 1} attempts; "
+                    f"last: connection error ({exc.__cause__ or exc})"
+                )
+                return self._failed(msg, exc, row_errors)
+        return self._parse(resp, index, row_errors)
 
-    def _parse(self, resp: Any, index: int) -> Generation:
+    @staticmethod
+    def _failed(msg: str, exc: BaseException | None, row_errors: bool) -> Generation:
+        if not row_errors:
+            raise APIError(msg) from exc
+        return Generation(text="", finish_reason="error", error=msg)
+
+    def _parse(self, resp: Any, index: int, row_errors: bool) -> Generation:
         try:
-            data = resp.json()
-            choice = data["choices"][0]
-            message = choice.get("message") or {}
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise APIError(f"{self.url}: request {index}: not a chat completion ({exc})") from exc
-        usage = data.get("usage") or {}
+            choice = resp.choices[0]
+            message = choice.message
+        except (AttributeError, IndexError, TypeError) as exc:
+            return self._failed(
+                f"{self.url}: request {index}: not a chat completion ({exc})", exc, row_errors
+            )
+        usage = resp.usage
+        # DeepSeek's thinking comes as ``reasoning_content``; vLLM's reasoning parsers say
+        # ``reasoning``: both are extra fields the client keeps on the message.
+        extra = message.model_extra or {}
         return Generation(
-            text=_text_of(message.get("content")),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
-            reasoning=message.get("reasoning_content") or message.get("reasoning") or None,
-            model=str(data["model"]) if data.get("model") else None,
+            text=_text_of(message.content),
+            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            finish_reason="length" if choice.finish_reason == "length" else "stop",
+            reasoning=extra.get("reasoning_content") or extra.get("reasoning") or None,
+            model=str(resp.model) if resp.model else None,
         )
 
     # ----------------------------------------------------------------- a batch
 
-    async def agenerate(self, requests: list[ChatRequest], sampling: Sampling) -> list[Generation]:
-        """The async form, for callers that already run an event loop."""
-        import httpx
+    def client(self) -> Any:
+        """A fresh ``AsyncOpenAI`` client for one event loop (its connection pool is bound to it).
 
-        bodies = [self._body(r, sampling) for r in requests]
+        Its pool (1000 connections) is wider than any sane ``max_concurrency``, so a request
+        does not wait for a connection slot while its timeout runs."""
+        import openai
+
+        return openai.AsyncOpenAI(
+            base_url=self.base_url,
+            api_key=self.api_key,
+            timeout=self.timeout_s,
+            max_retries=self.max_retries,
+        )
+
+    async def agenerate(
+        self, requests: list[ChatRequest], sampling: Sampling, row_errors: bool = False
+    ) -> list[Generation]:
+        """The async form, for callers that already run an event loop."""
         sem = asyncio.Semaphore(self.max_concurrency)
         abort = asyncio.Event()
-        limits = httpx.Limits(max_connections=self.max_concurrency)
-        async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits) as client:
+        async with self.client() as client:
             tasks = [
-                asyncio.create_task(self._one(client, sem, abort, b, i))
-                for i, b in enumerate(bodies)
+                asyncio.create_task(self._one(client, sem, abort, r, sampling, i, row_errors))
+                for i, r in enumerate(requests)
             ]
             try:
                 return list(await asyncio.gather(*tasks))
@@ -211,17 +234,19 @@ class OpenAIBackend(GenerationBackend):
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _generate(self, requests: list[ChatRequest], sampling: Sampling) -> list[Generation]:
+    def _generate(
+        self, requests: list[ChatRequest], sampling: Sampling, row_errors: bool = False
+    ) -> list[Generation]:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.agenerate(requests, sampling))
+            return asyncio.run(self.agenerate(requests, sampling, row_errors))
         # Called from inside an event loop (e.g. a notebook): run ours on a helper thread.
         box: dict[str, Any] = {}
 
         def run() -> None:
             try:
-                box["out"] = asyncio.run(self.agenerate(requests, sampling))
+                box["out"] = asyncio.run(self.agenerate(requests, sampling, row_errors))
             except BaseException as exc:  # re-raised in the caller's thread
                 box["err"] = exc
 

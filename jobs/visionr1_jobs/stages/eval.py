@@ -1,18 +1,27 @@
 """The eval stage: generate on each benchmark for each checkpoint, score, report, log to MLflow.
 
-Protocol (VISION-R1.md §7): the benchmark prompt as the only user turn (no system prompt),
+Protocol (method.md §7): the benchmark prompt as the only user turn (no system prompt),
 temperature 0.6, top_p 0.95, ``maxNewTokens``, and up to ``retriesMissingAnswer`` more asks for a
-response without ``</answer>`` (the last attempt is scored; every attempt is saved).
+response without ``</answer>`` (the last answered attempt is scored; every attempt is saved).
+Attempt ``k`` (0 = the first ask) samples with seed ``seed + k``: a seeded server or engine given
+the first ask's seed again would return the same cut answer again.
 
-Sharding (Indexed Job): shard ``i`` of ``n`` (JOB_COMPLETION_INDEX / VISIONR1_SHARDS) takes rows
-``i, i+n, …`` of every (checkpoint, benchmark) and writes
-``eval/<checkpoint>/<benchmark>.shard-<i>-of-<n>.jsonl`` atomically; a restarted shard skips the
-files it already wrote. The shard that, after writing its own files, finds every shard's files
-present merges: scores all predictions, writes ``eval/<checkpoint>/<benchmark>.json`` (summary),
-``….verdicts.jsonl`` (every response, extraction and verdict), ``report.json``, ``report.md``,
-``accuracy.png``, logs to MLflow and writes the manifest. The other shards exit 0 without a
-manifest, so the Indexed Job succeeds when every index has, and by then the last one has merged
-(two shards finishing together both merge; the outputs are identical and written atomically).
+Sharding (Indexed Job, :mod:`visionr1_jobs.shards`): shard ``i`` of ``n`` (JOB_COMPLETION_INDEX /
+VISIONR1_SHARDS) takes rows ``i, i+n, …`` of every (checkpoint, benchmark). It generates them
+``batchSize`` prompts at a time and saves each batch's predictions as soon as it is done
+(``eval/<checkpoint>/<benchmark>.shard-<i>-of-<n>.part-<k>.jsonl``, atomically), so a killed pod's
+replacement resumes after the last saved batch without asking again for finished prompts. When
+its rows are done the shard writes them in row order to ``….shard-<i>-of-<n>.jsonl`` (the parts
+are then deleted), and when every (checkpoint, benchmark) is done, its marker
+``eval/_shards/shard-<i>.done.json``. The shard that finds every marker merges: scores all
+predictions, writes ``eval/<checkpoint>/<benchmark>.json`` (summary), ``….verdicts.jsonl`` (every
+response, extraction and verdict), ``report.json``, ``report.md``, ``accuracy.png``, logs to MLflow
+and writes the manifest; :func:`merge` does the same on its own (e.g. after a merging pod died).
+
+A request that still fails after the backend's retries (a remote API's 4xx, retries spent) does
+not lose its batch: the row is saved with ``failed: true`` and the error, scored wrong, and
+counted (``failed`` in the summaries and the report, ``<checkpoint>.<benchmark>.failed_rows`` in
+MLflow).
 
 With ``judge: llm`` the merge also asks ``llmJudge`` for a verdict on every response
 (``visionr1_jobs.eval.llm_judge``): ``correct`` and the headline accuracy become the judge's,
@@ -28,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from visionr1_jobs import shards
 from visionr1_jobs.config import EvalParams, ResolvedStageConfig
 from visionr1_jobs.contract import (
     InvalidInput,
@@ -40,11 +50,10 @@ from visionr1_jobs.contract import (
     sha256_file,
     shard_from_env,
     stage_dir,
-    write_manifest,
 )
 
 if TYPE_CHECKING:
-    from visionr1_jobs.generation import GenerationBackend
+    from visionr1_jobs.generation import Generation, GenerationBackend
 
 # (checkpoint model path or hub id, params) -> an open generation backend for it.
 GeneratorFactory = Callable[[str, EvalParams], "GenerationBackend"]
@@ -67,7 +76,7 @@ def resolve_checkpoint(cfg: ResolvedStageConfig, key: str) -> str:
 
 
 def _default_generator(model: str, params: EvalParams) -> GenerationBackend:
-    """The shared generation backend (issue 3) for one checkpoint; ``backend.model`` unset means
+    """The shared generation backend for one checkpoint; ``backend.model`` unset means
     the checkpoint itself."""
     from visionr1_jobs.generation import get_backend  # heavy libraries load with the kind
 
@@ -83,15 +92,22 @@ def _sampling(params: EvalParams) -> dict[str, Any]:
     }
 
 
+def attempt_sampling(sampling: dict[str, Any], attempt: int) -> dict[str, Any]:
+    """The sampling of attempt ``attempt`` (0 = the first ask): its own seed, ``seed + attempt``,
+    so each re-ask can differ on a backend that is deterministic for a given seed."""
+    seed = sampling.get("seed")
+    return {**sampling, "seed": None if seed is None else seed + attempt}
+
+
 def _ask(
     backend: GenerationBackend, prompts: list[Prompt], sampling: dict[str, Any]
-) -> list[tuple[str, int]]:
+) -> list[Generation]:
     # No system prompt: the benchmark prompt is the only user turn, its images before the text.
     requests = [
         {"messages": [{"role": "user", "content": text}], "images": images}
         for text, images in prompts
     ]
-    return [(g.text, int(g.completion_tokens)) for g in backend.generate(requests, **sampling)]
+    return backend.generate(requests, **sampling, row_errors=True)
 
 
 def generate_with_retries(
@@ -100,29 +116,63 @@ def generate_with_retries(
     sampling: dict[str, Any],
     retries: int,
 ) -> list[dict[str, Any]]:
-    """Generate; ask again (up to ``retries`` times) for each response missing ``</answer>``."""
-    outs = _ask(backend, prompts, sampling)
-    attempts: list[list[tuple[str, int]]] = [[o] for o in outs]
-    for _ in range(retries):
-        todo = [i for i, a in enumerate(attempts) if "</answer>" not in a[-1][0]]
+    """Generate; ask again (up to ``retries`` times, each with its own seed) for each response
+    missing ``</answer>``.
+
+    A request that failed for good (``Generation.error``) is not asked again: its row keeps the
+    last answered attempt, or, when none answered, is ``failed`` with the error."""
+    outs = _ask(backend, prompts, attempt_sampling(sampling, 0))
+    attempts: list[list[Generation]] = [[o] for o in outs]
+    for attempt in range(1, retries + 1):
+        todo = [
+            i
+            for i, a in enumerate(attempts)
+            if a[-1].error is None and "</answer>" not in a[-1].text
+        ]
         if not todo:
             break
-        again = _ask(backend, [prompts[i] for i in todo], sampling)
+        again = _ask(backend, [prompts[i] for i in todo], attempt_sampling(sampling, attempt))
         for i, out in zip(todo, again, strict=True):
             attempts[i].append(out)
-    return [
-        {
-            "response": a[-1][0],
-            "response_tokens": a[-1][1],
+    rows = []
+    for a in attempts:
+        answered = [g for g in a if g.error is None]
+        last = answered[-1] if answered else None
+        row: dict[str, Any] = {
+            "response": last.text if last else "",
+            "response_tokens": int(last.completion_tokens) if last else 0,
             "attempts": len(a),
-            "responses": [t for t, _ in a],
+            "responses": [g.text for g in a],
         }
-        for a in attempts
-    ]
+        errors = [g.error for g in a if g.error is not None]
+        if errors:
+            row["errors"] = errors
+        if last is None:
+            row.update(failed=True, error=errors[-1])
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- files of a shard
 
 
 def _shard_file(folder: Path, bench: str, index: int, count: int) -> Path:
     return folder / f"{bench}.shard-{index:05d}-of-{count:05d}.jsonl"
+
+
+def _part_files(folder: Path, bench: str, index: int, count: int) -> list[Path]:
+    """The saved batches of an unfinished (checkpoint, benchmark) shard, in order."""
+    return sorted(folder.glob(f"{bench}.shard-{index:05d}-of-{count:05d}.part-*.jsonl"))
+
+
+def _part_file(folder: Path, bench: str, index: int, count: int, k: int) -> Path:
+    return folder / f"{bench}.shard-{index:05d}-of-{count:05d}.part-{k:05d}.jsonl"
+
+
+def _clean_stale_temps(folder: Path, bench: str, index: int, count: int) -> None:
+    """The hidden temp files (``.name.*.tmp``) a killed pod of this shard left behind."""
+    for p in folder.glob(f".{bench}.shard-{index:05d}-of-{count:05d}.*.tmp"):
+        p.unlink(missing_ok=True)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -146,6 +196,11 @@ def _load_benchmarks(cfg: ResolvedStageConfig, params: EvalParams) -> dict[str, 
     return out
 
 
+def _plan(benches: dict[str, Any], count: int) -> dict[str, Any]:
+    """What decides which rows a shard owns: resuming under another plan would mix layouts."""
+    return {"shards": count, "rows": {b: len(res.rows) for b, res in benches.items()}}
+
+
 def _generate_shards(
     cfg: ResolvedStageConfig,
     params: EvalParams,
@@ -154,9 +209,11 @@ def _generate_shards(
     index: int,
     count: int,
     factory: GeneratorFactory,
-) -> None:
+) -> dict[str, Any]:
+    """Generate this shard's missing rows; returns its marker."""
     total = sum(len(b.rows[index::count]) for b in benches.values()) * len(checkpoints)
     done = 0
+    files: dict[str, dict[str, Any]] = {}
     for name, model in checkpoints.items():
         folder = stage_dir(cfg) / checkpoint_slug(name)
         pending = {
@@ -164,52 +221,90 @@ def _generate_shards(
             for b, res in benches.items()
             if not _shard_file(folder, b, index, count).exists()
         }
-        if not pending:
-            done += sum(len(r.rows[index::count]) for r in benches.values())
-            continue
-        backend = factory(model, params)
-        try:
-            _generate_checkpoint(params, name, backend, pending, folder, index, count)
-        finally:
-            backend.close()
-        done += sum(len(r.rows[index::count]) for r in pending.values())
+        done += sum(len(res.rows[index::count]) for b, res in benches.items() if b not in pending)
+        if pending:
+            backend = factory(model, params)
+            try:
+                for bench, res in pending.items():
+                    done = _generate_bench(
+                        params, name, backend, bench, res, folder, index, count, done, total
+                    )
+            finally:
+                backend.close()
+        for bench in benches:
+            path = _shard_file(folder, bench, index, count)
+            for part in _part_files(folder, bench, index, count):  # a kill after the rename
+                part.unlink(missing_ok=True)
+            rows = _read_jsonl(path)
+            files[f"{checkpoint_slug(name)}/{bench}"] = {
+                "file": str(path.relative_to(stage_dir(cfg))),
+                "rows": len(rows),
+                "failed": sum(bool(r.get("failed")) for r in rows),
+                "sha256": sha256_file(path),
+            }
         progress("eval", done, total, checkpoint=name, shard=index)
+    return {"shard": index, "shards": count, "files": files}
 
 
-def _generate_checkpoint(
+def _generate_bench(
     params: EvalParams,
     name: str,
     backend: GenerationBackend,
-    pending: dict[str, Any],
+    bench: str,
+    res: Any,
     folder: Path,
     index: int,
     count: int,
-) -> None:
+    done: int,
+    total: int,
+) -> int:
+    """One (checkpoint, benchmark) of this shard, a saved batch at a time; returns rows done."""
     from visionr1_jobs.eval.scoring import scorer
 
+    rows = res.rows[index::count]
+    prompt_of = scorer(bench).prompt
+    _clean_stale_temps(folder, bench, index, count)
+    parts = _part_files(folder, bench, index, count)
+    saved: dict[int, dict[str, Any]] = {}
+    for part in parts:
+        for line in _read_jsonl(part):
+            saved[int(line["row_index"])] = line
+    # Row k of this shard is row index + k*count of the benchmark (the layout the plan fixes).
+    todo = [k for k in range(len(rows)) if index + k * count not in saved]
+    if saved:
+        print(
+            f"[eval] {name}/{bench} shard {index}: resuming, {len(saved)} of {len(rows)} rows "
+            "already saved",
+            flush=True,
+        )
+    done += len(saved)
     sampling = _sampling(params)
-    for bench, res in pending.items():
-        rows = res.rows[index::count]
-        prompt_of = scorer(bench).prompt
-        prompts = [(prompt_of(r), list(r.get("images") or [])) for r in rows]
-        retries = params.retries_missing_answer
-        outs = generate_with_retries(backend, prompts, sampling, retries) if rows else []
-        lines = [
-            json.dumps({**r, "checkpoint": name, "prompt": p[0], **o}, ensure_ascii=False)
-            for r, p, o in zip(rows, prompts, outs, strict=True)
-        ]
-        atomic_write(_shard_file(folder, bench, index, count), "".join(x + "\n" for x in lines))
-
-
-def _all_present(
-    cfg: ResolvedStageConfig, checkpoints: dict[str, str], benches: dict[str, Any], count: int
-) -> bool:
-    return all(
-        _shard_file(stage_dir(cfg) / checkpoint_slug(c), b, i, count).exists()
-        for c in checkpoints
-        for b in benches
-        for i in range(count)
+    # Numbered on from the last saved part (the names sort in that order).
+    next_part = int(parts[-1].name.rsplit(".part-", 1)[1].split(".")[0]) + 1 if parts else 0
+    for start in range(0, len(todo), params.batch_size):
+        batch = todo[start : start + params.batch_size]
+        prompts = [(prompt_of(rows[k]), list(rows[k].get("images") or [])) for k in batch]
+        outs = generate_with_retries(backend, prompts, sampling, params.retries_missing_answer)
+        lines = []
+        for k, p, o in zip(batch, prompts, outs, strict=True):
+            line = {**rows[k], "checkpoint": name, "prompt": p[0], "row_index": index + k * count}
+            line.update(o)
+            saved[line["row_index"]] = line
+            lines.append(json.dumps(line, ensure_ascii=False))
+        atomic_write(
+            _part_file(folder, bench, index, count, next_part), "".join(x + "\n" for x in lines)
+        )
+        next_part += 1
+        done += len(batch)
+        progress("eval", done, total, checkpoint=name, benchmark=bench, shard=index)
+    ordered = [saved[index + k * count] for k in range(len(rows))]
+    atomic_write(
+        _shard_file(folder, bench, index, count),
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered),
     )
+    for part in _part_files(folder, bench, index, count):
+        part.unlink(missing_ok=True)
+    return done
 
 
 def _check_judge(params: EvalParams) -> None:
@@ -269,14 +364,17 @@ def _merge(
     params: EvalParams,
     checkpoints: dict[str, str],
     benches: dict[str, Any],
-    count: int,
-    started: float,
+    markers: list[dict[str, Any]],
 ) -> StageManifest:
+    """Score every shard's predictions, write the summaries and reports, log to MLflow and
+    return the manifest. A pure function of the shard files: safe to run again."""
     from visionr1_jobs.eval.report import markdown, plot
     from visionr1_jobs.eval.scoring import score_row, summarize
     from visionr1_jobs.tracking import stage_run
 
     out_dir = stage_dir(cfg)
+    count = len(markers)
+    started = min((m["started_at"] for m in markers if m.get("started_at")), default=None)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     outputs: dict[str, str] = {}
     rows_count: dict[str, int] = {}
@@ -306,7 +404,13 @@ def _merge(
         for bench, res in benches.items():
             rows: list[dict[str, Any]] = []
             for i in range(count):
-                rows += _read_jsonl(_shard_file(folder, bench, i, count))
+                path = _shard_file(folder, bench, i, count)
+                if not path.exists():
+                    raise shards.ShardsIncomplete(
+                        f"{path} is missing: shard {i} has not evaluated {name}/{bench}; "
+                        "rerun that shard before merging"
+                    )
+                rows += _read_jsonl(path)
             verdicts = [score_row(bench, r) for r in rows]
             compared = _apply_judge(judge, params, rows, verdicts) if judge is not None else {}
             served.update(compared.get("judge_models", ()))
@@ -354,6 +458,7 @@ def _merge(
             metrics[f"{base}.accuracy"] = s["accuracy"]
             metrics[f"{base}.format_rate"] = s["format_rate"]
             metrics[f"{base}.mean_response_chars"] = s["mean_response_chars"]
+            metrics[f"{base}.failed_rows"] = float(s["failed"])
             if s.get("mean_response_tokens") is not None:
                 metrics[f"{base}.mean_response_tokens"] = s["mean_response_tokens"]
             for k, v in s.items():
@@ -389,8 +494,19 @@ def _merge(
         mlflow_run_id=run_id,
         started_at=started,
     )
-    write_manifest(cfg, manifest)
     return manifest
+
+
+def _setup(
+    cfg: ResolvedStageConfig,
+) -> tuple[EvalParams, dict[str, str], dict[str, Any]]:
+    params = cfg.stage_params()
+    assert isinstance(params, EvalParams)
+    keys = [k for k in cfg.inputs if k.startswith("checkpoint:")]
+    if not keys:
+        raise InvalidInput("config.inputs has no 'checkpoint:<name>' entry; nothing to evaluate")
+    checkpoints = {k.split(":", 1)[1]: resolve_checkpoint(cfg, k) for k in keys}
+    return params, checkpoints, _load_benchmarks(cfg, params)
 
 
 def run(
@@ -401,21 +517,36 @@ def run(
     params = cfg.stage_params()
     assert isinstance(params, EvalParams)
     if params.judge == "llm":
-        _check_judge(params)
-    keys = [k for k in cfg.inputs if k.startswith("checkpoint:")]
-    if not keys:
-        raise InvalidInput("config.inputs has no 'checkpoint:<name>' entry; nothing to evaluate")
-    checkpoints = {k.split(":", 1)[1]: resolve_checkpoint(cfg, k) for k in keys}
+        _check_judge(params)  # before loading anything
+    params, checkpoints, benches = _setup(cfg)
     index, count = shard_from_env()
-    benches = _load_benchmarks(cfg, params)
-    _generate_shards(
+    shards.agree_on_plan(stage_dir(cfg), _plan(benches, count), "eval")
+    marker = _generate_shards(
         cfg, params, checkpoints, benches, index, count, generator_factory or _default_generator
     )
-    if not _all_present(cfg, checkpoints, benches, count):
+    previous = shards.read_marker(stage_dir(cfg), index) or {}
+    marker["started_at"] = previous.get("started_at", started)
+    manifest = shards.finish_shard(
+        cfg,
+        index,
+        count,
+        marker,
+        lambda markers: _merge(cfg, params, checkpoints, benches, markers),
+    )
+    if manifest is None:
+        # Not the last shard: done without a manifest; the last shard to finish merges.
         print(
             f"[eval] shard {index}/{count} done; waiting for the other shards to merge",
             flush=True,
         )
-        # Not the last shard: done without a manifest; the last shard to finish merges.
-        return None
-    return _merge(cfg, params, checkpoints, benches, count, started)
+    return manifest
+
+
+def merge(cfg: ResolvedStageConfig) -> StageManifest:
+    """Merge the finished shards again and write the manifest (no generation): for a Job whose
+    pods all finished but whose merging pod died before ``_manifest.json``. Raises
+    :class:`visionr1_jobs.shards.ShardsIncomplete` naming the shards that have not finished."""
+    params, checkpoints, benches = _setup(cfg)
+    return shards.merge_again(
+        cfg, lambda markers: _merge(cfg, params, checkpoints, benches, markers)
+    )

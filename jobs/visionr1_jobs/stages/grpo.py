@@ -1,5 +1,5 @@
 """GRPO with Progressive Thinking Suppression and the hard formatting result reward
-(VISION-R1.md §6), on TRL's GRPOTrainer.
+(method.md §6), on TRL's GRPOTrainer.
 
 Each row of ``params.ptst`` runs as a sub-stage ``grpo/stage-N`` (its budget, samples per
 prompt and steps), starting from the previous sub-stage's final weights and logging into its own
@@ -46,6 +46,9 @@ def run(cfg: ResolvedStageConfig) -> StageManifest | None:
             params.prompts_per_step, row.num_generations, world_size, params.per_device_batch_size
         )
     rollout_mode(params)
+    # Before any process starts: a sub-stage already (partly) trained under other settings is
+    # refused here, so its exit 65 is the stage's (see training.ptst).
+    ptst.check_rows(folder, ptst.plan_rows(params, folder, model_input(cfg)))
     rc = relaunch("grpo", cfg.model_dump_json(by_alias=True), folder)
     if rc is not None:
         manifest = read_manifest(cfg.workspace, cfg.output_dir)
@@ -133,6 +136,8 @@ def train(cfg: ResolvedStageConfig, params: GRPOParams, folder: Path) -> StageMa
             )
             log_metrics(grpo_run_id, cfg, counts)
 
+    rows_planned = ptst.plan_rows(params, folder, source)
+    ptst.check_rows(folder, rows_planned)  # again on every rank (also when run without run())
     done_records: list[dict[str, Any]] = []
     start = source
     steps_before = 0
@@ -146,6 +151,7 @@ def train(cfg: ResolvedStageConfig, params: GRPOParams, folder: Path) -> StageMa
                     params,
                     index,
                     row,
+                    rows_planned[index - 1],
                     sub_dir,
                     start,
                     source,
@@ -217,6 +223,7 @@ def _substage(
     params: GRPOParams,
     index: int,
     row: PTSTStage,
+    planned: dict[str, Any],
     sub_dir: Path,
     start: str,
     source: str,
@@ -245,7 +252,10 @@ def _substage(
         params.prompts_per_step, row.num_generations, world.world_size, params.per_device_batch_size
     )
     reference = start if params.reset_reference_each_stage else source
+    if world.is_main:
+        ptst.write_row(sub_dir, planned)
     record: dict[str, Any] = {
+        "row": planned,
         "name": name,
         "index": index,
         "max_completion_length": row.max_completion_length,
@@ -259,7 +269,9 @@ def _substage(
     with resumable_run(cfg, sub_dir, name, nested_under=grpo_run_id) as run:
         run_id = run.info.run_id if run is not None else None
         if run_id:
-            log_params(run_id, cfg, {f"ptst.{k}": v for k, v in record.items()})
+            log_params(
+                run_id, cfg, {f"ptst.{k}": v for k, v in record.items() if k != "row"} | planned
+            )
         watch = RewardSignalWatch()
         if ckpt.is_complete_model(final):
             log.warning("%s: final weights already saved by an earlier attempt", label)

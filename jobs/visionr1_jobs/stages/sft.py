@@ -1,4 +1,4 @@
-"""Cold-start SFT (VISION-R1.md §5) on TRL's SFTTrainer.
+"""Cold-start SFT (method.md §5) on TRL's SFTTrainer.
 
 Input ``data``: the filter's output (``<think>…</think><answer> Final Answer:X </answer>``
 responses, no system prompt) or a dataset; input ``model``: the base model. Trains on the

@@ -1,4 +1,4 @@
-"""The synthesis stage: modality bridging (VISION-R1.md §2), sharded over an Indexed Job.
+"""The synthesis stage: modality bridging (method.md §2), sharded over an Indexed Job.
 
 Each pod takes the contiguous rows of shard ``JOB_COMPLETION_INDEX`` of ``VISIONR1_SHARDS``,
 cuts them into chunks of ``params.rowsPerShard`` rows, and for every chunk not yet on disk runs
@@ -7,7 +7,13 @@ the three teacher steps (:mod:`visionr1_jobs.synthesis.bridge`) and writes
 ``raw`` field. A restarted pod skips finished chunks and redoes the one it was killed in.
 When its chunks are done a pod writes its shard marker; the pod that then finds every shard's
 marker writes ``_manifest.json`` (outputs ``{"data": "synthesis"}``), and the others exit 0
-without one (see :mod:`visionr1_jobs.synthesis.shards` for why this is safe under concurrency).
+without one (see :mod:`visionr1_jobs.shards` for why this is safe under concurrency).
+
+A teacher request that fails for good (content filter, context length, another 4xx, retries
+spent) drops its row with a reason (:mod:`visionr1_jobs.synthesis.failures`); the dropped rows of
+a chunk are listed in ``_shards/shard-SSSSS-CCCCC.failed.json`` (written before the chunk) and
+counted per reason in the marker and the manifest. The shard fails once more than
+``params.maxFailedFraction`` of its rows are dropped.
 
 MLflow (the stage's nested run): the prompts as artifacts with their sha256 (params
 ``prompt.<step>.sha256``), the teachers as tags (toy stand-ins say so), per-chunk samples/s and
@@ -22,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from visionr1_jobs import shards
 from visionr1_jobs.config import Backend, ResolvedStageConfig, SynthesisParams, Teacher
 from visionr1_jobs.contract import (
     InvalidInput,
@@ -31,7 +38,6 @@ from visionr1_jobs.contract import (
     sha256_file,
     shard_from_env,
     stage_dir,
-    write_manifest,
 )
 
 DATA_OUTPUT = "data"
@@ -73,11 +79,11 @@ def _log_setup(params: SynthesisParams, prompts: dict[str, Any], names: dict[str
 
     for step, prompt in prompts.items():
         mlflow.log_text(prompt.text, f"prompts/{prompt.version}/{step}.txt")
-    with_hash = {f"prompt.{step}.sha256": p.sha256 for step, p in prompts.items()}
-    import contextlib
+    from visionr1_jobs.tracking import log_params_noting_changes
 
-    with contextlib.suppress(mlflow.exceptions.MlflowException):  # same values on a resumed run
-        mlflow.log_params(with_hash)
+    with_hash = {f"prompt.{step}.sha256": p.sha256 for step, p in prompts.items()}
+    # A resumed run holds these already; changed prompts are noted on the run, not dropped.
+    log_params_noting_changes(mlflow.MlflowClient(), mlflow.active_run().info.run_id, with_hash)
     tags = {
         "visionr1.describer": names["describer"],
         "visionr1.reasoner": names["reasoner"],
@@ -97,11 +103,18 @@ def _teachers(
     same = params.reasoner.backend.dump() == params.describer.backend.dump()
     r_backend = d_backend if same else factory(params.reasoner.backend, default_model)
 
-    def describer(requests: list[Any]) -> list[Any]:
-        return d_backend.generate(requests, params.describer.sampling)
+    from visionr1_jobs.synthesis.failures import generate_tolerant
 
-    def reasoner(requests: list[Any]) -> list[Any]:
-        return r_backend.generate(requests, params.reasoner.sampling)
+    def tolerant(backend: Any, sampling: Any) -> Callable[[list[Any]], list[Any]]:
+        # A backend that reports failed requests in-band keeps the rest of its batch; others
+        # raise for the batch, and generate_tolerant bisects it to find the failing rows.
+        kwargs = {"row_errors": True} if getattr(backend, "supports_row_errors", False) else {}
+        return lambda requests: generate_tolerant(
+            lambda reqs: backend.generate(reqs, sampling, **kwargs), requests
+        )
+
+    describer = tolerant(d_backend, params.describer.sampling)
+    reasoner = tolerant(r_backend, params.reasoner.sampling)
 
     return describer, reasoner, [d_backend] if same else [d_backend, r_backend]
 
@@ -167,24 +180,60 @@ def run(
             backend_factory or _default_factory,
             mlrun,
         )
-        S.write_marker(out_dir, index, marker)
-        markers = S.read_markers(out_dir, count)
-        if markers is not None:
-            manifest = _manifest(cfg, params, prompts, names, markers, started)
-            if mlrun is not None:
-                import mlflow
-
-                mlflow.log_metrics(manifest.metrics)
-                manifest.mlflow_run_id = mlrun.info.run_id
-    if markers is None:
+        manifest = shards.finish_shard(
+            cfg,
+            index,
+            count,
+            marker,
+            lambda markers: _merged(cfg, params, prompts, names, markers, started, mlrun),
+        )
+    if manifest is None:
         print(
             f"[synthesis] shard {index}/{count} done; the last shard to finish writes the manifest",
             flush=True,
         )
         # Not the last shard: done without a manifest; the last shard to finish writes it.
-        return None
-    write_manifest(cfg, manifest)
     return manifest
+
+
+def _merged(
+    cfg: ResolvedStageConfig,
+    params: SynthesisParams,
+    prompts: dict[str, Any],
+    names: dict[str, str],
+    markers: list[dict[str, Any]],
+    started: float | None,
+    mlrun: Any,
+) -> StageManifest:
+    """The merge: the chunks stay where the shards wrote them, so it is the manifest (and its
+    metrics logged to the MLflow run)."""
+    manifest = _manifest(cfg, params, prompts, names, markers, started)
+    if mlrun is not None:
+        import mlflow
+
+        mlflow.log_metrics(manifest.metrics)
+        manifest.mlflow_run_id = mlrun.info.run_id
+    return manifest
+
+
+def merge(cfg: ResolvedStageConfig) -> StageManifest:
+    """Merge the finished shards again and write the manifest (no generation): for a Job whose
+    pods all finished but whose merging pod died before ``_manifest.json``. Raises
+    :class:`visionr1_jobs.shards.ShardsIncomplete` naming the shards that have not finished."""
+    from visionr1_jobs.synthesis.prompts import load_prompts
+    from visionr1_jobs.tracking import stage_run
+
+    params = cfg.stage_params()
+    assert isinstance(params, SynthesisParams)
+    prompts = load_prompts(params.prompts_version)
+    names = {
+        "describer": teacher_name(params.describer, "describer", cfg.base_model),
+        "reasoner": teacher_name(params.reasoner, "reasoner", cfg.base_model),
+    }
+    with stage_run(cfg, name="synthesis", log_config=False) as mlrun:
+        return shards.merge_again(
+            cfg, lambda markers: _merged(cfg, params, prompts, names, markers, None, mlrun)
+        )
 
 
 def _generate(
@@ -209,13 +258,16 @@ def _generate(
     shard_rows = sum(c.rows for c in chunks)
     done_rows = shard_rows - sum(c.rows for c in todo)
     gen_s, tokens = 0.0, {"pseudo_cot": 0, "description": 0, "reasoner": 0}
+    done = [c for c in chunks if c not in todo]
+    failed = {c: S.read_failed(out_dir, c) for c in done}
+    _check_failures(params, index, shard_rows, failed)
     backends: list[Any] = []
     try:
         if todo:
             describer, reasoner, backends = _teachers(params, cfg.base_model, factory)
         for chunk in todo:
             t0 = time.perf_counter()
-            rows, stats = bridge_batch(
+            rows, stats, dropped = bridge_batch(
                 samples[chunk.start : chunk.end],
                 prompts,
                 describer,
@@ -224,7 +276,10 @@ def _generate(
                 describer_name=names["describer"],
                 reasoner_name=names["reasoner"],
             )
+            # The drop list first: a chunk file on disk means its drops are on disk too.
+            S.write_failed(out_dir, chunk, dropped)
             write_shard(rows, S.chunk_path(out_dir, chunk))
+            failed[chunk] = dropped
             dt = time.perf_counter() - t0
             gen_s += dt
             for step, n in stats.tokens.items():
@@ -234,6 +289,7 @@ def _generate(
                 "chunk.samples_per_s": chunk.rows / dt if dt > 0 else 0.0,
                 "chunk.tokens_per_s": stats.total_tokens / dt if dt > 0 else 0.0,
                 "chunk.seconds": dt,
+                "chunk.failed_rows": float(len(dropped)),
             }
             if mlrun is not None:
                 import mlflow
@@ -247,7 +303,9 @@ def _generate(
                 chunk=chunk.chunk,
                 samples_per_s=round(chunk_metrics["chunk.samples_per_s"], 3),
                 tokens_per_s=round(chunk_metrics["chunk.tokens_per_s"], 1),
+                failed_rows=sum(len(f) for f in failed.values()),
             )
+            _check_failures(params, index, shard_rows, failed)
     finally:
         for backend in backends:
             backend.close()
@@ -255,11 +313,13 @@ def _generate(
     generated = sum(c.rows for c in todo)
     return {
         "shard": index,
-        "rows": shard_rows,
+        "rows": shard_rows - sum(len(f) for f in failed.values()),
+        "input_rows": shard_rows,
+        "failed": _failure_counts(failed),
         "chunks": [
             {
                 "file": S.chunk_path(out_dir, c).name,
-                "rows": c.rows,
+                "rows": c.rows - len(failed[c]),
                 "start": c.start,
                 "end": c.end,
                 "sha256": sha256_file(S.chunk_path(out_dir, c)),
@@ -271,6 +331,30 @@ def _generate(
         "generate_seconds": gen_s + previous.get("generate_seconds", 0.0),
         "tokens": {k: v + previous.get("tokens", {}).get(k, 0) for k, v in tokens.items()},
     }
+
+
+def _failure_counts(failed: dict[Any, list[dict[str, str]]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rows in failed.values():
+        for row in rows:
+            counts[row["reason"]] = counts.get(row["reason"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _check_failures(
+    params: SynthesisParams, index: int, shard_rows: int, failed: dict[Any, list[dict[str, str]]]
+) -> None:
+    """Fail the shard once its dropped rows pass ``maxFailedFraction`` of its rows (the chunks
+    already written stay: a rerun with a higher fraction, or fixed inputs, continues)."""
+    n = sum(len(f) for f in failed.values())
+    if shard_rows and n > params.max_failed_fraction * shard_rows:
+        raise RuntimeError(
+            f"synthesis shard {index}: {n} of its {shard_rows} rows failed at the teachers "
+            f"({_failure_counts(failed)}), more than params.maxFailedFraction = "
+            f"{params.max_failed_fraction:g}; see the _shards/*.failed.json files for each row's "
+            "error, then fix the teachers or inputs, or raise maxFailedFraction, and rerun "
+            "(finished chunks are kept)"
+        )
 
 
 def _previous_marker(out_dir: Path, index: int) -> dict[str, Any]:
@@ -290,10 +374,14 @@ def _manifest(
     prompts: dict[str, Any],
     names: dict[str, str],
     markers: list[dict[str, Any]],
-    started: float,
+    started: float | None,
 ) -> StageManifest:
     out_dir = stage_dir(cfg)
     rows = sum(m["rows"] for m in markers)
+    failed: dict[str, int] = {}
+    for m in markers:
+        for reason, n in m.get("failed", {}).items():
+            failed[reason] = failed.get(reason, 0) + n
     gen_rows = sum(m["generated_rows"] for m in markers)
     gen_s = sum(m["generate_seconds"] for m in markers)
     tokens = {step: sum(m["tokens"].get(step, 0) for m in markers) for step in markers[0]["tokens"]}
@@ -306,6 +394,8 @@ def _manifest(
         "tokens_per_s": sum(tokens.values()) / gen_s if gen_s > 0 else 0.0,
     }
     metrics.update({f"tokens.{k}": v for k, v in tokens.items()})
+    metrics["failed_rows"] = float(sum(failed.values()))
+    metrics.update({f"failed.{k}": float(v) for k, v in failed.items()})
     ws = cfg.workspace
     hashes = {
         os.path.relpath(out_dir / c["file"], ws): c["sha256"] for m in markers for c in m["chunks"]
@@ -323,5 +413,7 @@ def _manifest(
             "describer": names["describer"],
             "reasoner": names["reasoner"],
             "give_answer_to_reasoner": params.give_answer_to_reasoner,
+            "input_rows": sum(m.get("input_rows", m["rows"]) for m in markers),
+            "failed_rows": failed,
         },
     )

@@ -1,4 +1,4 @@
-"""Modality bridging (VISION-R1.md §2) for one batch of samples: three teacher calls per sample.
+"""Modality bridging (method.md §2) for one batch of samples: three teacher calls per sample.
 
 1. Pseudo-CoT: describer(image + question + ground-truth answer) → caption + reasoning.
 2. Description: describer(image + question + its pseudo-CoT) → a detailed description holding
@@ -75,20 +75,38 @@ def bridge_batch(
     give_answer_to_reasoner: bool,
     describer_name: str,
     reasoner_name: str,
-) -> tuple[list[Sample], BatchStats]:
-    """Run the three steps on ``samples``; returns them with ``response`` and ``raw`` filled."""
-    stats = BatchStats()
+) -> tuple[list[Sample], BatchStats, list[dict[str, str]]]:
+    """Run the three steps on ``samples``; returns them with ``response`` and ``raw`` filled,
+    the stats, and the rows dropped on the way (``id``, ``step``, ``reason``, ``detail``).
 
-    def call(fn: Generate, requests: list[ChatRequest], step: str) -> list[Generation]:
+    A teacher may answer a request with a :class:`~visionr1_jobs.synthesis.failures.RowFailure`
+    instead of a Generation: that sample leaves the batch at that step and is reported as dropped.
+    """
+    from visionr1_jobs.synthesis.failures import RowFailure
+
+    stats = BatchStats()
+    failed: list[dict[str, str]] = []
+
+    def call(
+        fn: Generate, live: list[Sample], requests: list[ChatRequest], step: str
+    ) -> tuple[list[Sample], list[Generation], list[int]]:
         outs = fn(requests)
         if len(outs) != len(requests):
             raise RuntimeError(f"{step}: teacher returned {len(outs)} results for {len(requests)}")
-        stats.tokens[step] += sum(o.completion_tokens for o in outs)
-        return outs
+        kept: list[int] = []
+        for i, (s, o) in enumerate(zip(live, outs, strict=True)):
+            if isinstance(o, RowFailure):
+                failed.append({"id": s.id, "step": step, "reason": o.reason, "detail": o.detail})
+            else:
+                kept.append(i)
+        gens = [outs[i] for i in kept]
+        stats.tokens[step] += sum(o.completion_tokens for o in gens)
+        return [live[i] for i in kept], gens, kept
 
     p1 = prompts["pseudo_cot"]
-    cots = call(
+    live, cots, _ = call(
         describer,
+        samples,
         [
             user(
                 p1.render(question=s.question, answer=s.answer),
@@ -100,42 +118,45 @@ def bridge_batch(
         "pseudo_cot",
     )
     p2 = prompts["description"]
-    descs = call(
+    live, descs, kept = call(
         describer,
+        live,
         [
             user(
                 p2.render(question=s.question, answer=s.answer, pseudo_cot=c.text),
                 s.images,
                 **_meta(s, "description", True),
             )
-            for s, c in zip(samples, cots, strict=True)
+            for s, c in zip(live, cots, strict=True)
         ],
         "description",
     )
+    cots = [cots[i] for i in kept]
     p3 = prompts["reasoner_with_answer" if give_answer_to_reasoner else "reasoner"]
     reasoner_prompts = [
         p3.render(question=s.question, description=d.text, answer=s.answer)
-        for s, d in zip(samples, descs, strict=True)
+        for s, d in zip(live, descs, strict=True)
     ]
     # Text only, and no scene: the reasoner never sees the image (that is the point of the bridge).
-    answers = call(
+    live, answers, kept = call(
         reasoner,
+        live,
         [
             user(t, (), **_meta(s, "reasoner", False))
-            for t, s in zip(reasoner_prompts, samples, strict=True)
+            for t, s in zip(reasoner_prompts, live, strict=True)
         ],
         "reasoner",
     )
+    cots, descs = [cots[i] for i in kept], [descs[i] for i in kept]
+    reasoner_prompts = [reasoner_prompts[i] for i in kept]
     out = []
-    for s, c, d, a, rp in zip(samples, cots, descs, answers, reasoner_prompts, strict=True):
+    for s, c, d, a, rp in zip(live, cots, descs, answers, reasoner_prompts, strict=True):
         raw = {
             "pseudo_cot": c.text,
             "description": d.text,
             "reasoner_prompt": rp,
             "reasoner": a.text,
             "reasoner_reasoning": a.reasoning,
-            # What a toy stand-in did on purpose (correct / wrong / inconsistent:<how>).
-            "toy_behaviour": getattr(a, "behaviour", None),
             "finish_reasons": {
                 "pseudo_cot": c.finish_reason,
                 "description": d.finish_reason,
@@ -152,5 +173,10 @@ def bridge_batch(
                 "reasoner": a.completion_tokens,
             },
         }
+        behaviour = getattr(a, "behaviour", None)
+        if (
+            behaviour
+        ):  # only a toy stand-in says what it did on purpose; real rows carry no toy field
+            raw["toy_behaviour"] = behaviour
         out.append(s.model_copy(update={"response": compose_response(a), "raw": raw}))
-    return out, stats
+    return out, stats, failed

@@ -1,6 +1,6 @@
 """The modality-bridging prompts: versioned text files shipped with the package.
 
-The paper did not publish its prompts (VISION-R1.md §2), so ours live in
+The paper did not publish its prompts (method.md §2), so ours live in
 ``visionr1_jobs/prompts/<version>/<step>.txt``, are selected by ``params.promptsVersion``, and are
 logged to MLflow with their sha256 so every synthesized row can be traced to the exact wording.
 

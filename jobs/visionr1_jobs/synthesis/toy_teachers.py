@@ -10,6 +10,10 @@ synthesis bridge): ``pseudo_cot`` and ``description`` need the toy scene (``meta
 ``reasoner`` reads the prompt text only. Everything is deterministic from the sampling seed and
 the request text. "Tokens" are whitespace-separated words (there is no tokenizer).
 
+Their behaviour is the toy backend's own config, never a field of the production schema: the
+backend's ``model`` is unset (the defaults of :class:`ToyTeachersConfig`) or names a JSON file
+holding a :class:`ToyTeachersConfig` (``{"errorRate": 0.25, "inconsistentRate": 0.1}``).
+
 ``VISIONR1_TOY_DELAY_S`` (seconds, default 0) makes every request sleep that long: a slow
 teacher, so tests can kill synthesis in the middle of a shard.
 """
@@ -21,8 +25,12 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from visionr1_jobs.config import Backend, Sampling
+from pydantic import Field, ValidationError
+
+from visionr1_jobs.config import Backend, Model, Sampling
+from visionr1_jobs.contract import InvalidInput
 from visionr1_jobs.generation.base import ChatRequest, Generation, GenerationBackend
 from visionr1_jobs.generation.factory import register_backend
 from visionr1_jobs.synthesis import toy_logic
@@ -30,6 +38,41 @@ from visionr1_jobs.synthesis import toy_logic
 DESCRIBER_NAME = "toy-describer (TOY STAND-IN for the Qwen2.5-VL-72B describer; toy world only)"
 REASONER_NAME = "toy-reasoner (TOY STAND-IN for the DeepSeek-R1 reasoner; toy world only)"
 DELAY_ENV = "VISIONR1_TOY_DELAY_S"
+
+
+class ToyTeachersConfig(Model):
+    """How the toy reasoner stand-in misbehaves (the filter must catch every kind)."""
+
+    error_rate: float = Field(
+        0.25, ge=0.0, le=1.0, description="Share of wrong answers (the filter must drop them)."
+    )
+    inconsistent_rate: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Share of CoTs whose final answer contradicts the thinking's last "
+        "conclusion, or that break the format.",
+    )
+
+
+def load_toy_config(backend: Backend) -> ToyTeachersConfig:
+    """The stand-ins' settings: defaults when ``backend.model`` is unset, else its JSON file."""
+    if not backend.model:
+        return ToyTeachersConfig()
+    path = Path(backend.model)
+    try:
+        return ToyTeachersConfig.model_validate_json(path.read_text())
+    except OSError as exc:
+        raise InvalidInput(
+            f"backend.model {backend.model!r}: kind toy reads its settings from this JSON file "
+            f"({exc.strerror}); leave model unset for the defaults"
+        ) from exc
+    except ValidationError as exc:
+        raise InvalidInput(
+            f"backend.model {backend.model!r}: not a toy teachers config ({exc.errors()[0]['msg']} "
+            f"at {'.'.join(map(str, exc.errors()[0]['loc'])) or 'top level'}); "
+            'expected e.g. {"errorRate": 0.25, "inconsistentRate": 0.1}'
+        ) from exc
 
 
 @dataclass
@@ -116,7 +159,9 @@ class ToyTeachers(GenerationBackend):
 
 
 def _factory(backend: Backend, default_model: str | None) -> GenerationBackend:
-    return ToyTeachers(backend.toy_error_rate, backend.toy_inconsistent_rate)
+    # default_model (the stage's own model) is not a toy config: only backend.model counts.
+    cfg = load_toy_config(backend)
+    return ToyTeachers(cfg.error_rate, cfg.inconsistent_rate)
 
 
 def stand_in_name(backend: Backend, role: str) -> str | None:

@@ -19,7 +19,12 @@ from typing import Any
 
 from visionr1_jobs.config import ResolvedStageConfig
 from visionr1_jobs.contract import atomic_write
-from visionr1_jobs.tracking import is_rank_zero, stage_run, tracking_uri
+from visionr1_jobs.tracking import (
+    is_rank_zero,
+    log_params_noting_changes,
+    stage_run,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +79,14 @@ def resumable_run(
         yield run
 
 
-def log_params(run_id: str, cfg: ResolvedStageConfig, params: dict[str, Any]) -> None:
+def log_params(run_id: str, cfg: ResolvedStageConfig, params: dict[str, Any]) -> dict[str, Any]:
     """Log params into ``run_id``; a retried attempt with the same values is a no-op and a
-    changed value (refused by MLflow) keeps the first attempt's."""
+    changed value keeps the first attempt's param and is recorded as a tag and in the run's note
+    (:func:`visionr1_jobs.tracking.log_params_noting_changes`). Returns the changes."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri(cfg))
-    for key, value in params.items():
-        with contextlib.suppress(mlflow.exceptions.MlflowException):
-            client.log_param(run_id, key, str(value)[:6000])
+    return log_params_noting_changes(client, run_id, {k: str(v) for k, v in params.items()})
 
 
 def log_metrics(
@@ -126,33 +130,64 @@ def log_model(
     """Log the final HF folder as an MLflow pyfunc model (models-from-code wrapper around
     transformers' generate) into ``run_id``; register it when ``register_as`` is set.
 
+    Once per stage: a retry that finds the model already logged into this run (a READY logged
+    model named ``model`` whose source run is ``run_id``) reuses it, and one already registered
+    from this run keeps its version, so a pod that died after logging does not upload the
+    weights again nor add a second registry version.
     The weights are copied into the artifact store once, at the end of the stage; the pip
     requirements are given explicitly so MLflow never imports the model to infer them.
     """
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    reqs = _requirements()
-    active = mlflow.active_run()
-    ctx = (
-        contextlib.nullcontext()
-        if active and active.info.run_id == run_id
-        else mlflow.start_run(run_id=run_id, nested=active is not None)
-    )
-    with ctx:
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(_PYFUNC),
-            artifacts={"hf_model": str(model_dir)},
-            pip_requirements=reqs,
-            registered_model_name=register_as,
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    model_uri = _logged_model_uri(client, run_id)
+    if model_uri is not None:
+        log.warning(
+            "MLflow run %s already holds the final model (%s); not logging it again",
+            run_id,
+            model_uri,
         )
-    out = {"model_uri": info.model_uri}
+    else:
+        active = mlflow.active_run()
+        ctx = (
+            contextlib.nullcontext()
+            if active and active.info.run_id == run_id
+            else mlflow.start_run(run_id=run_id, nested=active is not None)
+        )
+        with ctx:
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=str(_PYFUNC),
+                artifacts={"hf_model": str(model_dir)},
+                pip_requirements=_requirements(),
+            )
+        model_uri = info.model_uri
+    out = {"model_uri": model_uri}
     if register_as:
-        out["registered_model"] = register_as
-        if info.registered_model_version is not None:
-            out["registered_model_version"] = str(info.registered_model_version)
+        versions = client.search_model_versions(f"name='{register_as}' and run_id='{run_id}'")
+        if versions:
+            version = str(max(int(v.version) for v in versions))
+        else:
+            version = str(mlflow.register_model(model_uri, register_as).version)
+        out |= {"registered_model": register_as, "registered_model_version": version}
     return out
+
+
+MODEL_NAME = "model"
+
+
+def _logged_model_uri(client: Any, run_id: str) -> str | None:
+    """The URI of the final model an earlier attempt logged into ``run_id``, if it finished."""
+    from mlflow.entities import LoggedModelStatus
+
+    run = client.get_run(run_id)
+    found = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'",
+    )
+    ready = [m for m in found if m.status == LoggedModelStatus.READY]
+    return ready[0].model_uri if ready else None
 
 
 def _requirements() -> list[str]:

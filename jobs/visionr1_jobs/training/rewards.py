@@ -1,4 +1,4 @@
-"""The GRPO rewards of VISION-R1.md §6: the hard formatting result reward and its parts.
+"""The GRPO rewards of method.md §6: the hard formatting result reward and its parts.
 
 * ``hard_format_result`` (Vision-R1): 1 when the completion is exactly
   ``<think>…</think><answer>…</answer>`` AND its answer is correct, else 0.
