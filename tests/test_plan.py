@@ -502,9 +502,7 @@ def test_a_missing_input_re_merges_the_sharded_producer_then_retries_the_consume
     actions = plan(run, status, [synthesis_done, missing], T0)
     assert [type(a).__name__ for a in actions] == ["RemergeStage", "CreateStage"]
     assert actions[0].stage == "synthesis" and actions[0].consumer == "filter"
-    assert actions[1] == CreateStage(
-        "synthesis", 1, "tiny-cpu-synthesis-1", reason="StageRemerged"
-    )
+    assert actions[1] == CreateStage("synthesis", 1, "tiny-cpu-synthesis-1", reason="StageRemerged")
     assert describe(actions[0])[1] == "StageRemerging"
     status = apply(status, actions, T0)
     assert status.phase == "Running" and status.stages["filter"].phase == "Pending"
@@ -520,9 +518,7 @@ def test_a_missing_input_re_merges_the_sharded_producer_then_retries_the_consume
 def test_a_missing_input_of_a_non_sharded_producer_is_an_ordinary_retry() -> None:
     run = load()
     status = status_after(run, running="grpo")  # grpo reads sft's model: not sharded
-    missing = job(
-        "grpo", failed=1, failed_reason="PodFailurePolicy", exit_code=66, finished_at=T0
-    )
+    missing = job("grpo", failed=1, failed_reason="PodFailurePolicy", exit_code=66, finished_at=T0)
     actions = plan(run, status, [missing], T0)
     assert isinstance(actions[0], RetryStage) and isinstance(actions[-1], Requeue)
 
