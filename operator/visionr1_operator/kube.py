@@ -92,9 +92,13 @@ def config_from_connection(info: Any) -> KubeConfig:
     """A lightkube config from a kopf ``ConnectionInfo`` (what kopf logged in with)."""
 
     def b64(data: bytes | str | None) -> str | None:
+        # kopf passes PEM (a service account's files) or, from a kubeconfig's *-data fields,
+        # the base64 text itself: lightkube wants base64, so only PEM is encoded.
         if data is None:
             return None
         raw = data.encode() if isinstance(data, str) else data
+        if not raw.lstrip().startswith(b"-----BEGIN "):
+            return raw.decode().strip()
         return base64.b64encode(raw).decode()
 
     cluster = Cluster(
