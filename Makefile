@@ -14,7 +14,7 @@ export DO_NOT_TRACK := 1
 
 .PHONY: help
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-16s %s\n", $$1, $$2}'
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,10 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed ## create .venv and install visionr1 with the operator, train and dev extras
 
 .PHONY: test
-test: setup ## lint, then run the test suite (no cluster, no GPU needed)
+test: setup ## lint, then run the test suite (the cluster tests build the local control plane once when Go is installed, and skip with one line when it is not)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 .PHONY: lint
 lint: setup ## ruff check and format check
@@ -74,6 +74,24 @@ images: ## build the operator and trainer images (needs docker with BuildKit)
 push: images ## push both images with TAG
 	docker push $(IMAGE_REPO)/operator:$(TAG)
 	docker push $(IMAGE_REPO)/trainer:$(TAG)
+
+CLUSTER := $(BIN)/python scripts/cluster/cli.py
+
+.PHONY: cluster-up
+cluster-up: setup ## start a local control plane (etcd, API server, controllers, scheduler, one node running pods as processes); the first run builds it from Go modules
+	@$(CLUSTER) up
+
+.PHONY: cluster-down
+cluster-down: setup ## stop the local control plane and every process it started
+	@$(CLUSTER) down
+
+.PHONY: cluster-status
+cluster-status: setup ## what the local control plane runs and whether it is healthy
+	@$(CLUSTER) status
+
+.PHONY: e2e
+e2e: setup ## only the tests against the local control plane (pytest -m cluster)
+	$(BIN)/python -m pytest -q -rs -m cluster
 
 .PHONY: kueue-up
 kueue-up: setup ## real Kueue (built once from its module) on the running local control plane

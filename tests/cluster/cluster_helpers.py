@@ -1,0 +1,300 @@
+"""Helpers of the cluster tests: kubectl as JSON, waiting, the CRD, a local MLflow server, the
+operator as a local process, and the tiny run's manifest for a cluster.
+
+Everything here reads what the real API server stores; nothing stands in for a controller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+CRD_NAME = "visionr1runs.visionr1.io"
+STAGES = ["synthesis", "filter", "sft", "grpo", "eval"]
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- kubectl
+
+
+def kget(cp: Any, *args: str) -> dict[str, Any]:
+    """``kubectl get ARGS -o json`` as a dict."""
+    return json.loads(cp.kubectl("get", *args, "-o", "json").stdout)
+
+
+def kget_or_none(cp: Any, *args: str) -> dict[str, Any] | None:
+    out = cp.kubectl("get", *args, "-o", "json", check=False)
+    if out.returncode != 0:
+        if "NotFound" in out.stderr or "not found" in out.stderr:
+            return None
+        raise AssertionError(f"kubectl get {' '.join(args)} failed: {out.stderr}")
+    return json.loads(out.stdout)
+
+
+def items(cp: Any, *args: str) -> list[dict[str, Any]]:
+    return list(kget(cp, *args).get("items") or [])
+
+
+def apply(cp: Any, objs: list[dict[str, Any]] | dict[str, Any], *extra: str, check: bool = True):
+    docs = objs if isinstance(objs, list) else [objs]
+    return cp.kubectl("apply", *extra, "-f", "-", input=yaml.safe_dump_all(docs), check=check)
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.25) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def create_namespace(cp: Any, name: str) -> None:
+    out = cp.kubectl("create", "namespace", name, check=False)
+    if out.returncode != 0 and "AlreadyExists" not in out.stderr:
+        raise AssertionError(out.stderr)
+
+
+def crd_object() -> dict[str, Any]:
+    from visionr1_operator.crd import crd
+
+    return crd()
+
+
+def ensure_crd(cp: Any) -> None:
+    """The VisionR1Run CRD exists and is Established (created from `visionr1 crd` if absent:
+    another test module may have installed it with the chart, which keeps it on uninstall)."""
+    if kget_or_none(cp, "crd", CRD_NAME) is None:
+        cp.kubectl("create", "-f", "-", input=yaml.safe_dump(crd_object()))
+    cp.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_:
+            return c
+    return None
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(workdir: Path) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1, sqlite store, artifacts proxied through the server (as the
+    chart runs it): stage pods run as another user and upload through HTTP, never to a path."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    log_path = workdir / "mlflow-server.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [
+            exe,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{workdir / 'mlflow.db'}",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(workdir / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{uri}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("mlflow server did not start:\n" + log_path.read_text()[-3000:])
+            time.sleep(0.3)
+        yield uri
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+# --------------------------------------------------------------------------- the operator
+
+
+FORBIDDEN = re.compile(r"\b403\b|forbidden", re.IGNORECASE)
+
+
+class OperatorProcess:
+    """``visionr1 operator`` as a local process, logged in with a kubeconfig (a ServiceAccount
+    token: the API server enforces that account's RBAC). Its log accumulates across restarts."""
+
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespaces: list[str],
+        log_path: Path,
+        *,
+        mlflow_uri: str | None = None,
+        retry_backoff: float = 1.0,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespaces = namespaces
+        self.log_path = log_path
+        self.mlflow_uri = mlflow_uri
+        self.retry_backoff = retry_backoff
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "visionr1_operator.cli", "operator", "--liveness", ""]
+        for ns in self.namespaces:
+            cmd += ["--namespace", ns]
+        if self.mlflow_uri:
+            cmd += ["--mlflow-uri", self.mlflow_uri]
+        return [*cmd, "--retry-backoff", str(self.retry_backoff), *self.extra_args]
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.pop("VISIONR1_MLFLOW_URI", None)
+        with self.log_path.open("ab") as log:
+            log.write(f"=== start {self.starts} {time.strftime('%H:%M:%S')}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.command(), env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.starts += 1
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup handler runs (a crashed or OOM-killed operator pod)."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def forbidden(self) -> list[str]:
+        """Log lines that show the API server refusing the operator (RBAC too narrow)."""
+        return [line for line in self.log().splitlines() if FORBIDDEN.search(line)]
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def tiny_cluster_run(name: str, namespace: str, pvc: str) -> dict[str, Any]:
+    """examples/tiny-cpu.yaml for a cluster: the PVC instead of a local folder, the toy data and
+    model on the PVC's root (/data in every pod), and every size cut so that it runs in about a
+    minute on 2 cores (one SFT epoch, one GRPO step per PTST sub-stage, 8 eval problems)."""
+    run = yaml.safe_load((EXAMPLES / "tiny-cpu.yaml").read_text())
+    run["metadata"] = {"name": name, "namespace": namespace}
+    spec = run["spec"]
+    spec["storage"] = {"pvc": pvc}
+    spec["baseModel"] = {"name": "/data/models/tiny-qwen25vl"}
+    spec["mlflow"] = {"experiment": f"cluster-{namespace}"}
+    spec["ttlSecondsAfterFinished"] = 3600
+    st = spec["stages"]
+    st["synthesis"]["from"]["dataset"] = "/data/toy/train"
+    st["synthesis"]["params"]["rowsPerShard"] = 16
+    sft = st["sft"]["params"]
+    sft.update(epochs=1, maxSteps=2, saveSteps=1, globalBatchSize=4, perDeviceBatchSize=4)
+    sft["maxLength"] = 512
+    grpo = st["grpo"]["params"]
+    grpo["dataset"]["path"] = "/data/toy/rl"
+    grpo.update(promptsPerStep=2, saveSteps=1)
+    grpo["ptst"] = [
+        {"maxCompletionLength": 32, "numGenerations": 2, "steps": 1},
+        {"maxCompletionLength": 64, "numGenerations": 2, "steps": 1},
+    ]
+    ev = st["eval"]["params"]
+    ev["benchmarks"] = [{"name": "toy", "path": "/data/toy/bench", "limit": 4}]
+    ev["checkpoints"] = ["base", "grpo"]
+    ev["backend"] = {"kind": "transformers", "batchSize": 4}
+    ev["maxNewTokens"] = 32
+    for stage in STAGES:
+        # An air-gapped cluster: the toy model is on the PVC, nothing comes from the hub.
+        st[stage]["env"] = [
+            {"name": "HF_HUB_OFFLINE", "value": "1"},
+            {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
+            {"name": "OMP_NUM_THREADS", "value": "1"},
+        ]
+        st[stage]["resources"] = {"cpu": "100m", "memory": "1Gi"}
+        st[stage]["backoffLimit"] = 2
+    return run
+
+
+def with_stages(run: dict[str, Any], enabled: list[str]) -> dict[str, Any]:
+    """``run`` with only ``enabled`` stages on (the rest ``enabled: false``)."""
+    out = copy.deepcopy(run)
+    for stage in STAGES:
+        if stage not in enabled:
+            out["spec"]["stages"][stage] = {"enabled": False}
+    return out

@@ -1,0 +1,606 @@
+"""The operator on the real control plane: ``visionr1 operator`` as a local process logged in with
+a token of the chart's ServiceAccount (the API server enforces the chart's RBAC: any 403 in its
+log fails the test), a local ``mlflow server``, real Jobs run by the Job controller with our
+podFailurePolicy, pods scheduled by the scheduler onto the local node and run there as processes,
+and the real garbage collector.
+
+One operator and one MLflow server serve the whole module. The tiny run drives every stage
+program end to end; each fault test uses a small run whose stage programs fail, are killed or are
+paused the way a cluster does it (invalid input → exit 65, a SIGKILLed process, a deleted pod, a
+suspended Job), never a stand-in program.
+
+Set VISIONR1_CLUSTER_DOCS=path to write what kubectl shows during the tiny run to that file
+(docs/what-you-see-on-a-cluster.md is made this way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+from cluster_helpers import (
+    OperatorProcess,
+    apply,
+    condition,
+    create_namespace,
+    ensure_crd,
+    items,
+    kget,
+    kget_or_none,
+    mlflow_server,
+    tiny_cluster_run,
+    wait_for,
+    with_stages,
+)
+
+from visionr1_operator.plan import parse_time
+
+pytestmark = pytest.mark.cluster
+
+NS = "vr1-e2e"
+PVC = "visionr1-data"
+RELEASE = "vr1-operator"
+RELEASE_NS = "vr1-operator-system"
+SA = f"{RELEASE}-visionr1-operator"  # the chart's <release>-<chart> fullname
+OFF_NODE = {"nodeSelector": {"visionr1.io/test-no-such-node": "true"}}
+
+
+@dataclass
+class World:
+    cp: Any
+    pv: Path  # the PVC's folder: what every pod sees at /data
+    mlflow_uri: str
+    operator: OperatorProcess
+    tmp: Path
+
+    def run(self, name: str) -> dict[str, Any]:
+        return kget(self.cp, "vr1", name, "-n", NS)
+
+    def phase(self, name: str) -> str | None:
+        obj = kget_or_none(self.cp, "vr1", name, "-n", NS)
+        return ((obj or {}).get("status") or {}).get("phase")
+
+    def jobs(self, run: str) -> list[dict[str, Any]]:
+        return items(self.cp, "jobs", "-n", NS, "-l", f"visionr1.io/run={run}")
+
+    def pods(self, run: str) -> list[dict[str, Any]]:
+        return items(self.cp, "pods", "-n", NS, "-l", f"visionr1.io/run={run}")
+
+    def workspace(self, run: str) -> Path:
+        return self.pv / NS / run
+
+    def stage_manifest(self, run: str, stage: str) -> dict[str, Any] | None:
+        path = self.workspace(run) / stage / "_manifest.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def events(self, run: str) -> list[dict[str, Any]]:
+        return items(
+            self.cp,
+            "events",
+            "-n",
+            NS,
+            "--field-selector",
+            f"involvedObject.kind=VisionR1Run,involvedObject.name={run}",
+        )
+
+    def wait_phase(self, name: str, phases: tuple[str, ...], timeout: float) -> dict[str, Any]:
+        try:
+            wait_for(lambda: self.phase(name) in phases, timeout, f"{name} to reach {phases}", 0.5)
+        except AssertionError:
+            raise AssertionError(self.diagnose(name)) from None
+        return self.run(name)
+
+    def diagnose(self, name: str) -> str:
+        """What a person would look at when a run does not finish."""
+        parts = [
+            f"run {name} phase={self.phase(name)}",
+            self.cp.kubectl("describe", "vr1", name, "-n", NS, check=False).stdout,
+            self.cp.kubectl("get", "jobs,pods", "-n", NS, "-o", "wide", check=False).stdout,
+            "--- operator log (tail)",
+            self.operator.log()[-4000:],
+        ]
+        logs = Path(self.cp.logs_dir) / "pods"
+        for f in sorted(logs.glob(f"{NS}_{name}-*"))[-3:]:
+            parts += [f"--- {f.name} (tail)", f.read_text(errors="replace")[-2500:]]
+        return "\n".join(parts)
+
+    def mlflow(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.mlflow_uri)
+
+    def assert_no_forbidden(self) -> None:
+        assert self.operator.alive(), "the operator exited:\n" + self.operator.log()[-3000:]
+        assert self.operator.forbidden() == [], "the API server refused the operator (RBAC)"
+
+
+def _toy_world(pv: Path) -> None:
+    """The shared data every pod reads at /data: toy problems and the tiny model (the Makefile's
+    demo target, written onto the PVC)."""
+    cli = [sys.executable, "-m", "visionr1_operator.cli", "toy"]
+    if not (pv / "toy" / "bench").exists():
+        subprocess.run(
+            [*cli, "data", "--out", str(pv / "toy"), "--n", "24", "--seed", "0", "--n-bench", "8"],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    if not (pv / "models" / "tiny-qwen25vl" / "config.json").exists():
+        subprocess.run(
+            [*cli, "model", "--out", str(pv / "models" / "tiny-qwen25vl")],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+
+
+@pytest.fixture(scope="module")
+def world(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    cp = control_plane
+    tmp = tmp_path_factory.mktemp("operator")
+    ensure_crd(cp)
+    create_namespace(cp, NS)
+    with mlflow_server(tmp / "mlflow") as uri:
+        # The chart, as a user installs it, for this namespace only (a Role, nothing
+        # cluster-wide); the CRD is already there. Its operator pod is kept off the node (no
+        # image here): this process runs the operator, with the chart's ServiceAccount.
+        values = tmp / "values.yaml"
+        values.write_text(
+            yaml.safe_dump(
+                {
+                    "crds": {"install": False},
+                    "watchNamespaces": [NS],
+                    "operator": {**OFF_NODE, "mlflowTrackingUri": uri},
+                    "mlflow": {"enabled": False},
+                }
+            )
+        )
+        cp.helm(
+            "upgrade",
+            "--install",
+            RELEASE,
+            str(Path(__file__).resolve().parents[2] / "charts" / "visionr1-operator"),
+            "-n",
+            RELEASE_NS,
+            "--create-namespace",
+            "-f",
+            str(values),
+        )
+        pv = Path(cp.make_pvc(NS, PVC, "10Gi"))
+        # A share every pod user may write to, as RWX (NFS) shares usually are: the kubelet
+        # creates a missing subPath folder (the run's <namespace>/<name>) as root with the mode
+        # of the volume's root, so with 0755 the stage user could not write its workspace.
+        pv.chmod(0o777)
+        _toy_world(pv)
+        operator = OperatorProcess(
+            Path(cp.token_kubeconfig(RELEASE_NS, SA)),
+            [NS],
+            tmp / "operator.log",
+            mlflow_uri=uri,
+            retry_backoff=1.0,
+        )
+        operator.start()
+        w = World(cp, pv, uri, operator, tmp)
+        try:
+            yield w
+        finally:
+            # Runs carry the operator's finalizer: delete them while it still runs.
+            if not operator.alive():
+                operator.start()
+            cp.kubectl("delete", "vr1", "--all", "-n", NS, "--timeout=60s", check=False)
+            operator.stop()
+            cp.helm("uninstall", RELEASE, "-n", RELEASE_NS, check=False)
+
+
+# --------------------------------------------------------------------------- the tiny run
+
+
+class Recorder:
+    """Snapshots of what a user types while the run goes: one per new (phase, stage)."""
+
+    def __init__(self, w: World, name: str) -> None:
+        self.w, self.name = w, name
+        self.seen: list[tuple[str, str]] = []
+        self.snapshots: list[tuple[str, str]] = []
+
+    def kubectl(self, *args: str) -> str:
+        return self.w.cp.kubectl(*args, check=False).stdout
+
+    def poll(self, t: float) -> None:
+        obj = kget_or_none(self.w.cp, "vr1", self.name, "-n", NS) or {}
+        st = obj.get("status") or {}
+        key = (st.get("phase") or "", st.get("currentStage") or "")
+        if key in self.seen:
+            return
+        self.seen.append(key)
+        text = "$ kubectl get vr1 -o wide\n" + self.kubectl("get", "vr1", "-n", NS, "-o", "wide")
+        text += "\n$ kubectl get jobs,pods\n" + self.kubectl(
+            "get", "jobs,pods", "-n", NS, "-l", f"visionr1.io/run={self.name}"
+        )
+        self.snapshots.append(
+            (f"t = {t:.0f} s: phase {key[0] or '-'}, stage {key[1] or '-'}", text)
+        )
+
+
+def test_tiny_run_end_to_end(world: World) -> None:
+    w, name = world, "tiny"
+    run = tiny_cluster_run(name, NS, PVC)
+    rec = Recorder(w, name)
+    t0 = time.monotonic()
+    out = apply(w.cp, run)
+    assert "created" in out.stdout
+    deadline = t0 + 900
+    while time.monotonic() < deadline:
+        rec.poll(time.monotonic() - t0)
+        if w.phase(name) in ("Succeeded", "Failed"):
+            break
+        time.sleep(1.0)
+    elapsed = time.monotonic() - t0
+    rec.poll(elapsed)
+    obj = w.run(name)
+    assert obj["status"]["phase"] == "Succeeded", w.diagnose(name)
+
+    # Status written through the status subresource, as the CRD's printer columns show it.
+    st = obj["status"]
+    assert st["progress"] == "5/5"
+    assert condition(obj, "Succeeded")["status"] == "True"
+    assert condition(obj, "Succeeded")["reason"] == "AllStagesSucceeded"
+    stages = st["stages"]
+    assert {s: stages[s]["phase"] for s in stages} == dict.fromkeys(
+        ["synthesis", "filter", "sft", "grpo", "eval"], "Succeeded"
+    )
+    # One Job per stage, each completed by the real Job controller, owned by the run.
+    uid = obj["metadata"]["uid"]
+    jobs = {j["metadata"]["name"]: j for j in w.jobs(name)}
+    assert sorted(jobs) == sorted(f"{name}-{s}-0" for s in stages)
+    for job in jobs.values():
+        assert condition(job, "Complete")["status"] == "True", job["status"]
+        assert job["metadata"]["ownerReferences"][0]["uid"] == uid
+    # Their pods ran on the local node and exited 0 (what the node runner reported).
+    pods = w.pods(name)
+    assert len(pods) >= 5
+    for pod in pods:
+        assert pod["spec"]["nodeName"] == w.cp.node_name
+        assert pod["status"]["phase"] == "Succeeded"
+        term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+        assert term["exitCode"] == 0
+    # One resolved-config ConfigMap per attempt.
+    cms = items(w.cp, "configmaps", "-n", NS, "-l", f"visionr1.io/run={name}")
+    assert len(cms) == 5
+    # The stage programs wrote their outputs into the PVC's folder.
+    for stage in stages:
+        manifest = w.stage_manifest(name, stage)
+        assert manifest is not None, f"{stage}: no _manifest.json under {w.workspace(name)}"
+    assert (w.workspace(name) / "sft" / "final" / "config.json").exists()
+    # Events on the run, as `kubectl describe` lists them.
+    reasons = [e["reason"] for e in w.events(name)]
+    for reason in ("RunStarted", "StageStarted", "StageSucceeded", "AllStagesSucceeded"):
+        assert reason in reasons, reasons
+    # MLflow: the parent run finished, a nested run per stage.
+    client = w.mlflow()
+    parent = client.get_run(st["mlflowRunId"])
+    assert parent.info.status == "FINISHED"
+    for stage in stages:
+        child = client.get_run(stages[stage]["mlflowRunId"])
+        assert child.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        assert child.info.status == "FINISHED", (stage, child.info.status)
+    w.assert_no_forbidden()
+
+    describe = w.cp.kubectl("describe", "vr1", name, "-n", NS).stdout
+    assert "AllStagesSucceeded" in describe
+    _write_reference(rec, describe, elapsed)
+    print(f"tiny run end to end: {elapsed:.1f} s")
+
+
+def _write_reference(rec: Recorder, describe: str, elapsed: float) -> None:
+    target = os.environ.get("VISIONR1_CLUSTER_DOCS")
+    if not target:
+        return
+    lines = [
+        "# What you see on a cluster",
+        "",
+        "What `kubectl` prints while a VisionR1Run goes through the operator on a real control",
+        "plane: the cluster variant of `examples/tiny-cpu.yaml` (the PVC instead of a local",
+        "folder, sizes cut to the minimum) applied in namespace `vr1-e2e`, recorded by",
+        "`tests/cluster/test_cluster_operator.py::test_tiny_run_end_to_end` with",
+        "`VISIONR1_CLUSTER_DOCS=docs/what-you-see-on-a-cluster.md`. Every stage ran as a real Job",
+        "whose pod the local node ran as a process (2 shared CPU cores).",
+        "",
+        f"End to end (apply → Succeeded): {elapsed:.0f} s.",
+        "",
+        "## During and after the run",
+        "",
+    ]
+    for title, text in rec.snapshots:
+        lines += [f"### {title}", "", "```", text.rstrip(), "```", ""]
+    lines += ["## `kubectl describe vr1 tiny`", "", "```", describe.rstrip(), "```", ""]
+    Path(target).write_text("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- faults
+
+
+# SFT long enough to be interrupted between checkpoints: 2 micro-batches per optimizer step,
+# a checkpoint every 2 steps.
+STEPS = 16
+SLOW_SFT = {"globalBatchSize": 8, "perDeviceBatchSize": 4, "saveSteps": 2}
+
+
+def _small(name: str, stages: list[str], **sft: Any) -> dict[str, Any]:
+    run = with_stages(tiny_cluster_run(name, NS, PVC), stages)
+    if "sft" in stages:
+        run["spec"]["stages"]["sft"]["params"].update(sft)
+    return run
+
+
+def _stage_processes(stage_run_id: str) -> list[psutil.Process]:
+    """The processes of a stage's pod on this node: the pod's env names the stage's MLflow run."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("VISIONR1_STAGE_RUN_ID") == stage_run_id:
+                found.append(proc)
+    return found
+
+
+def _checkpoint_steps(w: World, run: str) -> list[int]:
+    from visionr1_jobs.training.checkpoints import is_complete_checkpoint
+
+    ckpts = w.workspace(run) / "sft" / "checkpoints"
+    if not ckpts.exists():
+        return []
+    return sorted(
+        int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*") if is_complete_checkpoint(p)
+    )
+
+
+def _wait_checkpoint(w: World, run: str, at_least: int, timeout: float = 300) -> int:
+    try:
+        steps = wait_for(
+            lambda: [s for s in _checkpoint_steps(w, run) if s >= at_least],
+            timeout,
+            f"{run}: sft checkpoint >= {at_least}",
+            0.2,
+        )
+    except AssertionError:
+        raise AssertionError(w.diagnose(run)) from None
+    return max(steps)
+
+
+def _jobs_by_attempt(w: World, run: str) -> dict[tuple[str, str], list[str]]:
+    out: dict[tuple[str, str], list[str]] = {}
+    for j in w.jobs(run):
+        lab = j["metadata"]["labels"]
+        out.setdefault((lab["visionr1.io/stage"], lab["visionr1.io/attempt"]), []).append(
+            j["metadata"]["name"]
+        )
+    return out
+
+
+def test_invalid_input_exit_65_fails_the_job_by_pod_failure_policy(world: World) -> None:
+    w, name = world, "bad-input"
+    run = _small(name, ["synthesis"])
+    run["spec"]["stages"]["synthesis"]["from"]["dataset"] = "/data/toy/no-such-dataset"
+    apply(w.cp, run)
+    obj = w.wait_phase(name, ("Succeeded", "Failed"), 300)
+    assert obj["status"]["phase"] == "Failed", w.diagnose(name)
+    # The real Job controller applied our FailJob rule on exit code 65.
+    (job,) = w.jobs(name)
+    failed = condition(job, "Failed")
+    assert failed and failed["status"] == "True" and failed["reason"] == "PodFailurePolicy"
+    assert "exit code 65" in failed["message"]
+    (pod,) = w.pods(name)
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 65
+    # Not retried: one attempt, and the run names the reason.
+    syn = obj["status"]["stages"]["synthesis"]
+    assert syn["phase"] == "Failed" and syn["attempts"] == 1
+    cond = condition(obj, "Failed")
+    assert cond["status"] == "True" and "exit code 65" in cond["message"]
+    reasons = [e["reason"] for e in w.events(name)]
+    assert "InvalidInput" in reasons, reasons
+    assert w.mlflow().get_run(obj["status"]["mlflowRunId"]).info.status == "FAILED"
+    w.assert_no_forbidden()
+
+
+def test_killed_process_and_deleted_pod_resume_from_the_last_checkpoint(world: World) -> None:
+    """Attempt 1: the stage's process is SIGKILLed (as the OOM killer does) → exit 137, the Job
+    fails (backoffLimit 0), the operator starts attempt 2 after its backoff. Attempt 2: its pod is
+    deleted → the same again. Attempt 3 finishes; each attempt resumed from the newest complete
+    checkpoint the one before it left."""
+    w, name = world, "resume"
+    apply(w.cp, _small(name, ["synthesis", "filter", "sft"], maxSteps=STEPS, **SLOW_SFT))
+    w.wait_phase(name, ("Running",), 120)
+    first = _wait_checkpoint(w, name, 2)
+    sft_run_id = w.run(name)["status"]["stages"]["sft"]["mlflowRunId"]
+    procs = _stage_processes(sft_run_id)
+    assert procs, "no process of the sft pod found on this node"
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    wait_for(lambda: len(w.jobs(name)) >= 4, 120, "attempt 2 of sft (a second sft Job)")
+    j0 = kget(w.cp, "job", f"{name}-sft-0", "-n", NS)
+    failed = condition(j0, "Failed")
+    assert failed and failed["reason"] != "PodFailurePolicy", j0["status"]
+    j1 = kget(w.cp, "job", f"{name}-sft-1", "-n", NS)
+    # attempt 2 came after the operator's backoff (1 s here), counted from the failure
+    created = parse_time(j1["metadata"]["creationTimestamp"])
+    assert created >= parse_time(failed["lastTransitionTime"]) + timedelta(seconds=1)
+    assert created.timestamp() >= killed_at - 1
+    reasons = [e["reason"] for e in w.events(name)]
+    assert "StageRetrying" in reasons and "StageRetried" in reasons, reasons
+
+    # attempt 2: delete its pod once it has written a newer checkpoint
+    second = _wait_checkpoint(w, name, first + 2)
+    pod = wait_for(
+        lambda: [
+            p
+            for p in w.pods(name)
+            if p["metadata"]["labels"].get("visionr1.io/attempt") == "1"
+            and p["status"].get("phase") == "Running"
+        ],
+        60,
+        "attempt 2's pod running",
+    )[0]
+    w.cp.kubectl("delete", "pod", pod["metadata"]["name"], "-n", NS, "--wait=false")
+
+    obj = w.wait_phase(name, ("Succeeded", "Failed"), 400)
+    assert obj["status"]["phase"] == "Succeeded", w.diagnose(name)
+    manifest = w.stage_manifest(name, "sft")
+    assert manifest["metrics"]["global_step"] == STEPS
+    assert manifest["metrics"]["resumed_from_step"] >= second
+    # Nothing duplicated: one Job per (stage, attempt); one MLflow run for the stage, the same
+    # one every attempt logged into, with one loss value per step.
+    by_attempt = _jobs_by_attempt(w, name)
+    assert all(len(v) == 1 for v in by_attempt.values()), by_attempt
+    sft_attempts = sorted(int(a) for (s, a) in by_attempt if s == "sft")
+    assert sft_attempts[:2] == [0, 1] and len(sft_attempts) in (2, 3), by_attempt
+    assert obj["status"]["stages"]["sft"]["mlflowRunId"] == sft_run_id
+    client = w.mlflow()
+    steps = [m.step for m in client.get_metric_history(sft_run_id, "loss")]
+    assert sorted(set(steps)) == list(range(1, STEPS + 1)), steps
+    w.assert_no_forbidden()
+
+
+def test_operator_sigkilled_mid_stage_restarts_without_duplicates(world: World) -> None:
+    w, name = world, "restart"
+    apply(w.cp, _small(name, ["synthesis", "filter"]))
+    wait_for(
+        lambda: kget_or_none(w.cp, "job", f"{name}-synthesis-0", "-n", NS), 120, "the synthesis Job"
+    )
+    w.operator.kill()
+    try:
+        # While it is down the Job controller finishes the stage; nobody starts the next one.
+        wait_for(
+            lambda: condition(kget(w.cp, "job", f"{name}-synthesis-0", "-n", NS), "Complete"),
+            300,
+            "synthesis to complete",
+        )
+        time.sleep(2)
+        assert kget_or_none(w.cp, "job", f"{name}-filter-0", "-n", NS) is None
+    finally:
+        w.operator.start()
+    obj = w.wait_phase(name, ("Succeeded", "Failed"), 300)
+    assert obj["status"]["phase"] == "Succeeded", w.diagnose(name)
+    by_attempt = _jobs_by_attempt(w, name)
+    assert by_attempt == {
+        ("synthesis", "0"): [f"{name}-synthesis-0"],
+        ("filter", "0"): [f"{name}-filter-0"],
+    }
+    cms = items(w.cp, "configmaps", "-n", NS, "-l", f"visionr1.io/run={name}")
+    assert sorted(c["metadata"]["name"] for c in cms) == sorted(sum(by_attempt.values(), []))
+    client = w.mlflow()
+    parent = obj["status"]["mlflowRunId"]
+    children = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+    )
+    assert sorted(r.info.run_name for r in children) == ["filter", "synthesis"]
+    assert client.get_run(parent).info.status == "FINISHED"
+    w.assert_no_forbidden()
+
+
+def test_deleting_a_run_collects_its_children_and_ends_its_mlflow_run(world: World) -> None:
+    w, name = world, "doomed"
+    run = _small(name, ["synthesis", "filter", "sft"], maxSteps=500)
+    run["spec"]["stages"]["sft"]["nodes"] = 2  # a multi-node stage: it also gets a Service
+    run["spec"]["stages"]["sft"]["backoffLimit"] = 20  # still running when deleted
+    apply(w.cp, run)
+    wait_for(
+        lambda: kget_or_none(w.cp, "service", f"{name}-sft", "-n", NS),
+        300,
+        "the sft stage's headless Service",
+    )
+    wait_for(
+        lambda: [
+            p for p in w.pods(name) if p["metadata"]["labels"].get("visionr1.io/stage") == "sft"
+        ],
+        60,
+        "sft pods",
+    )
+    obj = w.run(name)
+    parent = obj["status"]["mlflowRunId"]
+    sft_run = obj["status"]["stages"]["sft"]["mlflowRunId"]
+    selector = f"visionr1.io/run={name}"
+    kinds = "jobs,pods,configmaps,services"
+    assert len(items(w.cp, kinds, "-n", NS, "-l", selector)) >= 6
+    w.cp.kubectl("delete", "vr1", name, "-n", NS, "--timeout=120s")
+    wait_for(
+        lambda: not items(w.cp, kinds, "-n", NS, "-l", selector),
+        120,
+        "the garbage collector to remove the run's Jobs, pods, ConfigMaps and Services",
+    )
+    client = w.mlflow()
+    assert client.get_run(parent).info.status == "KILLED"
+    assert client.get_run(sft_run).info.status == "KILLED"
+    w.assert_no_forbidden()
+
+
+def test_suspend_and_resume_a_running_stage(world: World) -> None:
+    w, name = world, "pausable"
+    apply(w.cp, _small(name, ["synthesis", "filter", "sft"], maxSteps=STEPS, **SLOW_SFT))
+    reached = _wait_checkpoint(w, name, 2)
+    w.cp.kubectl("patch", "vr1", name, "-n", NS, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    wait_for(
+        lambda: kget(w.cp, "job", f"{name}-sft-0", "-n", NS)["spec"].get("suspend"),
+        60,
+        "the operator to suspend the sft Job",
+    )
+    # The Job controller removes the running pod of a suspended Job.
+    wait_for(
+        lambda: (
+            not [
+                p
+                for p in w.pods(name)
+                if p["metadata"]["labels"]["visionr1.io/stage"] == "sft"
+                and p["status"].get("phase") in ("Pending", "Running")
+                and not p["metadata"].get("deletionTimestamp")
+            ]
+        ),
+        120,
+        "the sft pod to be removed",
+    )
+    obj = w.wait_phase(name, ("Suspended",), 60)
+    assert condition(obj, "Suspended")["status"] == "True"
+    job = kget(w.cp, "job", f"{name}-sft-0", "-n", NS)
+    assert condition(job, "Suspended")["status"] == "True"  # the Job controller's own view
+    paused = max(_checkpoint_steps(w, name) or [0])
+    assert paused >= reached
+    w.cp.kubectl("patch", "vr1", name, "-n", NS, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    obj = w.wait_phase(name, ("Succeeded", "Failed"), 400)
+    assert obj["status"]["phase"] == "Succeeded", w.diagnose(name)
+    assert condition(obj, "Suspended")["status"] == "False"
+    manifest = w.stage_manifest(name, "sft")
+    assert manifest["metrics"]["resumed_from_step"] >= reached
+    assert manifest["metrics"]["global_step"] == STEPS
+    assert _jobs_by_attempt(w, name)[("sft", "0")] == [f"{name}-sft-0"]
+    assert ("sft", "1") not in _jobs_by_attempt(w, name)  # a pause is not a failed attempt
+    reasons = [e["reason"] for e in w.events(name)]
+    assert "Suspended" in reasons and "Resumed" in reasons, reasons
+    w.assert_no_forbidden()
+
+
+def test_a_bad_manifest_is_refused_and_creates_nothing(world: World) -> None:
+    w, name = world, "refused"
+    run = _small(name, ["synthesis", "filter"])
+    run["spec"]["stages"]["filter"]["nodes"] = 4
+    out = apply(w.cp, run, check=False)
+    assert out.returncode != 0
+    assert "stages.filter.nodes must be 1" in out.stderr
+    time.sleep(2)
+    assert kget_or_none(w.cp, "vr1", name, "-n", NS) is None
+    assert items(w.cp, "jobs,configmaps", "-n", NS, "-l", f"visionr1.io/run={name}") == []
+    w.assert_no_forbidden()
