@@ -433,6 +433,40 @@ def operator_proc(kq: K, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
         print((tmp_path / "operator.log").read_text(errors="replace")[-4000:])
 
 
+# the field manager of the operator's client (kube.Kube)
+OPERATOR_MANAGER = "visionr1-operator"
+
+
+def managed(job: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
+    """(manager, operation, spec fields) per managedFields entry: who wrote what."""
+    return [
+        (
+            e.get("manager", ""),
+            e.get("operation", ""),
+            sorted((e.get("fieldsV1") or {}).get("f:spec", {})),
+        )
+        for e in job["metadata"].get("managedFields") or []
+    ]
+
+
+def suspend_owners(job: dict[str, Any]) -> set[str]:
+    return {m for m, _, fields in managed(job) if "f:suspend" in fields}
+
+
+def settled_generation(k: K, job: str, quiet_s: float = 2.0, timeout: float = 30) -> int:
+    """The Job's generation once it has not changed for ``quiet_s``."""
+    deadline = time.monotonic() + timeout
+    last, since = k.job(job)["metadata"]["generation"], time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = k.job(job)["metadata"]["generation"]
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return int(now)
+    raise AssertionError(f"Job {job} kept changing: {managed(k.job(job))}")
+
+
 def run_status(k: K, name: str) -> dict[str, Any]:
     return (k.get("visionr1runs.visionr1.io", name, "-n", NS) or {}).get("status") or {}
 
@@ -455,13 +489,17 @@ def test_operator_suspends_and_resumes_a_queued_run_through_its_workload(
     wait_for(lambda: run_status(kq, name).get("phase") == "Suspended", 30, "phase Suspended")
     held = kq.job(job)["metadata"].get("annotations") or {}
     assert held.get(manifests.ANNOTATION_HELD) == "operator"
-    # no tug of war: for a while nobody un-suspends it, and the Job is not rewritten
-    generation = kq.job(job)["metadata"]["generation"]
+    # No tug of war: once Kueue is done evicting (it suspends the Job, then restores its pod
+    # template), nobody rewrites the Job's spec, and the operator never owned its suspend.
+    generation = settled_generation(kq, job)
     deadline = time.monotonic() + 6
     while time.monotonic() < deadline:
         assert kq.job(job)["spec"].get("suspend") is True, "the suspended Job was un-suspended"
         time.sleep(0.5)
-    assert kq.job(job)["metadata"]["generation"] == generation
+    assert kq.job(job)["metadata"]["generation"] == generation, managed(kq.job(job))
+    writers = {m for m, _, _ in managed(kq.job(job))}
+    assert OPERATOR_MANAGER in writers, writers  # it created the Job and marked it held
+    assert OPERATOR_MANAGER not in suspend_owners(kq.job(job)), managed(kq.job(job))
     cond_s = next(c for c in run_status(kq, name)["conditions"] if c["type"] == "Suspended")
     assert cond_s["status"] == "True" and "Kueue Workload" in cond_s["message"]
 
@@ -475,6 +513,7 @@ def test_operator_suspends_and_resumes_a_queued_run_through_its_workload(
     wait_for(lambda: run_status(kq, name).get("phase") == "Running", 30, "phase Running")
     st = run_status(kq, name)["stages"]["synthesis"]
     assert st["attempts"] == 1 and st["jobName"] == job
+    assert OPERATOR_MANAGER not in suspend_owners(kq.job(job)), managed(kq.job(job))
     assert manifests.ANNOTATION_HELD not in (kq.job(job)["metadata"].get("annotations") or {})
 
 
