@@ -90,7 +90,7 @@ class K:
         self.cp.kubectl("patch", kind, name, "-n", ns, "--type=merge", "-p", json.dumps(patch))
 
     def job(self, name: str) -> dict[str, Any]:
-        job = self.get("job", name, "-n", NS)
+        job = self.get("job", name, "-n", NS, "--show-managed-fields")
         assert job is not None, f"Job {name} is gone"
         return job
 
@@ -394,8 +394,10 @@ def operator_proc(kq: K, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     cp = kq.cp
     if kq.get("crd", "visionr1runs.visionr1.io") is None:
         cp.kubectl("create", "-f", "-", input=yaml.safe_dump(crd()))
-    cp.kubectl(
-        "wait", "--for=condition=Established", "crd/visionr1runs.visionr1.io", "--timeout=60s"
+    wait_for(
+        lambda: is_true(kq.get("crd", "visionr1runs.visionr1.io"), "Established"),
+        60,
+        "the VisionR1Run CRD Established",
     )
     env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig), "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("VISIONR1_MLFLOW_URI", None)
