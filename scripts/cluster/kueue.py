@@ -64,6 +64,10 @@ STATE = REPO / ".visionr1" / "kueue"  # gitignored (.visionr1/)
 Echo = Callable[[str], None]
 
 
+class Unavailable(RuntimeError):
+    """Kueue cannot be built here (no Go toolchain and no cached binary)."""
+
+
 def cache_dir() -> Path:
     root = os.environ.get("VISIONR1_CONTROL_PLANE_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "visionr1" / "control-plane"
@@ -95,7 +99,7 @@ def build(echo: Echo = print) -> Path:
     if exe.exists():
         return exe
     if shutil.which("go") is None:
-        raise RuntimeError(f"building Kueue {VERSION} needs Go >= 1.25 on PATH (https://go.dev/dl)")
+        raise Unavailable(f"building Kueue {VERSION} needs Go >= 1.25 on PATH (https://go.dev/dl)")
     cache_dir().mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "GOBIN": str(exe.parent), "GOFLAGS": "-trimpath -buildvcs=false"}
     echo(f"building {MODULE}/cmd/kueue@{VERSION} (once) into {exe.parent}")
