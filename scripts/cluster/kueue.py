@@ -116,6 +116,7 @@ def build(echo: Echo = print) -> Path:
     seconds = round(time.monotonic() - start, 1)
     if proc.returncode != 0:
         raise RuntimeError(f"go install of Kueue failed after {seconds}s; see {log}")
+    components()
     go_version = subprocess.run(["go", "version"], capture_output=True, text=True).stdout.strip()
     (cache_dir() / "build.json").write_text(
         json.dumps({"version": VERSION, "seconds": seconds, "go": go_version}, indent=2)
@@ -124,8 +125,21 @@ def build(echo: Echo = print) -> Path:
     return exe
 
 
+def components() -> Path:
+    """The release's config/components (CRDs, webhook manifests), copied next to the binary at
+    build time, so running Kueue later needs no Go toolchain."""
+    copy = cache_dir() / "components"
+    if not copy.is_dir():
+        src = module_dir() / "config" / "components"
+        shutil.copytree(src / "crd" / "bases", copy / "crd" / "bases")
+        shutil.copytree(src / "webhook", copy / "webhook")
+        for path in copy.rglob("*"):  # the module cache is read-only; the copy need not be
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    return copy
+
+
 def crd_files() -> list[Path]:
-    return sorted((module_dir() / "config" / "components" / "crd" / "bases").glob("*.yaml"))
+    return sorted((components() / "crd" / "bases").glob("*.yaml"))
 
 
 # --------------------------------------------------------------------------- certificates
@@ -239,7 +253,7 @@ def webhook_configurations(ca_pem: bytes, port: int) -> list[dict[str, Any]]:
     local process."""
     import base64
 
-    path = module_dir() / "config" / "components" / "webhook" / "manifests.yaml"
+    path = components() / "webhook" / "manifests.yaml"
     ca_b64 = base64.b64encode(ca_pem).decode()
     out: list[dict[str, Any]] = []
     for doc in yaml.safe_load_all(path.read_text()):
