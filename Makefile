@@ -93,6 +93,14 @@ cluster-status: setup ## what the local control plane runs and whether it is hea
 e2e: setup ## only the tests against the local control plane (pytest -m cluster)
 	$(BIN)/python -m pytest -q -rs -m cluster
 
+.PHONY: kueue-up
+kueue-up: setup ## real Kueue (built once from its module) on the running local control plane
+	$(BIN)/python scripts/cluster/kueue.py up
+
+.PHONY: kueue-down
+kueue-down: setup ## stop Kueue and remove its webhooks (its CRDs and queues stay)
+	$(BIN)/python scripts/cluster/kueue.py down
+
 .PHONY: clean
 clean: ## remove the demo workspace and caches (keeps .venv)
 	rm -rf .visionr1/tiny-cpu .pytest_cache .ruff_cache

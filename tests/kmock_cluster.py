@@ -39,6 +39,7 @@ class Logged:
     name: str | None
     watch: bool
     user_agent: str
+    label_selector: str | None = None
 
 
 RUNS = "/apis/visionr1.io/v1alpha1/namespaces/{ns}/visionr1runs"
@@ -49,6 +50,7 @@ RESOURCES: dict[str, tuple[str, set[str]]] = {
     "batch/v1/jobs": ("Job", {"status"}),
     "v1/configmaps": ("ConfigMap", set()),
     "v1/services": ("Service", set()),
+    "v1/pods": ("Pod", {"status"}),
     "v1/events": ("Event", set()),
 }
 # kopf waits for these to be discoverable even with scanning disabled (it never lists them then;
@@ -86,6 +88,7 @@ class Emulator(kmock.KubernetesEmulator):
                 name=request.name,
                 watch=bool(request.params.get("watch")),
                 user_agent=request.headers.get("User-Agent", ""),
+                label_selector=request.params.get("labelSelector"),
             )
         )
         # Forget finished requests (a watch stays listed while it streams).
@@ -180,13 +183,47 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+PODS = "/api/v1/namespaces/{ns}/pods"
+
+
+async def put_pod(
+    client: httpx.AsyncClient, job: dict[str, Any], status: dict[str, Any], index: int = 0
+) -> str:
+    """A pod of ``job`` in ``status`` (as the Job controller and the kubelet would report it),
+    created or replaced; returns its name."""
+    name = f"{job['metadata']['name']}-{index}-abcde"
+    labels = {
+        **job["spec"]["template"]["metadata"]["labels"],
+        "batch.kubernetes.io/job-name": job["metadata"]["name"],
+    }
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": labels},
+        "spec": job["spec"]["template"]["spec"],
+        "status": status,
+    }
+    r = await client.post(PODS.format(ns=NS), json=pod)
+    if r.status_code == 409:
+        r = await client.patch(
+            f"{PODS.format(ns=NS)}/{name}/status",
+            json={"status": status},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+    r.raise_for_status()
+    return name
+
+
 async def job_running(client: httpx.AsyncClient, name: str) -> None:
+    """The Job has one active pod, and that pod is Running."""
     r = await client.patch(
         f"{JOBS.format(ns=NS)}/{name}/status",
         json={"status": {"active": 1, "startTime": _now()}},
         headers={"Content-Type": "application/merge-patch+json"},
     )
     r.raise_for_status()
+    job = (await client.get(f"{JOBS.format(ns=NS)}/{name}")).json()
+    await put_pod(client, job, {"phase": "Running", "startTime": _now()})
 
 
 async def job_succeeded(client: httpx.AsyncClient, name: str, completions: int = 1) -> None:

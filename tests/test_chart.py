@@ -598,8 +598,34 @@ def test_network_policies_select_the_pods_and_open_only_their_ports(
             ports = {p["name"] for p in container(deployment)["ports"]}
             (rule,) = policy["spec"]["ingress"]
             assert {p["port"] for p in rule["ports"]} == ports
+    operator_peer = {
+        "podSelector": {
+            "matchLabels": one(docs["default"], "Deployment", "operator")["spec"]["selector"][
+                "matchLabels"
+            ]
+        }
+    }
     mlflow_rule = one(docs["namespaced-rbac"], "NetworkPolicy", "mlflow")["spec"]["ingress"][0]
-    assert mlflow_rule["from"] == VALUE_SETS["namespaced-rbac"]["networkPolicy"]["mlflowFrom"]
+    assert mlflow_rule["from"] == [
+        operator_peer,
+        *VALUE_SETS["namespaced-rbac"]["networkPolicy"]["mlflowFrom"],
+    ]
+    # by default only the operator and the stage pods (labelled by the operator) reach MLflow
+    default_rule = one(docs["default"], "NetworkPolicy", "mlflow")["spec"]["ingress"][0]
+    assert default_rule["from"] == [
+        operator_peer,
+        {
+            "podSelector": {"matchExpressions": [{"key": "visionr1.io/run", "operator": "Exists"}]},
+            "namespaceSelector": {},
+        },
+    ]
+    watched = documents(render({"watchNamespaces": ["team-a"]}))
+    stage_peer = one(watched, "NetworkPolicy", "mlflow")["spec"]["ingress"][0]["from"][1]
+    assert stage_peer["namespaceSelector"] == {
+        "matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a"]}
+        ]
+    }
     assert find(documents(render({"networkPolicy": {"enabled": False}})), "NetworkPolicy") == []
 
 

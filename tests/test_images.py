@@ -277,4 +277,42 @@ def test_operator_and_trainer_agree_on_shared_packages() -> None:
         if operator[n] != trainer[n]
     }
     assert not differ
-    assert {"mlflow", "pydantic", "pyyaml"} <= operator.keys() & trainer.keys()
+    assert {"mlflow-skinny", "pydantic", "pyyaml"} <= operator.keys() & trainer.keys()
+
+
+def test_operator_image_has_the_mlflow_client_only() -> None:
+    """mlflow-skinny, not mlflow: no server, UI, pandas or scikit-learn in the operator."""
+    pins = constraints(IMAGES / "operator" / "constraints.txt")
+    assert "mlflow-skinny" in pins
+    assert not {"mlflow", "pandas", "scikit-learn", "scipy", "kubernetes"} & set(pins)
+
+
+def test_operator_extra_declares_exactly_what_the_operator_imports() -> None:
+    import ast
+    import sys
+    from importlib.metadata import packages_distributions
+
+    imported: set[str] = set()
+    for path in (REPO / "operator" / "visionr1_operator").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    ours = {"visionr1_operator", "visionr1_jobs", "__future__"}
+    third_party = {m for m in imported - ours if m not in sys.stdlib_module_names}
+    dists = packages_distributions()
+    # mlflow the module comes from mlflow-skinny in the image (mlflow adds the server)
+    declared = {
+        canonicalize_name(Requirement(r).name)
+        for r in PYPROJECT["project"]["dependencies"]
+        + PYPROJECT["project"]["optional-dependencies"]["operator"]
+    }
+    used = set()
+    for module in third_party:
+        providers = ["mlflow-skinny"] if module == "mlflow" else dists[module]
+        names = [canonicalize_name(p) for p in providers]
+        # a namespace shared by several distributions (lightkube, lightkube-models): any one
+        used.add(next((n for n in names if n in declared), names[0]))
+    assert used - declared == set(), "imported but not declared in the operator extra"
+    assert declared - used == set(), "declared but imported by no operator code"

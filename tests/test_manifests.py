@@ -17,19 +17,27 @@ from visionr1_operator.manifests import (
     KUEUE_QUEUE_LABEL,
     LABEL_RUN,
     LABEL_STAGE,
+    NoClusterStorage,
     observe_job,
+    observe_pod,
     stage_objects,
     suspend_patch,
+    with_pods,
 )
+from visionr1_operator.policy import ClusterPolicy
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 K8S_VERSION = "1.33.0"  # the oldest Kubernetes the chart supports (podFailurePolicy is GA)
 
 
-def load(name: str, uid: str | None = "0b6f5e6e-1c1e-4a0e-9d59-1f0d8f0c2b11") -> VisionR1Run:
+def load(
+    name: str, uid: str | None = "0b6f5e6e-1c1e-4a0e-9d59-1f0d8f0c2b11", pvc: bool = True
+) -> VisionR1Run:
     obj = yaml.safe_load((EXAMPLES[0].parent / name).read_text())
     if uid:
         obj["metadata"]["uid"] = uid
+    if pvc and not obj["spec"]["storage"].get("pvc"):
+        obj["spec"]["storage"] = {"pvc": "visionr1-data"}  # the laptop example, on a cluster
     return VisionR1Run.model_validate(obj)
 
 
@@ -38,7 +46,21 @@ def by_kind(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+CLUSTER_EXAMPLES = [p for p in EXAMPLES if "pvc:" in p.read_text()]
+
+
+def test_a_laptop_only_run_is_refused_on_a_cluster_never_given_an_empty_dir(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    laptop = EXAMPLES[0].parent / "tiny-cpu.yaml"  # storage.localDir only
+    assert cli_main(["render", str(laptop)]) == 1
+    err = capsys.readouterr().err
+    assert "spec.storage.pvc" in err and "localDir" in err
+    with pytest.raises(NoClusterStorage, match="set spec.storage.pvc"):
+        stage_objects(load("tiny-cpu.yaml", pvc=False), "sft", 0)
+
+
+@pytest.mark.parametrize("example", CLUSTER_EXAMPLES, ids=[p.name for p in CLUSTER_EXAMPLES])
 def test_render_output_passes_strict_kubernetes_validation(
     example: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -81,7 +103,7 @@ def test_job_of_a_gpu_training_stage() -> None:
     rules = spec["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "FailJob",
-        "onExitCodes": {"containerName": "stage", "operator": "In", "values": [65]},
+        "onExitCodes": {"containerName": "stage", "operator": "In", "values": [65, 66]},
     }
     assert rules[1]["action"] == "Ignore"
     assert rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
@@ -126,14 +148,20 @@ def test_job_of_a_gpu_training_stage() -> None:
         "mountPath": "/workspace",
         "subPath": "ml/qwen25vl-7b",
     }
-    # The PVC root, read-only: shared raw data and benchmarks referred to as /data/...
-    assert mounts["/data"] == {"name": "workspace", "mountPath": "/data", "readOnly": True}
-    # The model cache: one folder of the PVC shared by every run, read-write (HF_HOME).
+    # Only the shared data folder, read-only (never the PVC's root with every tenant's runs)
+    assert mounts["/data"] == {
+        "name": "workspace",
+        "mountPath": "/data",
+        "subPath": "shared",
+        "readOnly": True,
+    }
+    # The model cache: one folder per namespace, shared by its runs, read-write (HF_HOME).
     assert mounts["/cache/huggingface"] == {
         "name": "workspace",
         "mountPath": "/cache/huggingface",
-        "subPath": ".cache/huggingface",
+        "subPath": "ml/.cache/huggingface",
     }
+    assert set(mounts) == {"/workspace", "/data", "/cache/huggingface", "/etc/visionr1", "/dev/shm"}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["workspace"]["persistentVolumeClaim"] == {"claimName": "visionr1-data"}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "128Gi"}
@@ -258,3 +286,168 @@ def test_observe_held_job_and_foreign_job() -> None:
     seen = observe_job(job)
     assert seen is not None and seen.suspended and seen.held and seen.outcome == "suspended"
     assert observe_job({"metadata": {"name": "other", "labels": {}}}) is None
+
+
+# --------------------------------------------------------------------------- storage and tenancy
+
+
+def test_mounts_are_the_runs_folder_and_the_configured_shared_folder_only() -> None:
+    run = load("qwen25vl-7b.yaml")
+    job = by_kind(
+        stage_objects(run, "grpo", 0, policy=ClusterPolicy(shared_data_path="/datasets/")), "Job"
+    )
+    pod = job["spec"]["template"]["spec"]
+    mounts = [m for c in pod["containers"] for m in c["volumeMounts"] if m["name"] == "workspace"]
+    assert mounts == [
+        {"name": "workspace", "mountPath": "/workspace", "subPath": "ml/qwen25vl-7b"},
+        {"name": "workspace", "mountPath": "/data", "subPath": "datasets", "readOnly": True},
+        {
+            "name": "workspace",
+            "mountPath": "/cache/huggingface",
+            "subPath": "ml/.cache/huggingface",
+        },
+    ]
+    # nothing in the pod mounts the PVC without a subPath
+    for c in [*pod["initContainers"], *pod["containers"]]:
+        for m in c["volumeMounts"]:
+            if m["name"] == "workspace":
+                assert m.get("subPath"), (c["name"], m)
+
+
+def test_fresh_pvc_the_init_container_creates_and_chowns_the_runs_folder(tmp_path: Path) -> None:
+    """The kubelet creates a missing subPath as root 0755; the init container's command, run
+    here for real with sh against a folder standing in for the PVC, makes it the stage user's."""
+    import os
+    import shutil
+    import subprocess
+
+    run = load("qwen25vl-7b.yaml")
+    job = by_kind(stage_objects(run, "sft", 0), "Job")
+    pod = job["spec"]["template"]["spec"]
+    [init] = pod["initContainers"]
+    # root (it must chown), but nothing more than it needs
+    sc = init["securityContext"]
+    assert sc["runAsUser"] == 0 and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER"]}
+    assert init["image"] == pod["containers"][0]["image"]  # already pulled for the stage
+    # it mounts the namespace's folder, not the PVC's root
+    [mount] = init["volumeMounts"]
+    assert mount == {"name": "workspace", "mountPath": "/parent", "subPath": "ml"}
+    if os.geteuid() != 0 or shutil.which("sh") is None:
+        pytest.skip("chown to 1000 needs root")
+    parent = tmp_path / "ml"
+    parent.mkdir(mode=0o755)
+    args = [a.replace("/parent", str(parent)) for a in init["args"]]
+    subprocess.run([*init["command"], *args], check=True)
+    # the run's folder and the namespace's model cache, both the stage user's
+    for made in (parent / "qwen25vl-7b", parent / ".cache" / "huggingface"):
+        st = made.stat()
+        assert (st.st_uid, st.st_gid) == (1000, 1000), made
+        assert st.st_mode & 0o777 == 0o775
+    # idempotent: a second attempt's init container finds it there
+    subprocess.run([*init["command"], *args], check=True)
+
+
+# --------------------------------------------------------------------------- observing pods
+
+
+def pod(phase: str = "Pending", **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "r-sft-0-0-abcde",
+            "labels": {
+                LABEL_RUN: "r",
+                LABEL_STAGE: "sft",
+                "visionr1.io/attempt": "0",
+                "batch.kubernetes.io/job-name": "r-sft-0",
+            },
+        },
+        "status": {"phase": phase, **status},
+    }
+
+
+def running_job() -> Any:
+    from visionr1_operator.plan import ObservedJob
+
+    return ObservedJob("r-sft-0", "sft", 0, completions=2, active=2)
+
+
+def test_observe_pod_unschedulable_and_image_pull_and_oom() -> None:
+    unsched = observe_pod(
+        pod(
+            conditions=[
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+                }
+            ]
+        )
+    )
+    assert unsched is not None and unsched.job == "r-sft-0"
+    assert unsched.problem is not None and unsched.problem[0] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in unsched.problem[1]
+    pull = observe_pod(
+        pod(
+            containerStatuses=[
+                {
+                    "name": "stage",
+                    "state": {
+                        "waiting": {
+                            "reason": "ImagePullBackOff",
+                            "message": 'Back-off pulling image "ghcr.io/x/nope:1"',
+                        }
+                    },
+                }
+            ]
+        )
+    )
+    assert pull is not None and pull.problem is not None
+    assert pull.problem[0] == "ImagePullBackOff" and "ghcr.io/x/nope:1" in pull.problem[1]
+    oom = observe_pod(
+        pod(
+            "Failed",
+            containerStatuses=[
+                {"name": "stage", "state": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}
+            ],
+        )
+    )
+    assert oom is not None and oom.problem is not None and oom.exit_code == 137
+    assert oom.problem[0] == "OOMKilled" and "exit code 137" in oom.problem[1]
+    assert observe_pod({"metadata": {"name": "x", "labels": {}}}) is None
+
+
+def test_running_counts_only_running_pods_not_pending_ones() -> None:
+    from visionr1_operator.plan import _job_progress
+
+    job = running_job()
+    pods = [observe_pod(pod("Running")), observe_pod(pod("Pending"))]
+    seen = with_pods(job, [p for p in pods if p is not None])
+    assert seen.running_pods == 1
+    assert _job_progress(seen) == "0/2 pods done, 1 running, 1 pending"
+
+
+def test_a_failed_jobs_message_carries_the_failing_pods_reason_and_exit_code() -> None:
+    from visionr1_operator.plan import ObservedJob
+
+    job = ObservedJob(
+        "r-sft-0",
+        "sft",
+        0,
+        failed=1,
+        failed_reason="BackoffLimitExceeded",
+        message="Job has reached the specified backoff limit",
+    )
+    oom = observe_pod(
+        pod(
+            "Failed",
+            containerStatuses=[
+                {"name": "stage", "state": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}
+            ],
+        )
+    )
+    assert oom is not None
+    seen = with_pods(job, [oom])
+    assert seen.exit_code == 137
+    assert "OOMKilled (exit code 137)" in seen.message and "backoff limit" in seen.message

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import yaml
 from kmock_cluster import (
+    JOBS,
     NS,
     RUNS,
     cluster,
@@ -33,9 +34,11 @@ from kmock_cluster import (
 
 from visionr1_operator.handlers import OperatorConfig, make_registry
 from visionr1_operator.plan import RetryPolicy
+from visionr1_operator.policy import ClusterPolicy
 from visionr1_operator.rbac import RULES, covers
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TEST_AGENT = "visionr1-tests"
 FIVE = ["synthesis", "filter", "sft", "grpo", "eval"]
 
 # slow: the module starts a real `mlflow server` once (~40 s on a busy 2-core machine)
@@ -59,12 +62,20 @@ async def k8s() -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def client(k8s: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=str(k8s.url).rstrip("/")) as c:
+    # named, so that the test's own requests are told from the operator's (both use httpx)
+    async with httpx.AsyncClient(
+        base_url=str(k8s.url).rstrip("/"), headers={"User-Agent": TEST_AGENT}
+    ) as c:
         yield c
 
 
 @contextlib.contextmanager
-def operator(k8s: Any, mlflow_uri: str | None, retry: RetryPolicy | None = None) -> Iterator[Any]:
+def operator(
+    k8s: Any,
+    mlflow_uri: str | None,
+    retry: RetryPolicy | None = None,
+    policy: ClusterPolicy | None = None,
+) -> Iterator[Any]:
     from kopf.testing import KopfRunner
 
     config = OperatorConfig(
@@ -72,6 +83,9 @@ def operator(k8s: Any, mlflow_uri: str | None, retry: RetryPolicy | None = None)
         connection=connection(k8s),
         retry=retry or RetryPolicy(base_s=0.2, max_s=1.0),
         error_delay_s=0.5,
+        policy=policy or ClusterPolicy(),
+        mlflow_timeout_s=5.0,
+        mlflow_retry_s=0.5,
     )
     with KopfRunner(
         ["run", "--standalone", "-n", NS, "--verbose"], registry=make_registry(config), timeout=30
@@ -81,6 +95,7 @@ def operator(k8s: Any, mlflow_uri: str | None, retry: RetryPolicy | None = None)
 
 def tiny(**spec: Any) -> dict[str, Any]:
     obj = yaml.safe_load((EXAMPLES / "tiny-cpu.yaml").read_text())
+    obj["spec"]["storage"] = {"pvc": "visionr1-data"}  # a cluster needs a PVC
     obj["spec"].update(spec)
     return run_object(obj)
 
@@ -130,6 +145,11 @@ async def test_five_stage_run_succeeds_with_status_events_and_mlflow(
     assert conds["Succeeded"]["reason"] == "AllStagesSucceeded"
     assert conds["Progressing"]["status"] == "False"
     assert set(jobs(k8s)) == {f"tiny-cpu-{s}-0" for s in FIVE}, "one Job per stage, no extras"
+    # the Jobs and pods are watched with a server-side label selector: with --all-namespaces
+    # the API server sends only the runs' own, not every Job and pod of the cluster
+    watched = {(r.plural, r.label_selector) for r in k8s.log if r.watch}
+    assert ("jobs", "visionr1.io/run") in watched and ("pods", "visionr1.io/run") in watched
+    assert not {p for p, sel in watched if p in ("jobs", "pods") and not sel}
     reasons = [r for r, _ in events(k8s)]
     assert reasons.count("StageStarted") == 5 and reasons.count("StageSucceeded") == 5
     assert "RunStarted" in reasons and "AllStagesSucceeded" in reasons
@@ -257,13 +277,19 @@ async def test_deleting_a_running_run_removes_children_and_kills_its_mlflow_run(
         await next_job(k8s, "filter")
         await wait_for(lambda: status(k8s)["stages"]["filter"].get("mlflowRunId"), what="ids")
         st = status(k8s)
-        assert get_run(k8s, "tiny-cpu")["metadata"]["finalizers"] == ["visionr1.io/finalizer"]
+        # no finalizer: deleting a run never waits for the operator (nor for a removed one)
+        assert not get_run(k8s, "tiny-cpu")["metadata"].get("finalizers")
         for child in [*jobs(k8s).values(), *objects(k8s, "v1/configmaps").values()]:
             [owner] = child["metadata"]["ownerReferences"]
             assert owner["uid"] == run["metadata"]["uid"] and owner["kind"] == "VisionR1Run"
         r = await client.delete(f"{RUNS.format(ns=NS)}/tiny-cpu")
         r.raise_for_status()
         await wait_for(lambda: get_run(k8s, "tiny-cpu") is None, what="run deleted")
+        # ended from the deletion's watch event (no finalizer holds the run for it)
+        await wait_for(
+            lambda: parent_run(mlflow_uri, st["mlflowRunId"]).info.status == "KILLED",
+            what="MLflow run killed",
+        )
     gone = await collect_garbage(k8s, client)  # what the garbage collector does with the owners
     assert sorted(gone) == sorted(
         [f"Job/tiny-cpu-{s}-0" for s in ("synthesis", "filter")]
@@ -278,7 +304,7 @@ def operator_requests(k8s: Any) -> set[tuple[str, str, str]]:
     """(apiGroup, resource[/subresource], verb) of every API request the operator made."""
     out = set()
     for req in k8s.log:
-        if not req.plural or "python-httpx" in req.user_agent:
+        if not req.plural or req.user_agent == TEST_AGENT:
             continue  # discovery, or the test itself
         if req.method == "GET":
             verb = "get" if req.name else ("watch" if req.watch else "list")
@@ -291,16 +317,86 @@ def operator_requests(k8s: Any) -> set[tuple[str, str, str]]:
     return out
 
 
-async def test_suspend_then_resume_and_rbac_rules_are_exact(
+def leftover(kind: str, name: str, run_uid: str = "0000-deleted-run") -> dict[str, Any]:
+    """A child of a deleted run of the same name, not yet collected (owned by the old uid)."""
+    api = "batch/v1" if kind == "Job" else "v1"
+    obj: dict[str, Any] = {
+        "apiVersion": api,
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "labels": {"visionr1.io/run": "tiny-cpu", "visionr1.io/stage": name.split("-")[2]}
+            | ({"visionr1.io/attempt": name.split("-")[3]} if kind == "Job" else {}),
+            "ownerReferences": [
+                {
+                    "apiVersion": "visionr1.io/v1alpha1",
+                    "kind": "VisionR1Run",
+                    "name": "tiny-cpu",
+                    "uid": run_uid,
+                    "controller": True,
+                }
+            ],
+        },
+    }
+    if kind == "Service":
+        obj["spec"] = {"clusterIP": "None", "ports": [{"port": 29500}]}
+    if kind == "Job":
+        obj["spec"] = {"template": {"spec": {"containers": []}}}
+    return obj
+
+
+PATHS = {
+    "Job": JOBS,
+    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
+    "Service": "/api/v1/namespaces/{ns}/services",
+}
+
+
+async def in_the_way_then_gone(
+    k8s: Any, client: httpx.AsyncClient, kind: str, name: str
+) -> dict[str, Any]:
+    """Wait for the run to name ``kind/name`` as in its way, then delete it (the garbage
+    collector's part); returns the condition that named it."""
+
+    def named() -> Any:
+        c = next((c for c in status(k8s).get("conditions", []) if c["type"] == "Progressing"), {})
+        return (
+            c
+            if c.get("reason") == "ObjectInTheWay" and f"{kind} ml/{name}" in c["message"]
+            else None
+        )
+
+    cond = await wait_for(named, what=f"ObjectInTheWay naming {kind} {name}")
+    r = await client.delete(f"{PATHS[kind].format(ns=NS)}/{name}")
+    r.raise_for_status()
+    return cond
+
+
+async def test_create_conflicts_adopt_only_owned_objects_and_rbac_rules_are_exact(
     k8s: Any, client: httpx.AsyncClient
 ) -> None:
+    """Children of a deleted run of the same name are in the way until collected: the run
+    waits, saying which object; its own (a ConfigMap created before the Service was in the way)
+    is adopted. Also: suspend/resume, and every request is allowed by exactly the RBAC rules."""
     run = tiny()
     run["spec"]["stages"]["sft"]["nodes"] = 2  # multi-node: the rendezvous Service too
     headers = {"Content-Type": "application/merge-patch+json"}
+    for kind, name in (("ConfigMap", "tiny-cpu-synthesis-0"), ("Service", "tiny-cpu-sft")):
+        r = await client.post(PATHS[kind].format(ns=NS), json=leftover(kind, name))
+        r.raise_for_status()
+    r = await client.post(JOBS.format(ns=NS), json=leftover("Job", "tiny-cpu-sft-0"))
+    r.raise_for_status()
     with operator(k8s, None):
         await create_run(client, run)
+        cond = await in_the_way_then_gone(k8s, client, "ConfigMap", "tiny-cpu-synthesis-0")
+        assert cond["status"] == "False" and "0000-deleted-run" in cond["message"]
+        assert "tiny-cpu-synthesis-0" not in jobs(k8s), "no Job while its ConfigMap is not ours"
         await pass_stages(k8s, client, ["synthesis", "filter"])
+        await in_the_way_then_gone(k8s, client, "Service", "tiny-cpu-sft")
+        await in_the_way_then_gone(k8s, client, "Job", "tiny-cpu-sft-0")
         job = await next_job(k8s, "sft")
+        assert job["metadata"]["ownerReferences"][0]["uid"] == run["metadata"]["uid"]
         await job_running(client, job["metadata"]["name"])
         assert "tiny-cpu-sft" in objects(k8s, "v1/services")
         r = await client.patch(
@@ -329,9 +425,178 @@ async def test_suspend_then_resume_and_rbac_rules_are_exact(
         await wait_for(lambda: "AllStagesSucceeded" in [r for r, _ in events(k8s)], what="event")
     reasons = [r for r, _ in events(k8s)]
     assert "Suspended" in reasons and "Resumed" in reasons
+    assert reasons.count("ObjectInTheWay") >= 3
     # RBAC: every request is allowed by a rule, and every rule's every verb was needed
     made = operator_requests(k8s)
     for group, resource, verb in sorted(made):
         assert covers(group, resource, verb), f"no RBAC rule allows {verb} {group}/{resource}"
     granted = {(r.api_group, r.resource, v) for r in RULES for v in r.verbs}
     assert granted - made == set(), "rules granting more than the operator uses"
+
+
+async def test_runs_a_cluster_cannot_or_may_not_run_are_refused_naming_the_field(
+    k8s: Any, client: httpx.AsyncClient
+) -> None:
+    laptop = tiny()
+    laptop["spec"]["storage"] = {"localDir": ".visionr1/x"}  # no PVC: never an emptyDir
+    foreign = tiny()
+    foreign["metadata"]["name"] = "foreign"
+    foreign["spec"]["images"] = {"trainer": "docker.io/someone/else:1"}
+    foreign["spec"]["serviceAccountName"] = "cluster-admin-ish"
+    policy = ClusterPolicy(
+        allowed_images=("ghcr.io/visionr1/*",), allowed_service_accounts=("default",)
+    )
+    with operator(k8s, None, policy=policy):
+        await create_run(client, laptop)
+        await create_run(client, foreign)
+        for name in ("tiny-cpu", "foreign"):
+            await wait_for(lambda n=name: status(k8s, n).get("phase") == "Failed", what=name)
+    laptop_failed = next(c for c in status(k8s)["conditions"] if c["type"] == "Failed")
+    assert laptop_failed["reason"] == "InvalidSpec"
+    assert "spec.storage.pvc" in laptop_failed["message"]
+    assert "PersistentVolumeClaim" in laptop_failed["message"]
+    foreign_failed = next(c for c in status(k8s, "foreign")["conditions"] if c["type"] == "Failed")
+    assert "spec.images.trainer" in foreign_failed["message"]
+    assert "ghcr.io/visionr1/*" in foreign_failed["message"]
+    assert "spec.serviceAccountName" in foreign_failed["message"]
+    assert jobs(k8s) == {} and objects(k8s, "v1/configmaps") == {}
+
+
+async def test_mlflow_unreachable_never_blocks_jobs_and_is_shown(
+    k8s: Any, client: httpx.AsyncClient
+) -> None:
+    dead = "http://127.0.0.1:9"  # discard port: nothing answers
+    with operator(k8s, dead):
+        await create_run(client, tiny())
+        job = await next_job(k8s, "synthesis")
+        cond = await wait_for(
+            lambda: next(
+                (c for c in status(k8s).get("conditions", []) if c["type"] == "Tracking"), None
+            ),
+            what="Tracking condition",
+        )
+        await wait_for(lambda: "MlflowUnreachable" in [r for r, _ in events(k8s)], what="event")
+        await job_succeeded(client, job["metadata"]["name"])
+        await next_job(k8s, "filter")  # the run goes on
+    assert cond["status"] == "False" and cond["reason"] == "MlflowUnreachable"
+    assert dead in cond["message"]
+    assert status(k8s).get("mlflowRunId") is None
+
+
+async def test_pod_trouble_and_the_failing_pods_exit_code_are_shown(
+    k8s: Any, client: httpx.AsyncClient
+) -> None:
+    from kmock_cluster import put_pod
+
+    run = tiny()
+    run["spec"]["stages"]["synthesis"]["backoffLimit"] = 1
+    slow = RetryPolicy(base_s=30.0, max_s=30.0)  # the retry waits: look at it
+    with operator(k8s, None, retry=slow):
+        await create_run(client, run)
+        job = await next_job(k8s, "synthesis")
+        await put_pod(
+            client,
+            job,
+            {
+                "phase": "Pending",
+                "containerStatuses": [
+                    {
+                        "name": "stage",
+                        "state": {
+                            "waiting": {
+                                "reason": "ImagePullBackOff",
+                                "message": 'Back-off pulling image "ghcr.io/visionr1/trainer:0.1.0"',
+                            }
+                        },
+                    }
+                ],
+            },
+        )
+        await wait_for(
+            lambda: "ImagePullBackOff" in [r for r, _ in events(k8s)], what="ImagePullBackOff"
+        )
+        st = status(k8s)
+        assert "Back-off pulling image" in st["stages"]["synthesis"]["message"]
+        progressing = next(c for c in st["conditions"] if c["type"] == "Progressing")
+        assert progressing["reason"] == "ImagePullBackOff"
+        # then it ran out of memory
+        await put_pod(
+            client,
+            job,
+            {
+                "phase": "Failed",
+                "containerStatuses": [
+                    {
+                        "name": "stage",
+                        "state": {"terminated": {"reason": "OOMKilled", "exitCode": 137}},
+                    }
+                ],
+            },
+        )
+        await job_failed(client, job["metadata"]["name"], exit_code=137)
+        await wait_for(lambda: "StageRetrying" in [r for r, _ in events(k8s)], what="retrying")
+    stage = status(k8s)["stages"]["synthesis"]
+    assert "OOMKilled (exit code 137)" in stage["message"]
+    assert any("OOMKilled (exit code 137)" in m for r, m in events(k8s) if r == "StageRetrying")
+    # the next attempt's time is its own field, not a finish time in the future
+    finished, due = stage["finishTime"], stage["nextRetryTime"]
+    assert finished < due
+
+
+@contextlib.asynccontextmanager
+async def tcp_proxy(port: int, target: str) -> AsyncIterator[None]:
+    """Forward 127.0.0.1:``port`` to ``target`` (http://host:port) while the context is open."""
+    host, _, target_port = target.removeprefix("http://").partition(":")
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(target_port))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    try:
+        yield
+    finally:
+        server.close()
+
+
+async def test_mlflow_coming_back_is_picked_up_on_its_own(
+    k8s: Any, client: httpx.AsyncClient, mlflow_uri: str
+) -> None:
+    from kmock_cluster import _free_port
+
+    port = _free_port()  # nothing listens yet: MLflow is "down"
+    uri = f"http://127.0.0.1:{port}"
+
+    def tracking() -> dict[str, Any]:
+        conds = status(k8s).get("conditions", [])
+        return next((c for c in conds if c["type"] == "Tracking"), {})
+
+    with operator(k8s, uri):
+        await create_run(client, tiny())
+        first = await next_job(k8s, "synthesis")
+        await wait_for(lambda: tracking().get("status") == "False", what="MLflow down")
+        async with tcp_proxy(port, mlflow_uri):  # MLflow is back
+            await wait_for(lambda: tracking().get("status") == "True", what="MLflow back")
+            await wait_for(lambda: status(k8s).get("mlflowRunId"), what="parent run opened")
+            await job_succeeded(client, first["metadata"]["name"])
+            second = await next_job(k8s, "filter")
+    env = {
+        e["name"]: e.get("value")
+        for e in second["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["VISIONR1_PARENT_RUN_ID"] == status(k8s)["mlflowRunId"]
+    assert "VISIONR1_PARENT_RUN_ID" not in {
+        e["name"] for e in first["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert tracking()["reason"] == "MlflowReachable"
+    assert "MlflowReachable" in [r for r, _ in events(k8s)]

@@ -244,7 +244,11 @@ SITUATIONS: list[tuple[str, VisionR1Run, Any, list[ObservedJob], datetime, list[
         status_after(QUEUED, running="sft"),
         [job("sft", suspended=True)],
         T0,
-        [StageProgress("sft", "Pending", "queued", "waiting for admission (suspended Job)")],
+        [
+            StageProgress(
+                "sft", "Pending", "queued", "waiting for Kueue to admit it (LocalQueue gpu-team)"
+            )
+        ],
     ),
     (
         "a Job created just before a crash is adopted, not duplicated",
@@ -427,3 +431,98 @@ def test_every_transition_has_an_event() -> None:
         kind, reason, message = describe(a)  # type: ignore[misc]
         assert kind in ("Normal", "Warning") and reason and message
     assert describe(Requeue(1.0)) is None
+
+
+# --------------------------------------------------------------------------- retries, pods, re-merge
+
+
+def test_the_next_retry_time_is_its_own_field_not_a_finish_time() -> None:
+    run = load()
+    status = status_after(run, running="sft")
+    failed_at = T0 + timedelta(seconds=5)
+    failed = job("sft", failed=1, failed_reason="BackoffLimitExceeded", finished_at=failed_at)
+    status = apply(status, plan(run, status, [failed], failed_at), failed_at)
+    st = status.stages["sft"]
+    assert st.finish_time == "2025-01-01T12:00:05Z"  # when the attempt ended: now
+    assert st.next_retry_time == "2025-01-01T12:00:15Z"  # + RetryPolicy().delay(1) = 10 s
+    retried = apply(status, plan(run, status, [failed], T0 + timedelta(seconds=15)), T0)
+    assert retried.stages["sft"].next_retry_time is None
+    assert retried.stages["sft"].finish_time is None
+
+
+def test_running_counts_only_running_pods() -> None:
+    run = load()
+    status = status_after(run, running="synthesis")
+    seen = job("synthesis", completions=4, active=3, succeeded=1, running_pods=1)
+    assert plan(run, status, [seen], T0) == [
+        StageProgress("synthesis", "Running", "1/4 pods done, 1 running, 2 pending")
+    ]
+
+
+def test_a_pods_trouble_is_a_warning_with_its_reason_in_the_condition() -> None:
+    run = load()
+    status = status_after(run, running="sft")
+    stuck = job(
+        "sft",
+        active=1,
+        running_pods=0,
+        pod_problem=("Unschedulable", "pod x cannot be scheduled: 0/3 nodes: Insufficient gpu"),
+    )
+    actions = plan(run, status, [stuck], T0)
+    assert len(actions) == 1 and actions[0].problem == "Unschedulable"
+    assert describe(actions[0]) == (
+        "Warning",
+        "Unschedulable",
+        "sft: pod x cannot be scheduled: 0/3 nodes: Insufficient gpu",
+    )
+    after = apply(status, actions, T0)
+    progressing = next(c for c in after.conditions if c.type == "Progressing")
+    assert progressing.reason == "Unschedulable" and "Insufficient gpu" in progressing.message
+    assert after.stages["sft"].phase == "Pending"
+    # once it runs, the condition says so again
+    ok = apply(after, plan(run, after, [job("sft", active=1, running_pods=1)], T0), T0)
+    assert next(c for c in ok.conditions if c.type == "Progressing").reason == "StageRunning"
+
+
+def test_a_missing_input_re_merges_the_sharded_producer_then_retries_the_consumer() -> None:
+    run = load()
+    status = status_after(run, running="filter")
+    synthesis_done = job("synthesis", succeeded=1, complete=True)
+    # the filter found no synthesis/_manifest.json (exit 66 through its FailJob rule)
+    missing = job(
+        "filter",
+        failed=1,
+        failed_reason="PodFailurePolicy",
+        exit_code=66,
+        message="Container stage for pod ml/tiny-cpu-filter-0-x failed with exit code 66 "
+        "matching FailJob rule at index 0",
+        finished_at=T0,
+    )
+    assert not missing.permanent and missing.input_missing
+    actions = plan(run, status, [synthesis_done, missing], T0)
+    assert [type(a).__name__ for a in actions] == ["RemergeStage", "CreateStage"]
+    assert actions[0].stage == "synthesis" and actions[0].consumer == "filter"
+    assert actions[1] == CreateStage("synthesis", 1, "tiny-cpu-synthesis-1", reason="StageRemerged")
+    assert describe(actions[0])[1] == "StageRemerging"
+    status = apply(status, actions, T0)
+    assert status.phase == "Running" and status.stages["filter"].phase == "Pending"
+    # the re-merge succeeds: the filter is retried (attempt 2), not failed as invalid input
+    remerged = job("synthesis", 1, succeeded=1, complete=True)
+    actions = plan(run, status, [synthesis_done, remerged, missing], T0)
+    assert actions == [
+        StageSucceeded("synthesis", "tiny-cpu-synthesis-1"),
+        CreateStage("filter", 1, "tiny-cpu-filter-1", reason="StageRetried"),
+    ]
+
+
+def test_a_missing_input_of_a_non_sharded_producer_is_an_ordinary_retry() -> None:
+    run = load()
+    status = status_after(run, running="grpo")  # grpo reads sft's model: not sharded
+    missing = job("grpo", failed=1, failed_reason="PodFailurePolicy", exit_code=66, finished_at=T0)
+    actions = plan(run, status, [missing], T0)
+    assert isinstance(actions[0], RetryStage) and isinstance(actions[-1], Requeue)
+
+
+def test_invalid_input_through_the_failjob_rule_stays_permanent() -> None:
+    bad = job("filter", failed=1, failed_reason="PodFailurePolicy", exit_code=65)
+    assert bad.permanent

@@ -10,6 +10,7 @@ Field names are snake_case in Python and camelCase in manifests and in the resol
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -21,6 +22,21 @@ StageName = Literal["synthesis", "filter", "sft", "grpo", "eval"]
 #: Exit status of a stage program whose config or input is invalid. Permanent: the operator maps
 #: it to ``FailJob`` in the Job's podFailurePolicy and never retries it.
 EXIT_INVALID_INPUT = 65
+#: Exit status of a stage program whose input stage has no ``_manifest.json`` (yet): retryable.
+#: The operator re-merges a sharded producer whose Job succeeded, then retries the consumer.
+EXIT_INPUT_MISSING = 66
+
+#: spec.baseModel and its revision, as the operator and the local executor pass them to every
+#: stage process; :func:`model_revision` tells a loader which revision to load.
+BASE_MODEL_ENV = "VISIONR1_BASE_MODEL"
+BASE_MODEL_REVISION_ENV = "VISIONR1_BASE_MODEL_REVISION"
+
+
+def model_revision(model: Any) -> str | None:
+    """The hub revision (commit or tag) to load ``model`` at: ``spec.baseModel.revision`` when
+    ``model`` is the run's base model, else None (the hub's default; ignored for local paths)."""
+    revision = os.environ.get(BASE_MODEL_REVISION_ENV) or None
+    return revision if revision and str(model) == os.environ.get(BASE_MODEL_ENV) else None
 
 
 class Model(BaseModel):

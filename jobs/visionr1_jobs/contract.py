@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from pydantic import Field
 
-from visionr1_jobs.config import EXIT_INVALID_INPUT, Model, ResolvedStageConfig
+from visionr1_jobs.config import EXIT_INPUT_MISSING, EXIT_INVALID_INPUT, Model, ResolvedStageConfig
 
 MANIFEST = "_manifest.json"
 # Written by a torchrun child that hit invalid input: torchrun reports any failing child as exit
@@ -30,6 +30,13 @@ INVALID_MARKER = "_invalid_input.txt"
 
 class InvalidInput(Exception):
     """Bad config or input data: permanent, the stage exits with EXIT_INVALID_INPUT."""
+
+
+class InputNotReady(InvalidInput):
+    """A stage input's producer has no manifest (yet): retryable, exit EXIT_INPUT_MISSING.
+
+    On a weakly consistent filesystem the producer's last merge can be lost although its Job
+    succeeded; the operator then runs the producer again (it merges) and retries this stage."""
 
 
 class StageManifest(Model):
@@ -162,7 +169,7 @@ def input_path(cfg: ResolvedStageConfig, name: str, output_key: str | None = Non
         return resolve_path(cfg.workspace, loc.path)
     man = read_manifest(cfg.workspace, loc.path)
     if man is None:
-        raise InvalidInput(
+        raise InputNotReady(
             f"config.inputs.{name}: stage {loc.stage or loc.path!r} has not finished "
             f"(no {loc.path}/{MANIFEST} in {cfg.workspace})"
         )
@@ -255,6 +262,10 @@ def run_stage(
         if manifest is not None and read_manifest(cfg.workspace, cfg.output_dir) is None:
             write_manifest(cfg, manifest)
         return 0
+    except InputNotReady as exc:
+        print(f"error: {exc}", file=out)
+        print(f"(exit {EXIT_INPUT_MISSING}: input not there yet; retried)", file=out)
+        return EXIT_INPUT_MISSING
     except InvalidInput as exc:
         print(f"error: {exc}", file=out)
         if cfg is not None and "LOCAL_RANK" in os.environ:

@@ -83,23 +83,25 @@ class Storage(Model):
         max_length=253,
         pattern=DNS_SUBDOMAIN,
         description="PersistentVolumeClaim (ReadWriteMany for multi-node stages) holding the "
-        "workspace. Its root is also mounted read-only at /data in every stage pod: put shared raw "
-        "data, benchmarks and models there and refer to them as /data/….",
+        "workspace; required on a cluster. Its shared data folder (the operator's "
+        "--shared-data-path, default shared/) is mounted read-only at /data in every stage pod: "
+        "put shared raw data, benchmarks and models there and refer to them as /data/….",
     )
     sub_path: str = Field(
         "",
         max_length=1024,
         pattern=r"^[^/].*$|^$",
         description="The run's workspace folder inside the PVC (mounted at /workspace; relative "
-        "paths in the manifest are under it); default = <namespace>/<run name>.",
+        "paths in the manifest are under it); default = <namespace>/<run name>; on a cluster it "
+        "must be under <namespace>/.",
     )
     model_cache: str = Field(
         ".cache/huggingface",
         max_length=1024,
         pattern=r"^[^/].*$",
-        description="Folder inside the PVC (from its root) where stage pods download models "
-        "(HF_HOME), shared by every run and pod on the PVC so a model downloads once per "
-        "cluster; mounted read-write at /cache/huggingface.",
+        description="Folder inside the namespace's folder of the PVC (<namespace>/<modelCache>) "
+        "where stage pods download models (HF_HOME), shared by the namespace's runs and pods so a "
+        "model downloads once per namespace; mounted read-write at /cache/huggingface.",
     )
     local_dir: str | None = Field(
         None, max_length=4096, description="Workspace directory for `visionr1 run-local`."
@@ -489,6 +491,9 @@ class StageStatus(Model):
     attempts: int = Field(0, ge=0)
     start_time: str | None = None
     finish_time: str | None = None
+    next_retry_time: str | None = Field(
+        None, description="When the next attempt starts (RFC 3339), while a retry waits."
+    )
     mlflow_run_id: str | None = None
     outputs: dict[str, str] = Field(default_factory=dict)
     progress: str | None = None
@@ -509,16 +514,52 @@ class VisionR1RunStatus(Model):
     finish_time: str | None = None
 
 
+# Run names: every child name is derived from it and must be a DNS-1035 label (≤ 63, a letter
+# first: Services need that), the longest being a pod host name of a sharded or multi-node stage,
+# "<run>-<stage>-<attempt>-<index>" (its Job "<run>-<stage>-<attempt>", under the headless
+# Service "<run>-<stage>"). Longest stage "synthesis", attempts < 1000 (backoffLimit ≤ 100, plus
+# re-merges), indexes < 1024 (nodes ≤ 1024).
+DNS_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+MAX_ATTEMPT_DIGITS = 3
+MAX_INDEX_DIGITS = 4
+LONGEST_STAGE = max(STAGES, key=len)
+MAX_RUN_NAME = 63 - len(f"-{LONGEST_STAGE}") - (1 + MAX_ATTEMPT_DIGITS) - (1 + MAX_INDEX_DIGITS)
+_DNS_1035 = re.compile(DNS_1035)
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a run (None: it can)."""
+    if not _DNS_1035.match(name):
+        return (
+            f"{name!r} is not a DNS-1035 label: lower-case letters, digits and '-', starting "
+            "with a letter and ending with a letter or digit (Services are named after the run)"
+        )
+    if len(name) > MAX_RUN_NAME:
+        return (
+            f"at most {MAX_RUN_NAME} characters (got {len(name)}): the longest child name, a pod "
+            f"host name <run>-{LONGEST_STAGE}-<attempt>-<index>, must fit in 63"
+        )
+    return None
+
+
 class ObjectMeta(Model):
     """The part of metadata validate checks (the API server checks the rest)."""
 
     model_config = ConfigDict(extra="allow")
     name: str = Field(
         min_length=1,
-        max_length=63,
-        pattern=DNS_LABEL,
-        description="Run name (DNS label: lower-case letters, digits, '-'; ≤ 63).",
+        description=f"Run name (DNS-1035 label: lower-case letters, digits, '-', a letter first; "
+        f"≤ {MAX_RUN_NAME}).",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        problem = run_name_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
+
     namespace: str | None = Field(None, max_length=63, pattern=DNS_LABEL)
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)

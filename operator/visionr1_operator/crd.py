@@ -13,8 +13,11 @@ from typing import Any
 import yaml
 
 from visionr1_operator.api import (
+    DNS_1035,
     GROUP,
     KIND,
+    LONGEST_STAGE,
+    MAX_RUN_NAME,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
@@ -23,8 +26,7 @@ from visionr1_operator.api import (
     VisionR1RunStatus,
 )
 
-MAX_RUN_NAME = 40  # leaves room for "-synthesis" and the attempt suffix in Job/pod names
-
+__all__ = ["MAX_RUN_NAME", "crd", "crd_yaml"]
 _DROP = {"title", "default", "examples"}
 
 
@@ -113,13 +115,15 @@ def crd() -> dict[str, Any]:
         },
         "x-kubernetes-validations": [
             {
-                "rule": "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
-                "message": "metadata.name must be a DNS label: lower-case letters, digits and '-'",
+                "rule": f"self.metadata.name.matches('{DNS_1035}')",
+                "message": "metadata.name must be a DNS-1035 label: lower-case letters, digits "
+                "and '-', starting with a letter (Services are named after the run)",
             },
             {
                 "rule": f"self.metadata.name.size() <= {MAX_RUN_NAME}",
-                "message": f"metadata.name must be at most {MAX_RUN_NAME} characters "
-                "(Job and pod names are derived from it)",
+                "message": f"metadata.name must be at most {MAX_RUN_NAME} characters: the longest "
+                f"child name, a pod host name <run>-{LONGEST_STAGE}-<attempt>-<index>, must fit "
+                "in 63",
             },
         ],
     }

@@ -1,11 +1,24 @@
 """kopf handlers: the thin edge that runs the plan against a cluster.
 
 Every trigger (a VisionR1Run created, resumed at operator start, or its spec changed; a child Job
-changed; a retry's backoff elapsed) does the same thing: read the run and its Jobs, ``plan``,
-execute the actions (create objects, suspend Jobs, open and end MLflow runs, post Events), and
-patch the status. Reconciles of one run are serialised by a lock; different runs go in parallel.
-All calls are async (our aiohttp client; MlflowClient in a thread), and kopf's worker_limit is
-left unset: a low limit turns millisecond transitions into seconds (docs/design.md).
+or one of its pods changed; a retry's backoff elapsed) does the same thing: read the run and its
+Jobs, ``plan``, execute the actions (create objects, suspend Jobs, open and end MLflow runs, post
+Events), and patch the status. Reconciles of one run are serialised by a lock; different runs go
+in parallel. All calls are async (lightkube through ``kube``; MlflowClient in a thread), and
+kopf's worker_limit is left unset: a low limit turns millisecond transitions into seconds
+(docs/design.md).
+
+What goes wrong is shown to people, never swallowed: a create refused (403, 422, quota) or an
+object of the same name that this run does not own (a deleted run's children still being
+collected) makes the run wait with a condition and an Event naming it; a pod that cannot be
+scheduled, cannot pull its image or was OOMKilled is named in the stage's message, the
+``Progressing`` condition and an Event. MLflow is never in the way: when it does not answer, the
+``Tracking`` condition says so, Jobs are created all the same, and the MLflow side is retried on
+its own (opening runs on later reconciles, ending runs in the background).
+
+No finalizer: deleting a run (or uninstalling the chart with runs present) is never blocked by
+the operator. Children go by owner reference (the garbage collector); the MLflow runs of a run
+deleted while the operator runs are ended from the deletion's watch event.
 
 ``make_registry(config)`` builds a fresh kopf registry, so tests and ``visionr1 operator`` run the
 same handlers with their own settings.
@@ -15,16 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 from pydantic import ValidationError
 
-from visionr1_operator import manifests, mlflow_runs
+from visionr1_operator import kueue, manifests, mlflow_runs
 from visionr1_operator.api import (
     API_VERSION,
     GROUP,
@@ -33,7 +48,7 @@ from visionr1_operator.api import (
     VisionR1Run,
     VisionR1RunStatus,
 )
-from visionr1_operator.kube import ApiError, Kube
+from visionr1_operator.kube import ApiError, Kube, Timeouts
 from visionr1_operator.plan import (
     Action,
     CreateStage,
@@ -41,19 +56,27 @@ from visionr1_operator.plan import (
     ObservedJob,
     Requeue,
     ResumeStage,
+    ResumeWorkload,
     RetryPolicy,
+    StageBlocked,
     StageFailed,
     StartRun,
     SuspendStage,
+    SuspendWorkload,
+    TrackingState,
     apply,
     describe,
     invalid_spec,
     plan,
 )
+from visionr1_operator.policy import ClusterPolicy, cluster_problems
 from visionr1_operator.validate import validate_object
 
+# Recorded in kopf's settings; no handler needs it, so kopf adds none and removes a stale one.
 FINALIZER = f"{GROUP}/finalizer"
+SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 log = logging.getLogger("visionr1.operator")
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,6 +88,16 @@ class OperatorConfig:
     # Log in with this kopf.ConnectionInfo instead of the service account / kubeconfig (tests).
     connection: Any = None
     error_delay_s: float = 5.0
+    policy: ClusterPolicy = field(default_factory=ClusterPolicy)
+    # MLflow: how long one call may take, and how long to wait after it failed before the
+    # next try (meanwhile runs go on untracked).
+    mlflow_timeout_s: float = 30.0
+    mlflow_retry_s: float = 30.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+class ObjectInTheWay(Exception):
+    """An object of a child's name exists that this run does not own."""
 
 
 def _status(obj: Mapping[str, Any]) -> VisionR1RunStatus:
@@ -86,17 +119,35 @@ def _status_patch(status: VisionR1RunStatus) -> dict[str, Any]:
     return {"status": status.model_dump(mode="json", by_alias=True)}
 
 
+def _tracking_ok(status: VisionR1RunStatus) -> bool:
+    return not any(c.type == "Tracking" and c.status == "False" for c in status.conditions)
+
+
 class Reconciler:
-    """In-memory state of one operator process: API client, per-run locks, retry timers."""
+    """In-memory state of one operator process: API client, per-run locks, retry timers.
+
+    Everything kept per run is dropped when the run is deleted (:meth:`forget`): a new run of
+    the same name starts from nothing.
+    """
 
     def __init__(self, config: OperatorConfig) -> None:
         self.config = config
         self.kube: Kube | None = None
         self.locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self.timers: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self.seen: dict[tuple[str, str], ObservedJob] = {}
+        # (namespace, run) → job name → what the Job watch last reported
+        self.seen: dict[tuple[str, str], dict[str, ObservedJob]] = defaultdict(dict)
         self.job_index: Any = None  # kopf.Index: (namespace, run) → (ObservedJob, owner uids)
+        self.pod_index: Any = None  # kopf.Index: (namespace, job) → manifests.PodFacts
+        # (namespace, run) → Jobs this process created whose watch event has not arrived yet
         self.created: dict[tuple[str, str], dict[str, ObservedJob]] = defaultdict(dict)
+        # (namespace, run) → consecutive reconciles that could not create a stage's objects
+        self.blocked: dict[tuple[str, str], int] = defaultdict(int)
+        # MLflow URI → monotonic time before which it is not asked again (it just failed)
+        self.mlflow_down_until: dict[str, float] = {}
+        self.background: set[asyncio.Task[None]] = set()
+        # (namespace, run) → pod name → what the pod watch last reported
+        self.seen_pods: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
 
     # ------------------------------------------------------------------ triggers
 
@@ -121,42 +172,77 @@ class Reconciler:
             log.warning("reconcile %s/%s failed, retrying: %s", namespace, name, exc)
             self.schedule(namespace, name, self.config.error_delay_s)
 
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop every piece of in-memory state of a run (it was deleted)."""
+        key = (namespace, name)
+        timer = self.timers.pop(key, None)
+        if timer is not None and timer is not asyncio.current_task():
+            timer.cancel()
+        lock = self.locks.get(key)
+        if lock is not None and not lock.locked():
+            self.locks.pop(key, None)
+        self.seen.pop(key, None)
+        self.seen_pods.pop(key, None)
+        self.created.pop(key, None)
+        self.blocked.pop(key, None)
+
+    def state_of(self, namespace: str, name: str) -> dict[str, Any]:
+        """What this process keeps about one run (for tests and debugging)."""
+        key = (namespace, name)
+        stores = {
+            "locks": self.locks,
+            "timers": self.timers,
+            "seen": self.seen,
+            "seen_pods": self.seen_pods,
+            "created": self.created,
+            "blocked": self.blocked,
+        }
+        return {k: store[key] for k, store in stores.items() if key in store}
+
     # ------------------------------------------------------------------ the reconcile
 
     async def reconcile(self, namespace: str, name: str) -> None:
         assert self.kube is not None, "not logged in"
-        async with self.locks[(namespace, name)]:
+        key = (namespace, name)
+        async with self.locks[key]:
             try:
                 obj = await self.kube.get(API_VERSION, PLURAL, namespace, name)
             except ApiError as exc:
-                if exc.status == 404:
-                    return
-                raise
-            if (obj.get("metadata") or {}).get("deletionTimestamp"):
+                if exc.status != 404:
+                    raise
+                obj = None
+            if obj is not None:
+                await self._reconcile(namespace, name, obj)
                 return
-            status = _status(obj)
-            if status.phase in ("Succeeded", "Failed"):
-                return  # a finished run is never run again
-            now = datetime.now(UTC)
-            spec_only = {k: v for k, v in obj.items() if k != "status"}
-            problems = validate_object(spec_only)
-            if problems:
-                message = "; ".join(str(p) for p in problems)
-                await self._finish(obj, status, status, [invalid_spec(message)], now)
-                return
-            run = VisionR1Run.model_validate(spec_only)
-            jobs = await self._observe(namespace, name, obj)
-            actions = plan(run, status, jobs, now, self.config.retry)
-            new = await self._execute(run, obj, status, actions, now)
-            await self._finish(obj, status, new, actions, now, executed=True)
+        self.forget(namespace, name)  # gone: after the lock is released, so it goes too
 
-    async def _observe(
-        self, namespace: str, name: str, obj: Mapping[str, Any]
-    ) -> list[ObservedJob]:
+    async def _reconcile(self, namespace: str, name: str, obj: dict[str, Any]) -> None:
+        assert self.kube is not None
+        if (obj.get("metadata") or {}).get("deletionTimestamp"):
+            return
+        status = _status(obj)
+        if status.phase in ("Succeeded", "Failed"):
+            return  # a finished run is never run again
+        now = datetime.now(UTC)
+        spec_only = {k: v for k, v in obj.items() if k != "status"}
+        problems = [str(p) for p in validate_object(spec_only)]
+        if not problems:
+            run = VisionR1Run.model_validate(spec_only)
+            run.metadata.namespace = namespace
+            problems = cluster_problems(run, self.config.policy)
+        if problems:
+            await self._finish(obj, status, status, [invalid_spec("; ".join(problems))], now)
+            return
+        jobs = self._observe(namespace, name, obj)
+        actions = plan(run, status, jobs, now, self.config.retry)
+        new, extra = await self._execute(run, obj, status, actions, now)
+        await self._finish(obj, status, new, [*actions, *extra], now, executed=True)
+
+    def _observe(self, namespace: str, name: str, obj: Mapping[str, Any]) -> list[ObservedJob]:
         """The run's Jobs from kopf's in-memory index (filled from the watch before any handler
         runs, so a restarted operator sees every existing Job), plus the Jobs this process
-        created whose watch event has not arrived yet. No list request per reconcile: at 200
-        runs that was the quadratic part."""
+        created whose watch event has not arrived yet, each with what its pods say. No list
+        request per reconcile: at 200 runs that was the quadratic part."""
         uid = obj["metadata"].get("uid")
         found: dict[str, ObservedJob] = {}
         index = self.job_index
@@ -167,7 +253,11 @@ class Reconciler:
         pending = self.created.get((namespace, name), {})
         for job_name in [j for j in pending if j in found]:
             del pending[job_name]
-        return [*found.values(), *pending.values()]
+        out = []
+        for job in [*found.values(), *pending.values()]:
+            pods = self.pod_index.get((namespace, job.name), []) if self.pod_index else []
+            out.append(manifests.with_pods(job, list(pods)))
+        return out
 
     async def _finish(
         self,
@@ -203,6 +293,111 @@ class Reconciler:
     def _tracking_uri(self, run: VisionR1Run) -> str | None:
         return run.spec.mlflow.tracking_uri or self.config.mlflow_uri
 
+    # ------------------------------------------------------------------ MLflow, never blocking
+
+    async def _mlflow(
+        self, uri: str, fn: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> tuple[T | None, str | None]:
+        """(result, None), or (None, why) when MLflow failed or failed moments ago."""
+        if self.mlflow_down_until.get(uri, 0.0) > time.monotonic():
+            return None, f"MLflow at {uri} did not answer recently; retrying later"
+        try:
+            result = await asyncio.wait_for(
+                asyncio.to_thread(fn, uri, *args, **kwargs), self.config.mlflow_timeout_s
+            )
+        except Exception as exc:  # noqa: BLE001 (any failure of the tracking server)
+            self.mlflow_down_until[uri] = time.monotonic() + self.config.mlflow_retry_s
+            text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            return None, f"MLflow at {uri} unreachable ({text}); runs go on, tracking resumes"
+        self.mlflow_down_until.pop(uri, None)
+        return result, None
+
+    def _end_later(self, uri: str, run_id: str, outcome: str) -> None:
+        """End an MLflow run in the background, retrying until MLflow answers (for ~1 hour)."""
+
+        async def retry() -> None:
+            delay = self.config.mlflow_retry_s
+            for _ in range(120):
+                await asyncio.sleep(delay)
+                try:
+                    await asyncio.wait_for(
+                        asyncio.to_thread(mlflow_runs.end, uri, run_id, outcome),
+                        self.config.mlflow_timeout_s,
+                    )
+                    return
+                except Exception as exc:  # noqa: BLE001
+                    log.info("ending MLflow run %s failed, retrying: %s", run_id, exc)
+                delay = min(delay * 2, 300.0)
+
+        task = asyncio.create_task(retry())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _end(self, uri: str, run_id: str, outcome: str) -> str | None:
+        _, error = await self._mlflow(uri, mlflow_runs.end, run_id, outcome)
+        if error is not None:
+            self._end_later(uri, run_id, outcome)
+        return error
+
+    # ------------------------------------------------------------------ creating children
+
+    async def _create_owned(self, child: Mapping[str, Any], uid: str) -> None:
+        """Create ``child``; an existing one is adopted only when this run owns it."""
+        assert self.kube is not None
+        try:
+            await self.kube.create(child)
+            return
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+        meta = child["metadata"]
+        kind, ns, name = child["kind"], meta["namespace"], meta["name"]
+        plural = {"Job": "jobs", "ConfigMap": "configmaps", "Service": "services"}[kind]
+        version = "batch/v1" if kind == "Job" else "v1"
+        try:
+            existing = await self.kube.get(version, plural, ns, name)
+        except ApiError as exc:
+            if exc.status == 404:  # gone between the two calls: try again on the next reconcile
+                raise ObjectInTheWay(f"{kind} {ns}/{name} was being deleted") from exc
+            raise
+        emeta = existing.get("metadata") or {}
+        owners = emeta.get("ownerReferences") or []
+        if uid and any(o.get("uid") == uid for o in owners):
+            return  # ours (created before a crash, or by a reconcile racing this one)
+        whose = (
+            ", ".join(f"{o.get('kind')} {o.get('name')} (uid {o.get('uid')})" for o in owners)
+            or "nothing"
+        )
+        going = " and is being deleted" if emeta.get("deletionTimestamp") else ""
+        raise ObjectInTheWay(
+            f"{kind} {ns}/{name} already exists, owned by {whose}, not by this run (uid {uid})"
+            f"{going}: waiting for it to go (delete it if it is left over)"
+        )
+
+    async def _create_stage(
+        self, run: VisionR1Run, a: CreateStage, uid: str, children: list[dict[str, Any]]
+    ) -> StageBlocked | None:
+        """Create the stage's objects; what stopped it as a StageBlocked action, if anything."""
+        key = (run.metadata.namespace or "default", run.metadata.name)
+        try:
+            for child in children:
+                await self._create_owned(child, uid)
+                if child["kind"] == "Job":
+                    seen = manifests.observe_job(child)
+                    if seen is not None:
+                        self.created[key][seen.name] = seen
+        except ObjectInTheWay as exc:
+            return StageBlocked(a.stage, "ObjectInTheWay", str(exc))
+        except ApiError as exc:
+            if exc.status in (0, 404) or exc.status >= 500:
+                raise  # the API server itself: kopf's / our retry of the whole reconcile
+            # 403 (RBAC, quota "exceeded quota"), 422 (invalid), 400: say so and wait
+            return StageBlocked(a.stage, "CreateRefused", str(exc))
+        self.blocked.pop(key, None)
+        return None
+
+    # ------------------------------------------------------------------ executing the plan
+
     async def _execute(
         self,
         run: VisionR1Run,
@@ -210,35 +405,45 @@ class Reconciler:
         status: VisionR1RunStatus,
         actions: list[Action],
         now: datetime,
-    ) -> VisionR1RunStatus:
+    ) -> tuple[VisionR1RunStatus, list[Action]]:
+        """Run the actions' side effects; returns the new status and the actions that the
+        execution itself added (StageBlocked, TrackingState, Requeue) to describe."""
         assert self.kube is not None
         meta = obj["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid") or ""
-        run.metadata.namespace = namespace
         uri = self._tracking_uri(run)
         experiment = run.spec.mlflow.experiment
-        for a in actions:
-            if isinstance(a, StartRun) and uri and not status.mlflow_run_id:
-                status.mlflow_run_id = await asyncio.to_thread(
-                    mlflow_runs.open_parent,
+        extra: list[Action] = []
+        tracking_error: str | None = None
+
+        def note(error: str | None) -> None:
+            nonlocal tracking_error
+            tracking_error = tracking_error or error
+
+        if uri and not status.mlflow_run_id and status.phase not in ("Succeeded", "Failed"):
+            # Opened at the start, or on a later reconcile if MLflow was down then.
+            wants = any(isinstance(a, StartRun | CreateStage) for a in actions)
+            if wants or status.start_time is not None:
+                run_id, error = await self._mlflow(
                     uri,
+                    mlflow_runs.open_parent,
                     experiment,
                     namespace=namespace,
                     name=name,
                     uid=uid,
-                    extra_tags={
-                        "visionr1.image": run.spec.images.trainer,
-                        "visionr1.baseModel": run.spec.base_model.name,
-                    },
+                    extra_tags=mlflow_runs.run_tags(run),
                 )
-            elif isinstance(a, CreateStage):
+                status.mlflow_run_id = run_id
+                note(error)
+        for a in actions:
+            if isinstance(a, CreateStage):
                 stage_run = (status.stages.get(a.stage) or None) and status.stages[
                     a.stage
                 ].mlflow_run_id
                 if uri and status.mlflow_run_id and not stage_run:
-                    stage_run = await asyncio.to_thread(
-                        mlflow_runs.open_stage,
+                    stage_run, error = await self._mlflow(
                         uri,
+                        mlflow_runs.open_stage,
                         experiment,
                         parent_run_id=status.mlflow_run_id,
                         uid=uid,
@@ -246,19 +451,25 @@ class Reconciler:
                         namespace=namespace,
                         name=name,
                     )
-                for child in manifests.stage_objects(
+                    note(error)
+                children = manifests.stage_objects(
                     run,
                     a.stage,
                     a.attempt,
                     mlflow_uri=uri,
                     parent_run_id=status.mlflow_run_id,
                     stage_run_id=stage_run,
-                ):
-                    await self.kube.create(child)
-                    if child["kind"] == "Job":
-                        seen = manifests.observe_job(child)
-                        if seen is not None:
-                            self.created[(namespace, name)][seen.name] = seen
+                    policy=self.config.policy,
+                )
+                blocked = await self._create_stage(run, a, uid, children)
+                if blocked is not None:
+                    # The stage is not created: the next reconcile plans it again.
+                    key = (namespace, name)
+                    self.blocked[key] += 1
+                    delay = min(self.config.error_delay_s * 2 ** (self.blocked[key] - 1), 300.0)
+                    status = apply(status, [blocked], now)
+                    extra += [blocked, Requeue(delay)]
+                    break
                 status = apply(status, [a], now)
                 status.stages[a.stage].mlflow_run_id = stage_run
                 continue
@@ -270,25 +481,46 @@ class Reconciler:
                     a.job_name,
                     manifests.suspend_patch(isinstance(a, SuspendStage)),
                 )
+            elif isinstance(a, SuspendWorkload | ResumeWorkload):
+                # A queued Job: Kueue owns its spec.suspend; pause it through its Workload.
+                try:
+                    await kueue.set_active(
+                        self.kube, namespace, a.job_name, isinstance(a, ResumeWorkload)
+                    )
+                except kueue.WorkloadNotFound as exc:
+                    log.info("%s/%s: %s; trying again", namespace, name, exc)
+                    self.schedule(namespace, name, self.config.error_delay_s)
+                    continue  # not applied: the next reconcile plans it again
             elif isinstance(a, StageFailed) and uri:
                 stage_run = status.stages.get(a.stage) and status.stages[a.stage].mlflow_run_id
                 if stage_run:
-                    await asyncio.to_thread(mlflow_runs.end, uri, stage_run, "FAILED")
+                    note(await self._end(uri, stage_run, "FAILED"))
             elif isinstance(a, FinishRun) and uri and status.mlflow_run_id:
                 outcome = "FINISHED" if a.phase == "Succeeded" else "FAILED"
-                await asyncio.to_thread(mlflow_runs.end, uri, status.mlflow_run_id, outcome)
+                note(await self._end(uri, status.mlflow_run_id, outcome))
             status = apply(status, [a], now)
-        return status
+        if uri:
+            was_ok = _tracking_ok(status)
+            if tracking_error is not None:
+                if was_ok:
+                    state = TrackingState(False, tracking_error)
+                    status = apply(status, [state], now)
+                    extra.append(state)
+                if not any(isinstance(a, Requeue) for a in [*actions, *extra]):
+                    extra.append(Requeue(self.config.mlflow_retry_s))
+            elif not was_ok and status.mlflow_run_id:
+                state = TrackingState(True, f"MLflow at {uri} answers again")
+                status = apply(status, [state], now)
+                extra.append(state)
+        return status, extra
 
     # ------------------------------------------------------------------ deletion
 
     async def deleted(self, obj: Mapping[str, Any]) -> None:
-        """The run is being deleted: its children go by owner reference; end its MLflow runs."""
+        """The run is gone: forget it; its children go by owner reference; end its MLflow runs
+        (in the background when MLflow does not answer)."""
         meta = obj["metadata"]
-        key = (meta["namespace"], meta["name"])
-        timer = self.timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
+        self.forget(meta["namespace"], meta["name"])
         status = _status(obj)
         spec = (obj.get("spec") or {}).get("mlflow") or {}
         uri = spec.get("trackingUri") or self.config.mlflow_uri
@@ -296,9 +528,19 @@ class Reconciler:
             return
         for stage in status.stages.values():
             if stage.mlflow_run_id and stage.phase not in ("Succeeded", "Skipped"):
-                await asyncio.to_thread(mlflow_runs.end, uri, stage.mlflow_run_id, "KILLED")
-        await asyncio.to_thread(mlflow_runs.end, uri, status.mlflow_run_id, "KILLED")
-        self.locks.pop(key, None)
+                await self._end(uri, stage.mlflow_run_id, "KILLED")
+        await self._end(uri, status.mlflow_run_id, "KILLED")
+
+    async def close(self) -> None:
+        for task in [*self.timers.values(), *self.background]:
+            task.cancel()
+        if self.kube is not None:
+            await self.kube.close()
+            self.kube = None
+
+
+def _in_cluster() -> bool:
+    return os.path.exists(SERVICE_ACCOUNT_TOKEN) and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
 
 def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry:
@@ -320,6 +562,10 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
         settings.scanning.disabled = True
         # Our own Events say what happened; kopf's per-handler chatter only when it goes wrong.
         settings.posting.level = logging.WARNING
+        # Server-side filtering: with --all-namespaces the API server streams only our Jobs and
+        # pods, not every Job and pod of the cluster (the handlers' `labels=` filter client-side).
+        settings.watching.label_selectors["batch", "jobs"] = manifests.LABEL_RUN
+        settings.watching.label_selectors["pods"] = manifests.LABEL_RUN
 
     @kopf.on.login(registry=registry)
     async def login(**kwargs: Any) -> Any:
@@ -331,16 +577,18 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
             raise kopf.LoginError("no service account token and no kubeconfig found")
         if rec.kube is not None:
             await rec.kube.close()
-        rec.kube = Kube(info)
+        if config.connection is None and _in_cluster():
+            from lightkube import KubeConfig
+
+            # Reads the token file again when it is rotated (projected tokens expire).
+            rec.kube = Kube(KubeConfig.from_service_account(), config.timeouts)
+        else:
+            rec.kube = Kube.from_connection(info, config.timeouts)
         return info
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
-        for task in list(rec.timers.values()):
-            task.cancel()
-        if rec.kube is not None:
-            await rec.kube.close()
-            rec.kube = None
+        await rec.close()
 
     @kopf.index(
         "batch",
@@ -357,19 +605,29 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
         owners = tuple(o.get("uid") for o in body.get("metadata", {}).get("ownerReferences") or [])
         return {(namespace, labels[manifests.LABEL_RUN]): (seen, owners)}
 
+    @kopf.index(
+        "v1", "pods", labels={manifests.LABEL_RUN: kopf.PRESENT}, id="pod_index", registry=registry
+    )
+    def pod_index(namespace: str, body: kopf.Body, **_: Any) -> Any:
+        facts = manifests.observe_pod(body)
+        return None if facts is None else {(namespace, facts.job): facts}
+
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
-    async def run_changed(name: str, namespace: str, job_index: Any, **_: Any) -> None:
-        rec.job_index = job_index
+    async def run_changed(
+        name: str, namespace: str, job_index: Any, pod_index: Any, **_: Any
+    ) -> None:
+        rec.job_index, rec.pod_index = job_index, pod_index
         try:
             await rec.reconcile(namespace, name)
         except ApiError as exc:
             raise kopf.TemporaryError(str(exc), delay=config.error_delay_s) from exc
 
-    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
-    async def run_deleted(body: kopf.Body, **_: Any) -> None:
-        await rec.deleted(body)
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    async def run_event(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
+        if event.get("type") == "DELETED":
+            await rec.deleted(body)
 
     @kopf.on.event(
         "batch",
@@ -380,20 +638,60 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
         registry=registry,
     )
     async def job_event(
-        event: Mapping[str, Any], body: kopf.Body, namespace: str, job_index: Any, **_: Any
+        event: Mapping[str, Any],
+        body: kopf.Body,
+        namespace: str,
+        job_index: Any,
+        pod_index: Any,
+        **_: Any,
     ) -> None:
-        rec.job_index = job_index
+        rec.job_index, rec.pod_index = job_index, pod_index
         meta = body.get("metadata") or {}
-        key = (namespace, meta.get("name", ""))
-        if event.get("type") == "DELETED":
-            rec.seen.pop(key, None)
-        else:
-            seen = manifests.observe_job(body)
-            if seen is None or rec.seen.get(key) == seen:
-                return  # nothing the plan would see has changed
-            rec.seen[key] = seen
         run_name = (meta.get("labels") or {}).get(manifests.LABEL_RUN)
-        if run_name:
-            await rec.reconcile_quietly(namespace, run_name)
+        if not run_name:
+            return
+        key = (namespace, run_name)
+        job = meta.get("name", "")
+        if event.get("type") == "DELETED":
+            seen_of_run = rec.seen.get(key) or {}
+            seen_of_run.pop(job, None)
+            if not seen_of_run:
+                rec.seen.pop(key, None)  # nothing kept for a run that is gone
+        else:
+            seen_of_run = rec.seen[key]
+            seen = manifests.observe_job(body)
+            if seen is None or seen_of_run.get(job) == seen:
+                return  # nothing the plan would see has changed
+            seen_of_run[job] = seen
+        await rec.reconcile_quietly(namespace, run_name)
+
+    @kopf.on.event("v1", "pods", labels={manifests.LABEL_RUN: kopf.PRESENT}, registry=registry)
+    async def pod_event(
+        event: Mapping[str, Any],
+        body: kopf.Body,
+        namespace: str,
+        job_index: Any,
+        pod_index: Any,
+        **_: Any,
+    ) -> None:
+        rec.job_index, rec.pod_index = job_index, pod_index
+        meta = body.get("metadata") or {}
+        run_name = (meta.get("labels") or {}).get(manifests.LABEL_RUN)
+        facts = manifests.observe_pod(body)
+        if not run_name or facts is None:
+            return
+        key = (namespace, run_name)
+        pod = meta.get("name", "")
+        if event.get("type") == "DELETED":
+            left = rec.seen_pods.get(key) or {}
+            left.pop(pod, None)
+            if not left:
+                rec.seen_pods.pop(key, None)
+            return  # a pod going away changes nothing the Job does not report itself
+        seen_of_run = rec.seen_pods[key]
+        if seen_of_run.get(pod) == facts:
+            return
+        seen_of_run[pod] = facts
+        await rec.reconcile_quietly(namespace, run_name)
 
     return registry

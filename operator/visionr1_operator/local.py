@@ -23,10 +23,11 @@ from typing import IO, Any
 
 import yaml
 
-from visionr1_jobs.config import EXIT_INVALID_INPUT
+from visionr1_jobs.config import BASE_MODEL_ENV, BASE_MODEL_REVISION_ENV, EXIT_INVALID_INPUT
 from visionr1_jobs.contract import atomic_write_json, parse_progress, read_manifest
 from visionr1_operator import plan as planner
 from visionr1_operator.api import VisionR1Run, VisionR1RunStatus
+from visionr1_operator.mlflow_runs import run_tags
 from visionr1_operator.resolve import OUTPUT_DIRS, resolve_stage_config
 from visionr1_operator.validate import validate_object
 
@@ -117,6 +118,7 @@ class Tracker:
             "visionr1.namespace": run.metadata.namespace or "local",
             "visionr1.executor": "local",
             "visionr1.version": _version(),
+            **run_tags(run),
         }
         r = self.client.create_run(self.experiment_id, run_name=run.metadata.name, tags=tags)
         self.client.log_text(r.info.run_id, manifest_text, "visionr1run.yaml")
@@ -326,6 +328,8 @@ class Executor:
             "VISIONR1_SHARDS": "1",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "PYTHONUNBUFFERED": "1",
+            BASE_MODEL_ENV: self.run.spec.base_model.name,
+            BASE_MODEL_REVISION_ENV: self.run.spec.base_model.revision or "",
         }
         env.setdefault("HF_HOME", str(self.workdir / ".cache" / "huggingface"))
         self.display.line(f"▶ {stage} (attempt {attempt + 1}) · log: {log_path}")

@@ -48,6 +48,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="delay before the first retry of a failed stage; doubles per retry (max 10 min)",
     )
+    parser.add_argument(
+        "--allowed-image",
+        dest="allowed_images",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="stage pods may use only images matching one of these shell-style patterns "
+        "(repeatable; e.g. 'ghcr.io/acme/*'); default: $VISIONR1_ALLOWED_IMAGES "
+        "(comma-separated); none = any image",
+    )
+    parser.add_argument(
+        "--allowed-service-account",
+        dest="allowed_service_accounts",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="stage pods may run only as these service accounts ('default' when a run names "
+        "none; repeatable); default: $VISIONR1_ALLOWED_SERVICE_ACCOUNTS; none = any",
+    )
+    parser.add_argument(
+        "--shared-data-path",
+        default=os.environ.get("VISIONR1_SHARED_DATA_PATH", "shared"),
+        metavar="PATH",
+        help="folder of each run's PVC mounted read-only at /data in stage pods "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
 
 
@@ -58,6 +84,11 @@ def main(args: Any) -> int:
 
     from visionr1_operator.handlers import OperatorConfig, make_registry
     from visionr1_operator.plan import RetryPolicy
+    from visionr1_operator.policy import ClusterPolicy
+
+    def listed(given: list[str], env: str) -> tuple[str, ...]:
+        items = given or os.environ.get(env, "").split(",")
+        return tuple(i.strip() for i in items if i.strip())
 
     namespaces = list(args.namespaces) or [
         n.strip() for n in os.environ.get("VISIONR1_NAMESPACES", "").split(",") if n.strip()
@@ -72,6 +103,13 @@ def main(args: Any) -> int:
     config = OperatorConfig(
         mlflow_uri=args.mlflow_uri,
         retry=RetryPolicy(base_s=args.retry_backoff, max_s=max(600.0, args.retry_backoff)),
+        policy=ClusterPolicy(
+            allowed_images=listed(args.allowed_images, "VISIONR1_ALLOWED_IMAGES"),
+            allowed_service_accounts=listed(
+                args.allowed_service_accounts, "VISIONR1_ALLOWED_SERVICE_ACCOUNTS"
+            ),
+            shared_data_path=args.shared_data_path,
+        ),
     )
     asyncio.run(
         kopf.operator(

@@ -5,6 +5,14 @@ Per attempt: a ConfigMap holding the resolved stage config and a Job, both named
 (``<run>-<stage>``) that gives the Indexed Job's pods stable host names for torchrun's rendezvous
 on index 0. Also the reverse direction: a Job object → :class:`plan.ObservedJob`.
 
+Storage: the run's own folder of the PVC (``<namespace>/<run>``) is mounted read-write at
+/workspace and only the shared data folder (:class:`~visionr1_operator.policy.ClusterPolicy`) is
+mounted, read-only, at /data; never the PVC's root, which holds every run of every namespace.
+The kubelet creates a missing subPath folder as root 0755, and fsGroup does not reach into it
+on hostPath, local, NFS and many CSI volumes (the driver's fsGroupPolicy decides), so a small
+init container (root, with only CHOWN/DAC_OVERRIDE/FOWNER) creates the run's folder and hands it
+to the stage user first. It mounts only the folder above the run's, not the PVC's root.
+
 Retries belong to the plan (one Job per attempt, with the operator's backoff), so every Job has
 ``backoffLimit: 0``; its podFailurePolicy still matters: exit code 65 fails the Job with reason
 ``PodFailurePolicy`` (how the plan tells a permanent failure from a retryable one), and pods
@@ -13,14 +21,24 @@ evicted by a node disruption are replaced without failing the Job at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import posixpath
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from visionr1_jobs.config import EXIT_INVALID_INPUT
+from visionr1_jobs.config import (
+    BASE_MODEL_ENV,
+    BASE_MODEL_REVISION_ENV,
+    EXIT_INPUT_MISSING,
+    EXIT_INVALID_INPUT,
+)
 from visionr1_operator.api import API_VERSION, GROUP, KIND, VisionR1Run
 from visionr1_operator.plan import ObservedJob, job_name, parse_time
+from visionr1_operator.policy import ClusterPolicy, model_cache_sub_path
+from visionr1_operator.policy import workspace_sub_path as workspace_sub_path
 from visionr1_operator.resolve import resolve_stage_config
 
 LABEL_RUN = f"{GROUP}/run"
@@ -31,14 +49,17 @@ ANNOTATION_STAGE_RUN = f"{GROUP}/mlflow-run-id"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 CONTAINER = "stage"
+INIT_CONTAINER = "workspace-init"
 WORKSPACE = "/workspace"
-# The PVC's root, read-only: shared raw data, benchmarks and models live here across runs
+# The PVC's shared data folder, read-only: raw data, benchmarks and models shared across runs
 # (the workspace is only this run's subPath of the same PVC).
 SHARED_DATA = "/data"
+INIT_MOUNT = "/parent"
 CONFIG_DIR = "/etc/visionr1"
 CONFIG_FILE = f"{CONFIG_DIR}/config.json"
-# The model cache: spec.storage.modelCache of the PVC, shared by every run on it (not the run's
-# workspace), so sixteen synthesis pods and the next run reuse one download of each model.
+# The model cache: spec.storage.modelCache under the namespace's folder of the PVC, shared by the
+# namespace's runs (not the run's workspace; not across tenants, who could poison each other's
+# weights), so sixteen synthesis pods and the next run reuse one download of each model.
 HF_HOME = "/cache/huggingface"
 RDZV_PORT = 29500
 SHARDED = ("synthesis", "filter", "eval")
@@ -51,8 +72,8 @@ def service_name(run_name: str, stage: str) -> str:
     return f"{run_name}-{stage}"
 
 
-def workspace_sub_path(run: VisionR1Run) -> str:
-    return run.spec.storage.sub_path or f"{run.metadata.namespace or 'default'}/{run.metadata.name}"
+class NoClusterStorage(ValueError):
+    """The run has no PVC: it cannot run on a cluster (never on a scratch emptyDir)."""
 
 
 def labels(run_name: str, stage: str, attempt: int | None = None) -> dict[str, str]:
@@ -180,7 +201,10 @@ def _env(
         {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"},
         {"name": "MLFLOW_EXPERIMENT_NAME", "value": spec.mlflow.experiment},
         {"name": "HF_HOME", "value": HF_HOME},
+        {"name": BASE_MODEL_ENV, "value": spec.base_model.name},
     ]
+    if spec.base_model.revision:  # every loader of the base model loads this revision
+        env.append({"name": BASE_MODEL_REVISION_ENV, "value": spec.base_model.revision})
     uri = spec.mlflow.tracking_uri or mlflow_uri
     if uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": uri})
@@ -220,6 +244,49 @@ def _resources(run: VisionR1Run, stage: str) -> dict[str, Any]:
     return out
 
 
+def _workspace_init(run: VisionR1Run, image: str, pull_policy: str) -> dict[str, Any]:
+    """Creates the run's folder and gives it to the stage user (see the module docstring)."""
+    sub = posixpath.normpath(workspace_sub_path(run)).strip("/")
+    namespace = run.metadata.namespace or "default"
+    if sub.startswith(f"{namespace}/"):  # always on a cluster (policy): the namespace's folder
+        parent = namespace
+        folders = [sub, model_cache_sub_path(run)]
+    else:  # `visionr1 render` of a manifest the operator would refuse: the run's folder only
+        parent, folders = posixpath.dirname(sub), [sub]
+    mount: dict[str, Any] = {"name": "workspace", "mountPath": INIT_MOUNT}
+    if parent:
+        mount["subPath"] = parent
+    targets = [f"{INIT_MOUNT}/{posixpath.relpath(f, parent or '.')}" for f in folders]
+    owner = f"{RUN_AS_USER}:{RUN_AS_USER}"
+    return {
+        "name": INIT_CONTAINER,
+        "image": image,
+        "imagePullPolicy": pull_policy,
+        # Not recursive: only the folder itself; what the stages write there is theirs already.
+        "command": [
+            "sh",
+            "-c",
+            'o="$1"; shift; for d in "$@"; do mkdir -p "$d" && chown "$o" "$d" && '
+            'chmod 0775 "$d" || exit 1; done',
+        ],
+        "args": [INIT_CONTAINER, owner, *targets],
+        "volumeMounts": [mount],
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "16Mi"},
+            "limits": {"cpu": "100m", "memory": "64Mi"},
+        },
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+
+
 def job(
     run: VisionR1Run,
     stage: str,
@@ -228,9 +295,16 @@ def job(
     mlflow_uri: str | None = None,
     parent_run_id: str | None = None,
     stage_run_id: str | None = None,
+    policy: ClusterPolicy | None = None,
 ) -> dict[str, Any]:
-    """The Job of one attempt of ``stage``."""
+    """The Job of one attempt of ``stage``; :class:`NoClusterStorage` without a PVC."""
+    policy = policy or ClusterPolicy()
     spec = run.spec
+    if not spec.storage.pvc:
+        raise NoClusterStorage(
+            "spec.storage.pvc: required on a cluster (spec.storage.localDir is for `visionr1 "
+            "run-local` only): set spec.storage.pvc to a PersistentVolumeClaim"
+        )
     stage_spec = spec.stages.get(stage)
     name = job_name(run.metadata.name, stage, attempt)
     meta = _meta(run, name, stage, attempt)
@@ -243,17 +317,23 @@ def job(
     )
     if stage in DISTRIBUTED:
         env += _torchrun_env(run, stage, attempt)
+    image = stage_spec.image or spec.images.trainer
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": stage_spec.image or spec.images.trainer,
+        "image": image,
         "imagePullPolicy": spec.images.pull_policy,
         "command": _command(run, stage, attempt),
         "env": env,
         "resources": _resources(run, stage),
         "volumeMounts": [
             {"name": "workspace", "mountPath": WORKSPACE, "subPath": workspace_sub_path(run)},
-            {"name": "workspace", "mountPath": SHARED_DATA, "readOnly": True},
-            {"name": "workspace", "mountPath": HF_HOME, "subPath": spec.storage.model_cache},
+            {
+                "name": "workspace",
+                "mountPath": SHARED_DATA,
+                "subPath": posixpath.normpath(policy.shared_data_path).strip("/"),
+                "readOnly": True,
+            },
+            {"name": "workspace", "mountPath": HF_HOME, "subPath": model_cache_sub_path(run)},
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
@@ -269,19 +349,11 @@ def job(
         container["envFrom"] = env_from
     if is_multi_node(run, stage):
         container["ports"] = [{"name": "rendezvous", "containerPort": RDZV_PORT}]
-    storage = spec.storage
     volumes: list[dict[str, Any]] = [
+        {"name": "workspace", "persistentVolumeClaim": {"claimName": spec.storage.pvc}},
         {"name": "config", "configMap": {"name": name}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": stage_spec.resources.shm}},
     ]
-    if storage.pvc:
-        volumes.insert(
-            0, {"name": "workspace", "persistentVolumeClaim": {"claimName": storage.pvc}}
-        )
-    else:
-        # A run written for the laptop (storage.localDir only) has no shared storage in a
-        # cluster: render it with a scratch volume rather than refuse, and say so.
-        volumes.insert(0, {"name": "workspace", "emptyDir": {}})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "securityContext": {
@@ -291,6 +363,7 @@ def job(
             "fsGroup": RUN_AS_USER,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
+        "initContainers": [_workspace_init(run, image, spec.images.pull_policy)],
         "containers": [container],
         "volumes": volumes,
     }
@@ -318,7 +391,9 @@ def job(
                     "onExitCodes": {
                         "containerName": CONTAINER,
                         "operator": "In",
-                        "values": [EXIT_INVALID_INPUT],
+                        # 65: permanent; 66 (input missing): retried by the plan, which
+                        # needs the code in the Job's condition to re-merge the producer.
+                        "values": [EXIT_INVALID_INPUT, EXIT_INPUT_MISSING],
                     },
                 },
                 {
@@ -349,13 +424,15 @@ def stage_objects(
     mlflow_uri: str | None = None,
     parent_run_id: str | None = None,
     stage_run_id: str | None = None,
+    policy: ClusterPolicy | None = None,
 ) -> list[dict[str, Any]]:
     """Everything one attempt needs, in creation order (the Job last: it mounts the rest)."""
     ids = {"mlflow_uri": mlflow_uri, "parent_run_id": parent_run_id, "stage_run_id": stage_run_id}
+    the_job = job(run, stage, attempt, policy=policy, **ids)  # first: it refuses a run w/o PVC
     out = [config_map(run, stage, attempt, **ids)]
     if is_multi_node(run, stage):
         out.append(headless_service(run, stage))
-    out.append(job(run, stage, attempt, **ids))
+    out.append(the_job)
     return out
 
 
@@ -401,6 +478,7 @@ def observe_job(obj: Mapping[str, Any]) -> ObservedJob | None:
         failed=int(status.get("failed") or 0),
         suspended=bool(spec.get("suspend")),
         held=(meta.get("annotations") or {}).get(ANNOTATION_HELD) == "operator",
+        queue=lab.get(KUEUE_QUEUE_LABEL) or None,
         complete=complete,
         failed_reason=failed_reason,
         message=message,
@@ -415,3 +493,106 @@ def suspend_patch(suspend: bool) -> dict[str, Any]:
         "metadata": {"annotations": {ANNOTATION_HELD: "operator" if suspend else None}},
         "spec": {"suspend": suspend},
     }
+
+
+# --------------------------------------------------------------------------- observing pods
+
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+# Container waiting reasons that will not fix themselves quickly: say so at once.
+STUCK_REASONS = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
+
+
+@dataclass(frozen=True)
+class PodFacts:
+    """What the plan needs to know of one pod of a stage Job."""
+
+    name: str
+    job: str
+    phase: str  # Pending, Running, Succeeded, Failed, Unknown
+    problem: tuple[str, str] | None = None  # (reason, message): why it is stuck or died
+    exit_code: int | None = None  # of the stage container, when it terminated with an error
+
+
+def _container_trouble(pod: str, statuses: list[Mapping[str, Any]]) -> PodFacts | None:
+    for cs in statuses:
+        state = cs.get("state") or {}
+        waiting = state.get("waiting") or {}
+        reason = waiting.get("reason") or ""
+        if reason in STUCK_REASONS:
+            detail = waiting.get("message") or reason
+            return PodFacts(
+                pod, "", "", (reason, f"pod {pod}: container {cs.get('name')}: {detail}")
+            )
+        done = state.get("terminated") or {}
+        code = done.get("exitCode")
+        if done and code not in (None, 0):
+            why = done.get("reason") or "Error"
+            text = f"pod {pod}: container {cs.get('name')} {why} (exit code {code})"
+            if done.get("message"):
+                text += f": {str(done['message'])[:300]}"
+            return PodFacts(
+                pod, "", "", ("OOMKilled" if why == "OOMKilled" else "PodFailed", text), int(code)
+            )
+    return None
+
+
+def observe_pod(obj: Mapping[str, Any]) -> PodFacts | None:
+    """A stage pod → what the plan needs; None for a pod that is not of a stage Job."""
+    meta = obj.get("metadata") or {}
+    lab = meta.get("labels") or {}
+    if LABEL_RUN not in lab:
+        return None
+    job = lab.get(JOB_NAME_LABEL) or lab.get("job-name")
+    if not job:
+        try:
+            job = job_name(lab[LABEL_RUN], lab[LABEL_STAGE], int(lab[LABEL_ATTEMPT]))
+        except (KeyError, ValueError):
+            return None
+    name = meta.get("name", "")
+    status = obj.get("status") or {}
+    phase = status.get("phase") or "Pending"
+    trouble = _container_trouble(
+        name,
+        [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])],
+    )
+    if trouble is not None:
+        return PodFacts(name, job, phase, trouble.problem, trouble.exit_code)
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            reason = cond.get("reason") or "Unschedulable"
+            text = f"pod {name} cannot be scheduled: {cond.get('message') or reason}"
+            return PodFacts(name, job, phase, (reason, text))
+    return PodFacts(name, job, phase)
+
+
+def with_pods(job: ObservedJob, pods: list[PodFacts]) -> ObservedJob:
+    """``job`` with what its pods say: how many run, what is wrong, the failing exit code."""
+    running = sum(1 for p in pods if p.phase == "Running")
+    problems = [p for p in pods if p.problem is not None]
+    if job.outcome == "failed":
+        failed = next((p for p in problems if p.exit_code is not None), None) or (
+            problems[0] if problems else None
+        )
+        if failed is None or failed.problem is None:
+            return dataclasses.replace(job, running_pods=running)
+        message = failed.problem[1]
+        if job.message and job.message not in message:
+            message = f"{message}; {job.message}"
+        return dataclasses.replace(
+            job,
+            running_pods=running,
+            message=message,
+            exit_code=job.exit_code if job.exit_code is not None else failed.exit_code,
+        )
+    live = [p for p in problems if p.phase in ("Pending", "Running", "Failed")]
+    problem = live[0].problem if live and job.outcome in ("running",) else None
+    return dataclasses.replace(job, running_pods=running, pod_problem=problem)

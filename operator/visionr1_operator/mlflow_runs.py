@@ -26,6 +26,12 @@ _lock = threading.Lock()
 
 @lru_cache(maxsize=16)
 def _client(uri: str) -> Any:
+    # MLflow's client retries a failing request 7 times with backoff (minutes) by default: an
+    # outage would hold a reconcile that long. The operator retries on its own schedule instead.
+    # (Set here, in the operator's process only, not at import: run-local imports this module.)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -52,6 +58,17 @@ def _find(uri: str, experiment_id: str, tags: dict[str, str]) -> str | None:
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in sorted(tags.items()))
     found = _client(uri).search_runs([experiment_id], filter_string=query, max_results=1)
     return found[0].info.run_id if found else None
+
+
+def run_tags(run: Any) -> dict[str, str]:
+    """Tags of a VisionR1Run's parent run: what it trains, from which model revision."""
+    tags = {
+        "visionr1.image": run.spec.images.trainer,
+        "visionr1.baseModel": run.spec.base_model.name,
+    }
+    if run.spec.base_model.revision:
+        tags["visionr1.baseModel.revision"] = run.spec.base_model.revision
+    return tags
 
 
 def open_parent(

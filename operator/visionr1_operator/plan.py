@@ -32,8 +32,12 @@ locally, the test in the kmock tests. An attempt ends in one of:
 * success (``ObservedJob.complete`` or all completions succeeded): the stage is done; the stage
   program has written ``<stage>/_manifest.json`` last, so Job success and done-ness agree;
 * permanent failure: exit code ``EXIT_INVALID_INPUT`` (65), a Job failed by its
-  podFailurePolicy (``failed_reason == "PodFailurePolicy"``, which our Jobs use for 65 only) or
-  by its deadline (``"DeadlineExceeded"``): the run fails at once;
+  podFailurePolicy (``failed_reason == "PodFailurePolicy"``) with any code but
+  ``EXIT_INPUT_MISSING``, or by its deadline (``"DeadlineExceeded"``): the run fails at once;
+* input missing (exit code ``EXIT_INPUT_MISSING``, 66): the stage it reads from has no
+  ``_manifest.json`` although its Job succeeded (a merge lost on a weakly consistent
+  filesystem). A sharded producer is run again (:class:`RemergeStage`: its pods skip the work
+  already done and the last one merges), then the consumer is retried; other producers: a retry;
 * retryable failure (anything else): a new attempt after an exponential backoff
   (:class:`RetryPolicy`), until ``spec.stages.<stage>.backoffLimit`` retries are spent; then the
   run fails.
@@ -50,11 +54,25 @@ CreateStage        create attempt ``attempt`` of ``stage`` (ConfigMap, Service, 
 StageProgress      the running attempt's progress or phase changed (record it)
 StageSucceeded     the stage's Job succeeded
 RetryStage         the attempt failed with a retryable code; the next one starts at ``not_before``
+RemergeStage       the consumer's input is missing: run the (sharded) producer again first
 StageFailed        the stage failed for good (permanent code or retries spent)
 SuspendStage       ``spec.suspend``: suspend ``job_name`` (None when no Job is running)
 ResumeStage        ``spec.suspend`` cleared: unsuspend ``job_name`` (None when no Job)
+SuspendWorkload    ``spec.suspend`` on a queued Job: deactivate its Kueue Workload
+                   (``spec.active: false``); its ``spec.suspend`` is Kueue's, never written
+ResumeWorkload     ``spec.suspend`` cleared on a queued Job: reactivate its Workload, so it
+                   goes back through admission
 FinishRun          the run ended: ``Succeeded`` or ``Failed`` (end the MLflow parent run)
 Requeue            nothing to do before ``after_s`` seconds: call ``plan`` again then
+=================  ======================================================================
+
+Two more actions come from the caller, not from ``plan``, so that what went wrong executing an
+action is folded into the status (and described) like everything else:
+
+=================  ======================================================================
+StageBlocked       creating a stage's objects failed (refused: 403, 422, quota; or an object
+                   of the same name that this run does not own is in the way): it waits
+TrackingState      MLflow reachable or not (the ``Tracking`` condition); Jobs never wait
 =================  ======================================================================
 
 :func:`describe` turns an action into a (type, reason, message) event for people.
@@ -67,8 +85,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from visionr1_jobs.config import EXIT_INVALID_INPUT, STAGES
+from visionr1_jobs.config import EXIT_INPUT_MISSING, EXIT_INVALID_INPUT, STAGES
 from visionr1_operator.api import (
+    UPSTREAM,
     Condition,
     StageStatus,
     VisionR1Run,
@@ -79,7 +98,13 @@ from visionr1_operator.api import (
 # Job failure reasons (batch/v1 JobCondition Failed) that retrying cannot fix.
 PERMANENT_REASONS = frozenset({"PodFailurePolicy", "DeadlineExceeded"})
 
-CONDITION_TYPES = ("Progressing", "Suspended", "Succeeded", "Failed")
+CONDITION_TYPES = ("Progressing", "Suspended", "Succeeded", "Failed", "Tracking")
+# Stages whose Job is Indexed with one shard per pod, the last shard to finish merging.
+SHARDED_STAGES = ("synthesis", "filter", "eval")
+
+
+# StageProgress.progress of a Job waiting for Kueue's admission (created suspended, or evicted)
+QUEUED = "queued"
 
 
 def job_name(run_name: str, stage: str, attempt: int) -> str:
@@ -112,17 +137,24 @@ class ObservedJob:
     succeeded: int = 0
     failed: int = 0
     suspended: bool = False
-    held: bool = False  # suspended by the operator for spec.suspend (not by a queue)
+    # suspended by the operator for spec.suspend: a plain Job through its spec.suspend, a queued
+    # Job through its Kueue Workload (spec.active: false)
+    held: bool = False
+    queue: str | None = None  # the Job's Kueue LocalQueue (kueue.x-k8s.io/queue-name label)
     complete: bool = False
     failed_reason: str | None = None  # reason of the Job's Failed=True condition; None = not failed
     message: str = ""
     exit_code: int | None = None  # of the pod that failed it, when known
     finished_at: datetime | None = None
+    # From the Job's pods (None = not observed, e.g. the local executor: ``active`` counts):
+    running_pods: int | None = None  # pods in phase Running (``active`` counts pending ones too)
+    # Why a pod is stuck or died: (reason, message), e.g. ("Unschedulable", "0/3 nodes ...").
+    pod_problem: tuple[str, str] | None = None
 
     @classmethod
     def running(cls, name: str, stage: str, attempt: int) -> ObservedJob:
         """A started attempt (local executor: the subprocess is alive)."""
-        return cls(name=name, stage=stage, attempt=attempt, active=1)
+        return cls(name=name, stage=stage, attempt=attempt, active=1, running_pods=1)
 
     @classmethod
     def exited(
@@ -131,7 +163,11 @@ class ObservedJob:
         """A finished attempt from its exit code, as the Job controller would report it."""
         if exit_code == 0:
             return cls(name, stage, attempt, succeeded=1, complete=True, finished_at=at)
-        reason = "PodFailurePolicy" if exit_code == EXIT_INVALID_INPUT else "BackoffLimitExceeded"
+        reason = (
+            "PodFailurePolicy"
+            if exit_code in (EXIT_INVALID_INPUT, EXIT_INPUT_MISSING)
+            else "BackoffLimitExceeded"
+        )
         return cls(
             name,
             stage,
@@ -154,8 +190,15 @@ class ObservedJob:
         return "running"
 
     @property
+    def input_missing(self) -> bool:
+        """Failed because the stage it reads from has no manifest: retryable."""
+        return self.exit_code == EXIT_INPUT_MISSING
+
+    @property
     def permanent(self) -> bool:
         """A failure that a new attempt cannot fix."""
+        if self.input_missing:
+            return False
         return self.exit_code == EXIT_INVALID_INPUT or self.failed_reason in PERMANENT_REASONS
 
 
@@ -193,6 +236,7 @@ class StageProgress:
     phase: Literal["Pending", "Running"]
     progress: str
     message: str = ""
+    problem: str | None = None  # a pod's trouble (Unschedulable, ImagePullBackOff, ...): warn
 
 
 @dataclass(frozen=True)
@@ -206,6 +250,33 @@ class RetryStage:
     stage: str
     next_attempt: int
     not_before: datetime
+    message: str
+
+
+@dataclass(frozen=True)
+class RemergeStage:
+    """``consumer`` found no manifest of ``stage`` (whose Job succeeded): run ``stage`` again,
+    then retry ``consumer``."""
+
+    stage: str
+    consumer: str
+    message: str
+
+
+@dataclass(frozen=True)
+class StageBlocked:
+    """Creating ``stage``'s objects failed; ``reason``: CreateRefused or ObjectInTheWay."""
+
+    stage: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class TrackingState:
+    """MLflow answered (``ok``) or not; the run goes on either way."""
+
+    ok: bool
     message: str
 
 
@@ -229,6 +300,23 @@ class ResumeStage:
 
 
 @dataclass(frozen=True)
+class SuspendWorkload:
+    """Pause a queued Job through Kueue: its Workload's ``spec.active`` goes false (Kueue then
+    evicts it if admitted and keeps it out of the queue). Kueue owns the Job's ``spec.suspend``."""
+
+    stage: str
+    job_name: str
+
+
+@dataclass(frozen=True)
+class ResumeWorkload:
+    """Reactivate a queued Job's Workload: it is queued again and runs once Kueue admits it."""
+
+    stage: str
+    job_name: str
+
+
+@dataclass(frozen=True)
 class FinishRun:
     phase: Literal["Succeeded", "Failed"]
     reason: str
@@ -246,9 +334,14 @@ Action = (
     | StageProgress
     | StageSucceeded
     | RetryStage
+    | RemergeStage
+    | StageBlocked
+    | TrackingState
     | StageFailed
     | SuspendStage
     | ResumeStage
+    | SuspendWorkload
+    | ResumeWorkload
     | FinishRun
     | Requeue
 )
@@ -318,6 +411,7 @@ def _apply_one(s: VisionR1RunStatus, a: Action, now: datetime) -> None:  # noqa:
         st.attempts = max(st.attempts, a.attempt + 1)
         st.start_time = st.start_time or ts
         st.finish_time = None
+        st.next_retry_time = None
         st.progress = None
         st.message = None
         s.current_stage = a.stage
@@ -336,6 +430,18 @@ def _apply_one(s: VisionR1RunStatus, a: Action, now: datetime) -> None:  # noqa:
         st.phase = a.phase
         st.progress = a.progress
         st.message = a.message or None
+        if a.problem is not None:
+            s.conditions = set_condition(
+                cond, "Progressing", "True", a.problem, f"{a.stage}: {a.message}", now
+            )
+        elif a.progress == QUEUED:
+            # waiting for Kueue (quota, or evicted): say so where `kubectl describe` looks
+            s.conditions = set_condition(
+                cond, "Progressing", "True", "StageQueued", f"{a.stage}: {a.message}", now
+            )
+        elif any(c.type == "Progressing" and c.reason != "StageRunning" for c in cond):
+            running = f"{a.stage}: {a.progress}"
+            s.conditions = set_condition(cond, "Progressing", "True", "StageRunning", running, now)
     elif isinstance(a, StageSucceeded):
         st = _stage(s, a.stage)
         st.phase = "Succeeded"
@@ -345,33 +451,67 @@ def _apply_one(s: VisionR1RunStatus, a: Action, now: datetime) -> None:  # noqa:
     elif isinstance(a, RetryStage):
         st = _stage(s, a.stage)
         st.phase = "Pending"
-        st.finish_time = rfc3339(a.not_before)
+        st.finish_time = ts
+        st.next_retry_time = rfc3339(a.not_before)
         st.message = a.message
         s.conditions = set_condition(
             cond, "Progressing", "True", "StageRetrying", f"{a.stage}: {a.message}", now
+        )
+    elif isinstance(a, RemergeStage):
+        for name in (a.stage, a.consumer):
+            st = _stage(s, name)
+            st.phase = "Pending"
+            st.finish_time = ts
+            st.next_retry_time = ts
+        _stage(s, a.consumer).message = a.message
+        s.progress = _progress(s)
+        s.conditions = set_condition(
+            cond, "Progressing", "True", "StageRemerging", f"{a.consumer}: {a.message}", now
+        )
+    elif isinstance(a, StageBlocked):
+        st = _stage(s, a.stage)
+        st.phase = "Pending"
+        st.message = a.message
+        s.conditions = set_condition(
+            cond, "Progressing", "False", a.reason, f"{a.stage}: {a.message}", now
+        )
+    elif isinstance(a, TrackingState):
+        s.conditions = set_condition(
+            cond,
+            "Tracking",
+            "True" if a.ok else "False",
+            "MlflowReachable" if a.ok else "MlflowUnreachable",
+            a.message,
+            now,
         )
     elif isinstance(a, StageFailed):
         st = _stage(s, a.stage)
         st.phase = "Failed"
         st.finish_time = ts
         st.message = a.message
-    elif isinstance(a, SuspendStage):
+    elif isinstance(a, SuspendStage | SuspendWorkload):
         s.phase = "Suspended"
         if a.stage is not None:
             _stage(s, a.stage).phase = "Suspended"
+        how = (
+            "its Kueue Workload is deactivated"
+            if isinstance(a, SuspendWorkload)
+            else "the running Job is suspended"
+        )
         s.conditions = set_condition(
             cond,
             "Suspended",
             "True",
             "RunSuspended",
-            "spec.suspend is true: no new Jobs; the running Job is suspended",
+            f"spec.suspend is true: no new Jobs; {how}",
             now,
         )
-    elif isinstance(a, ResumeStage):
+    elif isinstance(a, ResumeStage | ResumeWorkload):
         s.phase = "Running"
         if a.stage is not None:
             st = _stage(s, a.stage)
-            st.phase = "Running" if a.job_name else "Pending"
+            # a reactivated Workload waits for Kueue's admission again
+            st.phase = "Running" if isinstance(a, ResumeStage) and a.job_name else "Pending"
         s.conditions = set_condition(
             cond, "Suspended", "False", "RunResumed", "spec.suspend is false", now
         )
@@ -413,9 +553,27 @@ def _latest(jobs: Iterable[ObservedJob]) -> dict[str, ObservedJob]:
 
 
 def _job_progress(job: ObservedJob) -> str:
+    # Only pods in phase Running count as running (Job.status.active counts pending ones too).
+    running = job.active if job.running_pods is None else min(job.running_pods, job.active)
+    pending = job.active - running
+    waiting = f", {pending} pending" if pending > 0 else ""
     if job.completions > 1:
-        return f"{job.succeeded}/{job.completions} pods done, {job.active} running"
-    return f"{job.active} pod{'s' if job.active != 1 else ''} running"
+        return f"{job.succeeded}/{job.completions} pods done, {running} running{waiting}"
+    return f"{running} pod{'s' if running != 1 else ''} running{waiting}"
+
+
+def latest_succeeded(jobs: Iterable[ObservedJob], stage: str) -> bool:
+    """Whether the latest Job of ``stage`` succeeded (a re-run of a finished stage)."""
+    job = _latest(jobs).get(stage)
+    return job is not None and job.outcome == "succeeded"
+
+
+def _producer(run: VisionR1Run, stage: str) -> str | None:
+    """The stage whose output ``stage`` reads (its ``from.stage``, else the one before it)."""
+    ref = run.spec.stages.get(stage).from_
+    if ref is not None:
+        return ref.stage
+    return UPSTREAM.get(stage)
 
 
 def plan(
@@ -424,14 +582,16 @@ def plan(
     jobs: Iterable[ObservedJob],
     now: datetime,
     policy: RetryPolicy = RetryPolicy(),  # noqa: B008 (frozen dataclass)
+    _actions: list[Action] | None = None,
 ) -> list[Action]:
     """The actions that move ``run`` forward; see the module docstring."""
     status = status if status is not None else VisionR1RunStatus()
     if status.phase in ("Succeeded", "Failed"):
         return []  # a finished run is never run again
+    jobs = list(jobs)
     spec = run.spec
     stages = enabled_stages(spec)
-    actions: list[Action] = []
+    actions: list[Action] = _actions if _actions is not None else []
     s = status
 
     def emit(a: Action) -> None:
@@ -452,13 +612,13 @@ def plan(
             return actions
         backoff_limit = spec.stages.get(stage).backoff_limit
         job = latest.get(stage)
-        # The latest attempt is live unless its failure was already handled (RetryStage records
-        # the time of the next attempt in finish_time; CreateStage clears it).
+        # The latest attempt is live unless its outcome was already handled (RetryStage and
+        # RemergeStage record when the next attempt starts; CreateStage clears it).
         current = (
             job is not None
             and st.attempts > 0
             and job.attempt == st.attempts - 1
-            and not (job.outcome == "failed" and st.finish_time is not None)
+            and st.next_retry_time is None
         )
         if job is not None and job.attempt >= st.attempts:
             # A Job newer than the status knows: created just before a crash. Adopt it.
@@ -477,17 +637,18 @@ def plan(
                 st = s.stages[stage]
             if st.attempts == 0:
                 emit(CreateStage(stage, 0, job_name(run.metadata.name, stage, 0)))
-            elif st.phase == "Pending":
-                due = parse_time(st.finish_time) or now
+            elif st.next_retry_time is not None:
+                due = parse_time(st.next_retry_time) or now
                 if now < due:
                     actions.append(Requeue((due - now).total_seconds()))
                     return actions
+                remerge = latest_succeeded(jobs, stage)
                 emit(
                     CreateStage(
                         stage,
                         st.attempts,
                         job_name(run.metadata.name, stage, st.attempts),
-                        reason="StageRetried",
+                        reason="StageRemerged" if remerge else "StageRetried",
                     )
                 )
             else:
@@ -539,6 +700,22 @@ def plan(
                     )
                 )
                 return actions
+            producer = _producer(run, stage)
+            if (
+                job.input_missing
+                and producer in SHARDED_STAGES
+                and (s.stages.get(producer) or StageStatus()).phase == "Succeeded"
+            ):
+                emit(
+                    RemergeStage(
+                        producer,
+                        stage,
+                        f"attempt {st.attempts} found no {producer}/_manifest.json although "
+                        f"{producer}'s Job succeeded; running {producer} again to merge its "
+                        f"shards, then retry {retries + 1}/{backoff_limit}",
+                    )
+                )
+                return plan(run, s, jobs, now, policy, _actions=actions)
             delay = policy.delay(retries + 1)
             failed_at = job.finished_at or now
             not_before = failed_at + timedelta(seconds=delay)
@@ -563,23 +740,36 @@ def plan(
                 )
             )
             return actions
-        # running, or suspended (by us for spec.suspend, or by Kueue until it admits the Job)
+        # Running, or suspended (by us for spec.suspend, or by Kueue until it admits the Job).
+        # Kueue owns spec.suspend of a queued Job: suspending an admitted one would be undone by
+        # Kueue (and redone by us, in a loop), un-suspending one would skip admission. So a
+        # queued Job is paused and resumed through its Workload (spec.active), never its suspend.
+        queue = job.queue or spec.queue_name
         if spec.suspend:
-            if not job.suspended:
+            if queue and not job.held:
+                emit(SuspendWorkload(stage, job.name))
+            elif not queue and not job.suspended:
                 emit(SuspendStage(stage, job.name))
             elif st.phase != "Suspended" or s.phase != "Suspended":
                 emit(SuspendStage(stage, None))
             return actions
-        if job.suspended and (job.held or not spec.queue_name):
+        if queue and job.held:
+            emit(ResumeWorkload(stage, job.name))
+            return actions
+        if not queue and job.suspended:
             emit(ResumeStage(stage, job.name))
             return actions
         if st.phase == "Suspended" or s.phase == "Suspended":
             emit(ResumeStage(stage, None))
         if outcome == "suspended":
-            # Created suspended for Kueue, or not yet admitted: waiting for quota.
+            # Created suspended for Kueue, or evicted by it (preempted): waiting for quota.
             want = StageProgress(
-                stage, "Pending", "queued", "waiting for admission (suspended Job)"
+                stage, "Pending", QUEUED, f"waiting for Kueue to admit it (LocalQueue {queue})"
             )
+        elif job.pod_problem is not None:
+            reason, message = job.pod_problem
+            phase: Literal["Pending", "Running"] = "Running" if job.running_pods else "Pending"
+            want = StageProgress(stage, phase, _job_progress(job), message, problem=reason)
         else:
             want = StageProgress(stage, "Running", _job_progress(job))
         st = s.stages[stage]
@@ -611,6 +801,15 @@ def describe(a: Action) -> tuple[Literal["Normal", "Warning"], str, str] | None:
         return "Normal", "StageSucceeded", f"{a.stage}: Job {a.job_name} succeeded"
     if isinstance(a, RetryStage):
         return "Warning", "StageRetrying", f"{a.stage}: {a.message}"
+    if isinstance(a, RemergeStage):
+        return "Warning", "StageRemerging", f"{a.consumer}: {a.message}"
+    if isinstance(a, StageBlocked):
+        return "Warning", a.reason, f"{a.stage}: {a.message}"
+    if isinstance(a, StageProgress) and a.problem is not None:
+        return "Warning", a.problem, f"{a.stage}: {a.message}"
+    if isinstance(a, TrackingState):
+        kind: Literal["Normal", "Warning"] = "Normal" if a.ok else "Warning"
+        return kind, "MlflowReachable" if a.ok else "MlflowUnreachable", a.message
     if isinstance(a, StageFailed):
         return "Warning", a.reason, f"{a.stage}: {a.message}"
     if isinstance(a, SuspendStage):
@@ -619,6 +818,14 @@ def describe(a: Action) -> tuple[Literal["Normal", "Warning"], str, str] | None:
     if isinstance(a, ResumeStage):
         what = f"Job {a.job_name} resumed" if a.job_name else "continuing"
         return "Normal", "Resumed", f"spec.suspend is false: {what}"
+    if isinstance(a, SuspendWorkload):
+        what = f"Kueue Workload of Job {a.job_name} deactivated"
+        return "Normal", "Suspended", f"spec.suspend is true: {what}"
+    if isinstance(a, ResumeWorkload):
+        what = f"Kueue Workload of Job {a.job_name} reactivated"
+        return "Normal", "Resumed", f"spec.suspend is false: {what}"
+    if isinstance(a, StageProgress) and a.progress == QUEUED:
+        return "Normal", "StageQueued", f"{a.stage}: {a.message}"
     if isinstance(a, FinishRun):
         return ("Normal" if a.phase == "Succeeded" else "Warning"), a.reason, a.message
     return None
@@ -627,10 +834,14 @@ def describe(a: Action) -> tuple[Literal["Normal", "Warning"], str, str] | None:
 __all__ = [
     "Action",
     "CreateStage",
+    "RemergeStage",
+    "StageBlocked",
+    "TrackingState",
     "FinishRun",
     "ObservedJob",
     "Requeue",
     "ResumeStage",
+    "ResumeWorkload",
     "RetryPolicy",
     "RetryStage",
     "StageFailed",
@@ -638,6 +849,7 @@ __all__ = [
     "StageSucceeded",
     "StartRun",
     "SuspendStage",
+    "SuspendWorkload",
     "apply",
     "describe",
     "invalid_spec",

@@ -15,7 +15,6 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from visionr1_operator.api import KIND, VisionR1Run
-from visionr1_operator.crd import MAX_RUN_NAME
 
 
 @dataclass(frozen=True)
@@ -102,17 +101,9 @@ def validate_object(obj: Any) -> list[Problem]:
     if obj.get("kind") != KIND:
         return [Problem("kind", f"expected {KIND!r}, got {obj.get('kind')!r}")]
     try:
-        run = VisionR1Run.model_validate(obj)
+        VisionR1Run.model_validate(obj)  # the run name's limits are the model's (api.ObjectMeta)
     except ValidationError as exc:
         return problems_from_validation(exc)
-    if len(run.metadata.name) > MAX_RUN_NAME:
-        return [
-            Problem(
-                "metadata.name",
-                f"at most {MAX_RUN_NAME} characters (got {len(run.metadata.name)}): Job and pod "
-                "names are derived from it",
-            )
-        ]
     return []
 
 

@@ -61,7 +61,7 @@ OFF_NODE = {"nodeSelector": {"visionr1.io/test-no-such-node": "true"}}
 @dataclass
 class World:
     cp: Any
-    pv: Path  # the PVC's folder: what every pod sees at /data
+    pv: Path  # the PVC's folder: its shared/ folder is what every pod sees at /data
     mlflow_uri: str
     operator: OperatorProcess
     tmp: Path
@@ -184,7 +184,7 @@ def world(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
         # creates a missing subPath folder (the run's <namespace>/<name>) as root with the mode
         # of the volume's root, so with 0755 the stage user could not write its workspace.
         pv.chmod(0o777)
-        _toy_world(pv)
+        _toy_world(pv / "shared")  # the operator's default --shared-data-path
         operator = OperatorProcess(
             Path(cp.token_kubeconfig(RELEASE_NS, SA)),
             [NS],

@@ -88,19 +88,32 @@ operator/visionr1_operator/rbac.py (tests/test_chart.py keeps the two equal).
 - apiGroups: ["visionr1.io"]
   resources: ["visionr1runs/status"]
   verbs: ["patch"]
-# Stage Jobs: created, watched (kopf.on.event), suspended and resumed by patch. Deletion is
-# the garbage collector's, through owner references.
+# Stage Jobs: created, watched (kopf.on.event, only ours by label), suspended and resumed by
+# patch; get on a create conflict (is the existing one this run's?). Deletion is the garbage
+# collector's, through owner references.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "watch", "create", "patch"]
-# Each stage's resolved config (ConfigMap) and the rendezvous Service of multi-node stages.
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Stage pods, only ours by label: unschedulable, image pull failures, OOMKilled, exit codes.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
+# Each stage's resolved config (ConfigMap) and the rendezvous Service of multi-node stages;
+# get on a create conflict.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["create"]
+  verbs: ["get", "create"]
 # Kubernetes Events on the run for every transition (`kubectl describe vr1`).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.kueue.enabled }}
+# Queued runs: Kueue owns a queued Job's spec.suspend, so spec.suspend of a run deactivates and
+# reactivates the Job's Workload (found by listing the namespace's Workloads).
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "patch"]
+{{- end }}
 {{- end }}
 
 {{- define "visionr1.mlflow.needsVolume" -}}

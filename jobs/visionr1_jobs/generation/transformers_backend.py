@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from visionr1_jobs.config import Sampling
+from visionr1_jobs.config import Sampling, model_revision
 from visionr1_jobs.generation.base import (
     ChatRequest,
     Generation,
@@ -45,16 +45,23 @@ class TransformersBackend(GenerationBackend):
         self.batch_size = batch_size
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = _torch_dtype(dtype, self.device)
+        revision = model_revision(model)  # spec.baseModel.revision for the base model
         try:
-            self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype)
-            self.processor = AutoProcessor.from_pretrained(model)
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                model, dtype=torch_dtype, revision=revision
+            )
+            self.processor = AutoProcessor.from_pretrained(model, revision=revision)
             self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
             self.multimodal = True
         except ValueError:  # not an image-text-to-text architecture
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
-            self.processor = self.tokenizer = AutoTokenizer.from_pretrained(model)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model, dtype=torch_dtype, revision=revision
+            )
+            self.processor = self.tokenizer = AutoTokenizer.from_pretrained(
+                model, revision=revision
+            )
             self.multimodal = False
         self.model.to(self.device).eval()
         # Decoder-only batching: pad on the left so every prompt ends where generation starts.

@@ -32,7 +32,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from visionr1_jobs.config import Sampling
+from visionr1_jobs.config import Sampling, model_revision
 from visionr1_jobs.contract import InvalidInput
 from visionr1_jobs.generation.base import (
     ChatRequest,
@@ -122,6 +122,9 @@ def engine_args(
     }
     if max_model_len:
         kwargs["max_model_len"] = max_model_len
+    revision = model_revision(model)  # spec.baseModel.revision, for the base model only
+    if revision:
+        kwargs["revision"] = kwargs["tokenizer_revision"] = revision
     return kwargs
 
 
@@ -256,7 +259,7 @@ class VLLMBackend(GenerationBackend):
         if processor is None:
             from transformers import AutoProcessor
 
-            processor = AutoProcessor.from_pretrained(model)
+            processor = AutoProcessor.from_pretrained(model, revision=model_revision(model))
         self.processor = processor
         self.layout = engine_layout(
             pod_gpus() if gpus is None else gpus, tensor_parallel_size, data_parallel_size

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from visionr1_jobs.config import ResolvedStageConfig
+from visionr1_jobs.config import ResolvedStageConfig, model_revision
 from visionr1_jobs.contract import InvalidInput, StageManifest, atomic_write_json, write_manifest
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def load_processor(path: str, min_pixels: int | None, max_pixels: int | None) ->
         k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None
     }
     try:
-        proc = AutoProcessor.from_pretrained(path, **budget)
+        proc = AutoProcessor.from_pretrained(path, revision=model_revision(path), **budget)
     except OSError as exc:
         raise InvalidInput(f"model {path}: cannot load its processor ({exc})") from exc
     tok = getattr(proc, "tokenizer", proc)
@@ -200,7 +200,9 @@ def load_model(path: str, bf16: bool, reference: str | None = None) -> Any:
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, revision=model_revision(path)
+        )
     except OSError as exc:
         raise InvalidInput(f"model {path}: cannot load it ({exc})") from exc
     if reference is not None:

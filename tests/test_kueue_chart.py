@@ -1,0 +1,49 @@
+"""The chart grants the Kueue Workload access the operator uses for queued runs, only when asked
+(``kueue.enabled``), in both RBAC modes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import helm_python as helm
+import yaml
+
+from visionr1_operator.rbac import KUEUE_RULES, RULES
+
+from conftest import REPO
+
+CHART = REPO / "charts" / "visionr1-operator"
+
+
+def roles(values: dict[str, Any]) -> list[dict[str, Any]]:
+    with helm.Chart.load(str(CHART)) as chart:
+        chart.validate_schema(values)
+        out = chart.render(values, name="vr1", namespace="visionr1-system", is_install=True)
+    texts = [text for path, text in out.items() if path.endswith((".yaml", ".yml"))]
+    docs = [d for text in texts for d in yaml.safe_load_all(text) if d]
+    return [d for d in docs if d["kind"] in ("ClusterRole", "Role")]
+
+
+def permissions(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (g, r, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+
+
+def expected(rules: tuple[Any, ...]) -> set[tuple[str, str, str]]:
+    return {(r.api_group, r.resource, v) for r in rules for v in r.verbs}
+
+
+def test_workload_access_only_with_kueue_enabled() -> None:
+    (default,) = roles({})
+    assert permissions(default) == expected(RULES)
+    (with_kueue,) = roles({"kueue": {"enabled": True}})
+    assert permissions(with_kueue) == expected(RULES + KUEUE_RULES)
+    assert ("kueue.x-k8s.io", "workloads", "patch") in permissions(with_kueue)
+    namespaced = roles({"kueue": {"enabled": True}, "watchNamespaces": ["a", "b"]})
+    assert len(namespaced) == 2
+    assert all(permissions(r) == expected(RULES + KUEUE_RULES) for r in namespaced)

@@ -1,0 +1,186 @@
+"""The operator's edge without a cluster: what it keeps per run, refused creates, and the
+Kubernetes client's retries. (The kmock tests run the same code under kopf end to end; these
+pin down paths a kmock server cannot produce: a 403 quota refusal, a 503 then success.)"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+import yaml
+
+from visionr1_operator.api import VisionR1Run, VisionR1RunStatus
+from visionr1_operator.handlers import OperatorConfig, Reconciler
+from visionr1_operator.kube import ApiError, Kube, Timeouts
+from visionr1_operator.plan import CreateStage, ObservedJob, StageBlocked
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-cpu.yaml"
+NOW = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def run_and_object() -> tuple[VisionR1Run, dict[str, Any]]:
+    obj = yaml.safe_load(EXAMPLE.read_text())
+    obj["spec"]["storage"] = {"pvc": "data"}
+    obj["metadata"].update(namespace="ml", uid="uid-1", generation=1)
+    run = VisionR1Run.model_validate(obj)
+    return run, obj
+
+
+class RefusingKube:
+    """Refuses Job creation the way a ResourceQuota does (403 Forbidden)."""
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+
+    async def create(self, obj: dict[str, Any]) -> None:
+        if obj["kind"] == "Job":
+            raise ApiError(
+                403,
+                "POST",
+                f"Job ml/{obj['metadata']['name']}",
+                'jobs "x" is forbidden: exceeded quota: gpu, requested: count/jobs.batch=1',
+                "Forbidden",
+            )
+        self.created.append(f"{obj['kind']}/{obj['metadata']['name']}")
+
+
+async def test_a_quota_refusal_is_a_condition_and_the_run_waits() -> None:
+    run, obj = run_and_object()
+    rec = Reconciler(OperatorConfig(error_delay_s=1.0))
+    rec.kube = RefusingKube()  # type: ignore[assignment]
+    create = CreateStage("synthesis", 0, "tiny-cpu-synthesis-0")
+    status, extra = await rec._execute(run, obj, VisionR1RunStatus(), [create], NOW)
+    [blocked, requeue] = extra
+    assert isinstance(blocked, StageBlocked) and blocked.reason == "CreateRefused"
+    assert "exceeded quota" in blocked.message and "403" in blocked.message
+    cond = next(c for c in status.conditions if c.type == "Progressing")
+    assert cond.status == "False" and cond.reason == "CreateRefused"
+    assert status.stages["synthesis"].attempts == 0, "not created: planned again later"
+    assert requeue.after_s == 1.0
+    # waiting longer each time it is refused again
+    _, extra = await rec._execute(run, obj, VisionR1RunStatus(), [create], NOW)
+    assert extra[1].after_s == 2.0
+
+
+async def test_a_deleted_runs_in_memory_state_is_dropped() -> None:
+    rec = Reconciler(OperatorConfig())
+    key = ("ml", "tiny-cpu")
+    rec.locks[key]  # noqa: B018 (created on access, as a reconcile does)
+    rec.created[key]["tiny-cpu-synthesis-0"] = ObservedJob("tiny-cpu-synthesis-0", "synthesis", 0)
+    rec.seen[key]["tiny-cpu-synthesis-0"] = ObservedJob("tiny-cpu-synthesis-0", "synthesis", 0)
+    rec.blocked[key] = 3
+    rec.schedule(*key, after_s=60)
+    timer = rec.timers[key]
+    other = ("ml", "other")
+    rec.blocked[other] = 1
+    _, obj = run_and_object()
+    await rec.deleted(obj)
+    assert rec.state_of(*key) == {}
+    await asyncio.sleep(0)
+    assert timer.cancelled()
+    assert rec.state_of(*other) == {"blocked": 1}, "other runs keep theirs"
+    # a new run of the same name does not see the old one's Jobs as its own
+    assert rec._observe("ml", "tiny-cpu", obj) == []
+
+
+def kube_against(handler: Any) -> Kube:
+    from lightkube import KubeConfig
+    from lightkube.config.models import Cluster, User
+
+    config = KubeConfig.from_one(cluster=Cluster(server="http://k8s.test"), user=User())
+    return Kube(
+        config, Timeouts(attempts=3, backoff_s=0.01), transport=httpx2.MockTransport(handler)
+    )
+
+
+def status_body(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "code": code,
+        "reason": reason,
+        "message": message,
+    }
+
+
+async def test_the_client_retries_429_and_5xx_then_succeeds() -> None:
+    calls: list[str] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        calls.append(request.method)
+        if len(calls) == 1:
+            return httpx2.Response(
+                429,
+                json=status_body(429, "TooManyRequests", "slow down"),
+                headers={"Retry-After": "0"},
+            )
+        if len(calls) == 2:
+            return httpx2.Response(503, json=status_body(503, "ServiceUnavailable", "busy"))
+        return httpx2.Response(
+            200,
+            json={
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "c", "namespace": "ml"},
+            },
+        )
+
+    kube = kube_against(handler)
+    got = await kube.get("v1", "configmaps", "ml", "c")
+    assert got["metadata"]["name"] == "c" and calls == ["GET", "GET", "GET"]
+
+
+async def test_the_client_does_not_retry_a_refusal_and_names_it() -> None:
+    calls: list[str] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        calls.append(request.method)
+        return httpx2.Response(
+            422, json=status_body(422, "Invalid", 'Job.batch "x" is invalid: spec.template')
+        )
+
+    kube = kube_against(handler)
+    with pytest.raises(ApiError) as err:
+        await kube.create(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "ml"}}
+        )
+    assert err.value.status == 422 and err.value.reason == "Invalid"
+    assert "is invalid" in str(err.value) and calls == ["POST"]
+
+
+def test_no_handler_asks_kopf_for_a_finalizer() -> None:
+    """Nothing holds a run's deletion for the operator: after `helm uninstall`, deleting a run
+    or its namespace must not hang on a finalizer nobody will remove. kopf adds its finalizer
+    only for handlers that require one, and removes a stale one (an older version's) when none
+    does. (Checked here on the registry: kmock cannot apply kopf's finalizer-removal patch; the
+    kmock deletion test checks that no finalizer is added.)"""
+    from visionr1_operator.handlers import make_registry
+
+    registry = make_registry(OperatorConfig())
+    changing = list(registry._changing.get_all_handlers())
+    assert changing, "the run handlers are registered"
+    assert [h.id for h in changing if h.requires_finalizer] == []
+    assert list(registry._spawning.get_all_handlers()) == []  # no daemons or timers either
+
+
+def test_a_run_may_not_reach_outside_its_namespaces_folder() -> None:
+    from visionr1_operator.policy import ClusterPolicy, cluster_problems
+
+    run, _ = run_and_object()
+    assert cluster_problems(run, ClusterPolicy()) == []
+    run.spec.storage.sub_path = "other-team/their-run"
+    [problem] = cluster_problems(run, ClusterPolicy())
+    assert problem.startswith("spec.storage.subPath") and "under ml/" in problem
+    run.spec.storage.sub_path = ""
+    run.spec.storage.model_cache = "../other-team/.cache"
+    [problem] = cluster_problems(run, ClusterPolicy())
+    assert problem.startswith("spec.storage.modelCache")
+    run.spec.storage.model_cache = ".cache/huggingface"
+    run.metadata.namespace = "shared"  # its folder would be the read-only shared data folder
+    [problem] = cluster_problems(run, ClusterPolicy())
+    assert "shared data folder" in problem
