@@ -122,7 +122,6 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO / "scripts" / "cluster"))
     from controlplane.handle import session_control_plane
-
     from visionr1_operator.crd import crd
 
     with session_control_plane(REPO) as cp:

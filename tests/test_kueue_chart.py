@@ -10,7 +10,7 @@ import yaml
 
 from visionr1_operator.rbac import KUEUE_RULES, RULES
 
-from conftest import REPO
+from repo_paths import REPO
 
 CHART = REPO / "charts" / "visionr1-operator"
 
