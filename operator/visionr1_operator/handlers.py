@@ -320,6 +320,8 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
         settings.scanning.disabled = True
         # Our own Events say what happened; kopf's per-handler chatter only when it goes wrong.
         settings.posting.level = logging.WARNING
+        # `kubectl describe` shows this in the Events' From column (kopf's default: "kopf").
+        settings.posting.reporting_component = "visionr1-operator"
 
     @kopf.on.login(registry=registry)
     async def login(**kwargs: Any) -> Any:
