@@ -87,7 +87,11 @@ def ensure_crd(cp: Any) -> None:
     another test module may have installed it with the chart, which keeps it on uninstall)."""
     if kget_or_none(cp, "crd", CRD_NAME) is None:
         cp.kubectl("create", "-f", "-", input=yaml.safe_dump(crd_object()))
-    cp.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    wait_for(
+        lambda: (condition(kget(cp, "crd", CRD_NAME), "Established") or {}).get("status") == "True",
+        60,
+        f"CRD {CRD_NAME} Established",
+    )
 
 
 def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
