@@ -204,47 +204,93 @@ SERVICE_ACCOUNT = f"{RELEASE}-visionr1-operator"  # the chart's <release>-<chart
 KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
 
 
-class JobWatch(threading.Thread):
-    """One watch on the namespace's Jobs: when each Job was first seen, and first seen Complete.
+class Watch(threading.Thread):
+    """One watch on a namespaced resource, reading raw JSON lines (no model deserialisation keeps
+    this process's CPU out of the measurement), re-watching after a dropped connection and
+    re-listing after 410 Gone. Subclasses record what they need in ``seen(obj, now)``."""
 
-    Raw JSON lines (no model deserialisation) keep this process's CPU out of the measurement."""
-
-    def __init__(self, api_client: Any, namespace: str) -> None:
+    def __init__(self, list_fn: Any, namespace: str) -> None:
         super().__init__(daemon=True)
-        self.api, self.namespace = api_client, namespace
-        self.created: dict[str, float] = {}
-        self.completed: dict[str, float] = {}
+        self.list_fn, self.namespace = list_fn, namespace
         self.stopping = threading.Event()
         self.ready = threading.Event()
 
-    def run(self) -> None:
-        from kubernetes import client
+    def seen(self, obj: dict[str, Any], now: float) -> None:
+        raise NotImplementedError
 
-        batch = client.BatchV1Api(self.api)
-        rv = batch.list_namespaced_job(self.namespace).metadata.resource_version
+    def _list(self) -> str:
+        resp = self.list_fn(self.namespace, _preload_content=False)
+        body = json.loads(resp.data)
+        now = time.monotonic()
+        for obj in body.get("items") or []:
+            self.seen(obj, now)
+        return body["metadata"]["resourceVersion"]
+
+    def run(self) -> None:
+        rv = self._list()
         self.ready.set()
         while not self.stopping.is_set():
-            resp = batch.list_namespaced_job(
-                self.namespace,
-                watch=True,
-                resource_version=rv,
-                allow_watch_bookmarks=True,
-                timeout_seconds=5,
-                _preload_content=False,
-            )
-            for line in resp:
-                now = time.monotonic()
-                event = json.loads(line)
-                obj = event["object"]
-                rv = obj["metadata"].get("resourceVersion", rv)
-                if event["type"] not in ("ADDED", "MODIFIED"):
-                    continue
-                name = obj["metadata"]["name"]
-                self.created.setdefault(name, now)
-                for cond in (obj.get("status") or {}).get("conditions") or []:
-                    if cond["type"] == "Complete" and cond["status"] == "True":
-                        self.completed.setdefault(name, now)
-            resp.release_conn()
+            try:
+                resp = self.list_fn(
+                    self.namespace,
+                    watch=True,
+                    resource_version=rv,
+                    allow_watch_bookmarks=True,
+                    timeout_seconds=5,
+                    _preload_content=False,
+                )
+                for line in resp:
+                    now = time.monotonic()
+                    event = json.loads(line)
+                    obj = event["object"]
+                    if event["type"] == "ERROR":  # 410 Gone: too old a resourceVersion
+                        rv = self._list()
+                        break
+                    rv = obj["metadata"].get("resourceVersion", rv)
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        self.seen(obj, now)
+                resp.release_conn()
+            except Exception:  # noqa: BLE001 (a dropped watch under load: watch again)
+                time.sleep(0.5)
+
+
+class JobWatch(Watch):
+    """When each Job was first seen, and first seen with its Complete condition."""
+
+    def __init__(self, api_client: Any, namespace: str) -> None:
+        from kubernetes import client
+
+        super().__init__(client.BatchV1Api(api_client).list_namespaced_job, namespace)
+        self.created: dict[str, float] = {}
+        self.completed: dict[str, float] = {}
+
+    def seen(self, obj: dict[str, Any], now: float) -> None:
+        name = obj["metadata"]["name"]
+        self.created.setdefault(name, now)
+        for cond in (obj.get("status") or {}).get("conditions") or []:
+            if cond["type"] == "Complete" and cond["status"] == "True":
+                self.completed.setdefault(name, now)
+
+
+class RunWatch(Watch):
+    """The latest phase of every VisionR1Run (a watch: polling 200 runs' lists loads the server
+    whose CPU is being measured)."""
+
+    def __init__(self, api_client: Any, namespace: str) -> None:
+        from functools import partial
+
+        from kubernetes import client
+
+        list_fn = partial(
+            client.CustomObjectsApi(api_client).list_namespaced_custom_object,
+            "visionr1.io",
+            "v1alpha1",
+        )
+        super().__init__(lambda ns, **kw: list_fn(ns, "visionr1runs", **kw), namespace)
+        self.phases: dict[str, str | None] = {}
+
+    def seen(self, obj: dict[str, Any], now: float) -> None:
+        self.phases[obj["metadata"]["name"]] = (obj.get("status") or {}).get("phase")
 
 
 def _cpu_s(pid: int | None) -> float:
@@ -294,7 +340,13 @@ def control_plane_rounds(counts: list[int], timeout: float) -> dict[str, Any]:
         crd_name = crd()["metadata"]["name"]
         if cp.kubectl("get", "crd", crd_name, check=False).returncode != 0:
             cp.kubectl("create", "-f", "-", input=yaml.safe_dump(crd()))
-        cp.kubectl("wait", "--for=condition=Established", f"crd/{crd_name}", "--timeout=60s")
+        jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
+        deadline = time.monotonic() + 60
+        while cp.kubectl("get", "crd", crd_name, "-o", f"jsonpath={jsonpath}",
+                         check=False).stdout != "True":  # fmt: skip
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"CRD {crd_name} not Established within 60 s")
+            time.sleep(0.5)
         if cp.kubectl("get", "namespace", LOAD_NS, check=False).returncode != 0:
             cp.kubectl("create", "namespace", LOAD_NS)
         off_node = {"nodeSelector": {"visionr1.io/benchmark-no-such-node": "true"}}
@@ -320,9 +372,10 @@ def control_plane_rounds(counts: list[int], timeout: float) -> dict[str, Any]:
             if pv is not None:
                 for name in names:
                     _prewrite_outputs(pv, name)
-            watch = JobWatch(api, LOAD_NS)
-            watch.start()
-            watch.ready.wait(30)
+            watch, run_watch = JobWatch(api, LOAD_NS), RunWatch(api, LOAD_NS)
+            for w in (watch, run_watch):
+                w.start()
+                w.ready.wait(30)
             tmp = Path(tempfile.mkdtemp(prefix="vr1-load-"))
             log = open(tmp / "operator.log", "wb")  # noqa: SIM115 (closed below)
             env = {**os.environ, "KUBECONFIG": str(kubeconfig), "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -352,14 +405,7 @@ def control_plane_rounds(counts: list[int], timeout: float) -> dict[str, Any]:
                 deadline = t0 + timeout
                 while time.monotonic() < deadline:
                     rss_peak = max(rss_peak, ps.memory_info().rss)
-                    runs = custom.list_namespaced_custom_object(
-                        "visionr1.io", "v1alpha1", LOAD_NS, "visionr1runs"
-                    )["items"]
-                    phases = [
-                        (r.get("status") or {}).get("phase")
-                        for r in runs
-                        if r["metadata"]["name"].startswith(prefix)
-                    ]
+                    phases = [run_watch.phases.get(name) for name in names]
                     succeeded = phases.count("Succeeded")
                     if succeeded + phases.count("Failed") >= n:
                         break
@@ -379,18 +425,21 @@ def control_plane_rounds(counts: list[int], timeout: float) -> dict[str, Any]:
                     proc.kill()
                 log.close()
                 watch.stopping.set()
+                run_watch.stopping.set()
             forbidden = [
                 line
                 for line in (tmp / "operator.log").read_text(errors="replace").splitlines()
                 if " 403" in line or "Forbidden" in line
             ]
             latencies = []
+            by_pair: dict[str, list[float]] = {}
             for name in names:
                 for prev, nxt in zip(STAGES, STAGES[1:], strict=False):
                     a = watch.completed.get(f"{name}-{prev}-0")
                     b = watch.created.get(f"{name}-{nxt}-0")
                     if a is not None and b is not None:
                         latencies.append(b - a)
+                        by_pair.setdefault(f"{prev}->{nxt}", []).append(b - a)
             results.append(
                 {
                     "runs": n,
@@ -398,6 +447,8 @@ def control_plane_rounds(counts: list[int], timeout: float) -> dict[str, Any]:
                     "jobs_created": sum(j.startswith(prefix) for j in watch.created),
                     "transitions_measured": len(latencies),
                     "success_to_next_job_s": _summary(latencies),
+                    # the first transitions meet the burst of n runs starting at once
+                    "by_transition_s": {k: _summary(v) for k, v in by_pair.items()},
                     "operator_rss_mb": {
                         "peak": round(rss_peak / 2**20, 1),
                         "end": round(rss_end / 2**20, 1),
@@ -410,7 +461,8 @@ def control_plane_rounds(counts: list[int], timeout: float) -> dict[str, Any]:
                 }
             )
         cp.helm("uninstall", RELEASE, "-n", RELEASE_NS, check=False)
-    return {"kubernetes": _server_version(cp), "results": results}
+        version = _server_version(cp)
+    return {"kubernetes": version, "results": results}
 
 
 def _server_version(cp: Any) -> str:

@@ -566,6 +566,8 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
         # pods, not every Job and pod of the cluster (the handlers' `labels=` filter client-side).
         settings.watching.label_selectors["batch", "jobs"] = manifests.LABEL_RUN
         settings.watching.label_selectors["pods"] = manifests.LABEL_RUN
+        # `kubectl describe` shows this in the Events' From column (kopf's default: "kopf").
+        settings.posting.reporting_component = "visionr1-operator"
 
     @kopf.on.login(registry=registry)
     async def login(**kwargs: Any) -> Any:

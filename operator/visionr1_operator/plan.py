@@ -447,6 +447,7 @@ def _apply_one(s: VisionR1RunStatus, a: Action, now: datetime) -> None:  # noqa:
         st.phase = "Succeeded"
         st.finish_time = ts
         st.message = None
+        st.progress = None  # else the last "1 pod running" stays under a Succeeded stage
         s.progress = _progress(s)
     elif isinstance(a, RetryStage):
         st = _stage(s, a.stage)

@@ -87,12 +87,14 @@ def ensure_crd(cp: Any) -> None:
     another test module may have installed it with the chart, which keeps it on uninstall)."""
     if kget_or_none(cp, "crd", CRD_NAME) is None:
         cp.kubectl("create", "-f", "-", input=yaml.safe_dump(crd_object()))
-    # `kubectl wait` right after the create can be answered from a watch cache that has not seen
-    # it yet (NotFound, exit 1 at once): wait until a read finds it first.
-    deadline = time.monotonic() + 60
-    while kget_or_none(cp, "crd", CRD_NAME) is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    cp.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    wait_for(
+        lambda: (
+            (condition(kget_or_none(cp, "crd", CRD_NAME) or {}, "Established") or {}).get("status")
+            == "True"
+        ),
+        60,
+        f"CRD {CRD_NAME} Established",
+    )
 
 
 def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
