@@ -41,8 +41,9 @@ def test_every_run_and_stage_shares_one_model_cache_on_the_pvc() -> None:
         for name in ("run-a", "run-b")
         for stage in ("synthesis", "sft", "grpo", "eval")
     ]
-    # The same folder of the same PVC, whatever the run: not under a run's workspace subPath.
-    assert {(m["name"], m["subPath"]) for m in mounts} == {("workspace", ".cache/huggingface")}
+    # The same folder of the same PVC for every run of a namespace (tenants do not share a
+    # writable cache): not under a run's workspace subPath.
+    assert {(m["name"], m["subPath"]) for m in mounts} == {("workspace", "ml/.cache/huggingface")}
     assert not any(m.get("readOnly") for m in mounts)  # pods download into it
     pod = _pod(_run("run-a"), "synthesis")
     [volume] = [v for v in pod["volumes"] if v["name"] == "workspace"]
@@ -51,7 +52,7 @@ def test_every_run_and_stage_shares_one_model_cache_on_the_pvc() -> None:
 
 def test_the_cache_folder_is_configurable() -> None:
     mount = _cache_mount(_pod(_run("run-a", modelCache="team/models/hf"), "synthesis"))
-    assert mount["subPath"] == "team/models/hf"
+    assert mount["subPath"] == "ml/team/models/hf"
 
 
 def test_the_trainer_image_and_the_manifests_agree_on_hf_home() -> None:

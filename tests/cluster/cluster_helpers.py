@@ -171,7 +171,8 @@ def mlflow_server(workdir: Path) -> Iterator[str]:
 # --------------------------------------------------------------------------- the operator
 
 
-FORBIDDEN = re.compile(r"\b403\b|forbidden", re.IGNORECASE)
+# An HTTP 403 in an access line, or the API server's "forbidden" reason (not a ",403" of a log timestamp).
+FORBIDDEN = re.compile(r"\" 403\b|\bHTTP/[0-9.]+ 403\b|forbidden", re.IGNORECASE)
 
 
 class OperatorProcess:

@@ -136,7 +136,7 @@ def test_install_upgrade_uninstall_as_the_readme_says(control_plane: Any, tmp_pa
     for verb, resource in [
         ("delete", "jobs.batch"),
         ("get", "secrets"),
-        ("list", "pods"),
+        ("delete", "pods"),
         ("delete", "visionr1runs.visionr1.io"),
         ("list", "namespaces"),
         ("create", "customresourcedefinitions.apiextensions.k8s.io"),

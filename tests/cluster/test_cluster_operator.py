@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -379,17 +380,31 @@ def _sft_only(name: str, cold_start: str, **sft: Any) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def cold_start(world: World) -> str:
     """A cold-start dataset on the PVC (the path pods see) for the fault runs that train: the tiny
-    run's filter output when that test ran, else a synthesis → filter run made for it."""
+    run's filter output when that test ran, else a synthesis → filter run made for it. A stage pod
+    sees only its own run's folder and the shared data folder (/data), so the dataset is copied
+    into the shared folder, as a user would publish a dataset for other runs."""
     for run in ("tiny", "cold"):
         manifest = world.stage_manifest(run, "filter")
         if manifest is not None:
-            return f"/data/{NS}/{run}/{manifest['outputs']['data']}"
+            return _publish(world, run, manifest["outputs"]["data"])
     apply(world.cp, _small("cold", ["synthesis", "filter"]))
     obj = world.wait_phase("cold", ("Succeeded", "Failed"), 600)
     assert obj["status"]["phase"] == "Succeeded", world.diagnose("cold")
     manifest = world.stage_manifest("cold", "filter")
     assert manifest is not None
-    return f"/data/{NS}/cold/{manifest['outputs']['data']}"
+    return _publish(world, "cold", manifest["outputs"]["data"])
+
+
+def _publish(world: World, run: str, rel: str) -> str:
+    """Copy a run's output into the PVC's shared folder; return the path pods read it at."""
+    src = world.workspace(run) / rel
+    dst = world.pv / "shared" / "published" / run / rel
+    if src.is_dir():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+    return f"/data/published/{run}/{rel}"
 
 
 def _stage_processes(stage_run_id: str) -> list[psutil.Process]:
