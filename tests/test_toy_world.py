@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from visionr1_jobs.data.load import detect_format, load_dataset_dir
-from visionr1_jobs.toy.world import KINDS, SIZE, make_problem, render
+from visionr1_jobs.toy.world import COLORS, KINDS, SIZE, color_counts, make_problem, render
 from visionr1_operator.cli import main as visionr1
 
 
@@ -18,21 +18,30 @@ def _ids_and_images(path: Path) -> list[tuple[str, bytes]]:
 
 def test_answers_follow_from_the_scene() -> None:
     rng = random.Random(5)
+    seen = set()
     for _ in range(60):
         p = make_problem(rng)
-        objs = p.scene["objects"]
+        seen.add(p.kind)
+        counts = color_counts(p.scene)
+        named = p.scene["target"]["colors"]
         if p.kind == "count":
-            ((key, value),) = p.scene["target"].items()
-            assert p.answer == str(sum(o[key] == value for o in objs))
-        elif p.kind == "add":
-            assert p.answer == str(sum(int(o["text"]) for o in objs))
+            assert p.answer == str(counts[named[0]]) and p.answer != "0"
+        elif p.kind == "total":
+            assert p.answer == str(counts[named[0]] + counts[named[1]])
         else:
-            pick = max if p.scene["target"]["extreme"] == "tallest" else min
-            winner = pick(objs, key=lambda o: o["height"])["color"]
+            winner = max(counts, key=lambda c: counts[c])
+            assert sorted(counts.values())[-1] > sorted(counts.values())[-2]  # a unique winner
             assert p.choices[ord(p.answer) - ord("A")] == winner
             assert "Choices:\nA: " in p.question
+        assert 3 <= len(p.scene["objects"]) <= 8
         im = render(p.scene)
-        assert im.size == (SIZE, SIZE) and len(set(im.getdata())) > 1  # something was drawn
+        assert im.size == (SIZE, SIZE)
+        # One square per grid cell: each cell's centre pixel shows its square's colour.
+        for o in p.scene["objects"]:
+            assert im.getpixel(tuple(o["center"])) == COLORS[o["color"]]
+        cells = {(o["row"], o["col"]) for o in p.scene["objects"]}
+        assert len(cells) == len(p.scene["objects"])
+    assert seen == set(KINDS)
 
 
 def test_toy_data_cli_writes_three_disjoint_deterministic_splits(tmp_path: Path) -> None:

@@ -35,49 +35,33 @@ def describe_scene(scene: dict[str, Any]) -> str:
     head = (
         f"The image is a {w}×{h} pixel picture on a {scene.get('background', 'white')} background."
     )
-    kind = scene["kind"]
-    if kind == "count":
-        parts = [
-            f"{_article(o['color'])} {o['color']} {o['shape']} in the {o['cell']} area"
-            for o in objects
-        ]
-        return (
-            f"{head} It shows {len(objects)} separate filled shapes that do not overlap. "
-            f"Going through them one by one: {'; '.join(parts)}. Nothing else is drawn."
-        )
-    if kind == "add":
-        parts = [
-            f"the number {o['text']} written in {o['color']} in the {o['cell']} area"
-            for o in objects
-        ]
-        return f"{head} Two numbers are written on it and nothing else: {', and '.join(parts)}."
-    if kind == "bars":
-        bars = sorted(objects, key=lambda o: o["index"])
-        parts = [f"{_article(o['color'])} {o['color']} bar {o['height']} pixels tall" for o in bars]
-        return (
-            f"{head} It is a simple bar chart with {len(bars)} vertical bars of equal width "
-            f"standing on a black baseline, from left to right: {', '.join(parts)}. "
-            "There are no axis labels or numbers."
-        )
-    raise ValueError(f"toy describer stand-in: unknown scene kind {kind!r}")
+    if "grid" not in scene:
+        raise ValueError(f"toy describer stand-in: unknown scene kind {scene.get('kind')!r}")
+    parts = [f"a {o['color']} square in row {o['row']}, column {o['col']}" for o in objects]
+    g = scene["grid"]
+    return (
+        f"{head} It shows a {g} by {g} grid with {len(objects)} coloured squares, one per cell. "
+        f"Row by row: {'; '.join(parts)}. The other cells are empty."
+    )
+
+
+def _counts(scene: dict[str, Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for o in scene["objects"]:
+        out[o["color"]] = out.get(o["color"], 0) + 1
+    return out
 
 
 def pseudo_cot(scene: dict[str, Any], question: str, answer: str) -> str:
     """Step 1 of modality bridging: a caption plus reasoning toward the given answer."""
     caption = ". ".join(describe_scene(scene).split(". ")[:2]).rstrip(".") + "."
-    kind = scene["kind"]
-    if kind == "count":
-        target = scene["target"]
-        what = f"{target['color']} shapes" if "color" in target else f"{target['shape']}s"
-        step = f"Counting the {what} in the picture gives {answer}."
-    elif kind == "add":
-        values = " + ".join(o["text"] for o in scene["objects"])
-        step = f"The two numbers are {values.replace(' + ', ' and ')}, and {values} = {answer}."
-    else:
-        step = (
-            f"Comparing the bar heights, the {scene['target']['extreme']} bar is option {answer}."
-        )
-    return f"Caption: {caption}\nReasoning: The question asks: {question.splitlines()[0]} {step} So the answer is {answer}."
+    counts = _counts(scene)
+    named = ", ".join(f"{c}: {counts.get(c, 0)}" for c in scene["target"]["colors"])
+    step = f"Counting the squares of each colour asked about gives {named}."
+    return (
+        f"Caption: {caption}\nReasoning: The question asks: {question.splitlines()[0]} {step} "
+        f"So the answer is {answer}."
+    )
 
 
 # --------------------------------------------------------------------------- reasoner input
@@ -149,115 +133,103 @@ def _says(rng: random.Random) -> str:
     return rng.choice(_SAYS)
 
 
-def _solve_count(inp: ReasonerInput, rng: random.Random) -> Solution:
-    found = re.findall(
-        r"\b(?:a|an) (\w+) (circle|square|triangle) in the ([\w-]+) area", inp.description
-    )
+_SQUARE = re.compile(r"\ba (\w+) square in row (\d+), column (\d+)")
+_COLOURS = ("red", "blue", "green")
+
+
+def _read_grid(inp: ReasonerInput) -> list[tuple[str, int, int]]:
+    found = [(c, int(r), int(k)) for c, r, k in _SQUARE.findall(inp.description)]
     if not found:
-        raise ValueError("toy reasoner stand-in: no shapes found in the description")
-    m = re.search(r"How many (\w+?)s? (?:shapes )?are there", inp.question)
+        raise ValueError("toy reasoner stand-in: no squares found in the description")
+    return found
+
+
+def _count_of(found: list[tuple[str, int, int]], color: str) -> int:
+    return sum(c == color for c, _, _ in found)
+
+
+def _one_by_one(n: int) -> str:
+    return ", ".join(str(i) for i in range(1, n + 1)) or "none"
+
+
+def _miscount(n: int, rng: random.Random) -> int:
+    """A typical slip: one square skipped or one counted twice."""
+    return n - 1 if n > 0 and rng.random() < 0.5 else n + 1
+
+
+def _solve_count(inp: ReasonerInput, rng: random.Random) -> Solution:
+    found = _read_grid(inp)
+    m = re.search(r"How many (\w+) squares are there\?", inp.question)
     if not m:
         raise ValueError(f"toy reasoner stand-in: cannot read the count question {inp.question!r}")
-    word = m.group(1)
-    by_color = word not in ("circle", "square", "triangle")
-    hits = [(c, s, cell) for c, s, cell in found if (c == word if by_color else s == word)]
-    what = f"{word} shapes" if by_color else f"{word}s"
-    steps = [
-        f"{_says(rng)} there are {len(found)} shapes in total. Let me go through them one by one."
-    ]
-    running = 0
-    for c, s, cell in found:
-        hit = (c == word) if by_color else (s == word)
-        running += hit
-        steps.append(
-            f"The {c} {s} in the {cell}: {'that is one of them, so ' + str(running) + ' so far' if hit else 'not one of the ' + what}."
-        )
-    n = len(hits)
-    # A typical miscount: one shape skipped or one counted twice.
-    wrong_n = n - 1 if n > 1 and rng.random() < 0.5 else n + 1
-    wrong_steps = [
-        f"{_says(rng)} there are {len(found)} shapes. Scanning them quickly, I see {wrong_n} {what}."
-    ]
-    others = len(found) - n
+    color = m.group(1)
+    n = _count_of(found, color)
+    wrong = _miscount(n, rng)
+    head = f"{_says(rng)} there are {len(found)} squares."
     return Solution(
         answer=str(n),
-        steps=steps,
-        recheck=f"Let me recount: the {what} are "
-        + (", ".join(f"the {c} {s} ({cell})" for c, s, cell in hits) or "none")
-        + f", which is {n}.",
-        alt=f"Alternatively, count what is not one of the {what}: {others} of the {len(found)} "
-        f"shapes, and {len(found)} - {others} = {n}. Same result.",
-        wrong_answer=str(wrong_n),
-        wrong_steps=wrong_steps,
+        steps=[head, f"{color}: {n}."],
+        recheck=f"Let me recount the {color} squares one by one: {_one_by_one(n)}. That is {n}.",
+        alt=f"Alternatively, {len(found) - n} of the {len(found)} squares are not {color}, and "
+        f"{len(found)} - {len(found) - n} = {n}. Same result.",
+        wrong_answer=str(wrong),
+        wrong_steps=[head, f"{color}: {wrong}."],
     )
 
 
-def _solve_add(inp: ReasonerInput, rng: random.Random) -> Solution:
-    nums = [int(x) for x in re.findall(r"the number (\d+)", inp.description)]
-    if len(nums) != 2:
-        raise ValueError("toy reasoner stand-in: expected two numbers in the description")
-    a, b = nums
-    total = a + b
-    slip = total + rng.choice([-10, -1, 1, 10])
-    if slip < 0:
-        slip = total + 1
+def _solve_total(inp: ReasonerInput, rng: random.Random) -> Solution:
+    found = _read_grid(inp)
+    m = re.search(r"How many (\w+) and (\w+) squares are there in total\?", inp.question)
+    if not m:
+        raise ValueError(f"toy reasoner stand-in: cannot read the total question {inp.question!r}")
+    a, b = m.group(1), m.group(2)
+    na, nb = _count_of(found, a), _count_of(found, b)
+    wa = _miscount(na, rng)
+    head = f"{_says(rng)} there are {len(found)} squares."
     return Solution(
-        answer=str(total),
-        steps=[
-            f"{_says(rng)} two numbers are written: {a} and {b}.",
-            f"The question wants their sum, so {a} + {b}. {a} plus {b} is {total}.",
-        ],
-        recheck=f"Let me verify: {total} - {b} = {a}. Yes, that checks out.",
-        alt=f"Alternatively, {b} + {a} = {total} as well, addition is commutative.",
-        wrong_answer=str(slip),
-        wrong_steps=[
-            f"{_says(rng)} the numbers are {a} and {b}.",
-            f"Adding them: {a} + {b} = {slip}.",
-        ],
+        answer=str(na + nb),
+        steps=[head, f"{a}: {na}.", f"{b}: {nb}.", f"{na} + {nb} = {na + nb}."],
+        recheck=f"Let me recount: {a} {_one_by_one(na)}; {b} {_one_by_one(nb)}. "
+        f"{na} and {nb}, so {na + nb}.",
+        alt=f"Alternatively, {nb} + {na} = {na + nb} as well.",
+        wrong_answer=str(wa + nb),
+        wrong_steps=[head, f"{a}: {wa}.", f"{b}: {nb}.", f"{wa} + {nb} = {wa + nb}."],
     )
 
 
-def _solve_bars(inp: ReasonerInput, rng: random.Random) -> Solution:
-    bars = [
-        (c, int(h))
-        for c, h in re.findall(r"\b(?:a|an) (\w+) bar (\d+) pixels tall", inp.description)
-    ]
-    if not bars or not inp.choices:
-        raise ValueError("toy reasoner stand-in: no bars or no choices to compare")
-    tallest = "tallest" in inp.question
-    ranked = sorted(bars, key=lambda b: b[1], reverse=tallest)
-    best = ranked[0][0]
-    second = ranked[1][0]
-    if best not in inp.choices or second not in inp.choices:
-        raise ValueError("toy reasoner stand-in: the bar colours do not match the choices")
+def _solve_most(inp: ReasonerInput, rng: random.Random) -> Solution:
+    found = _read_grid(inp)
+    if not inp.choices:
+        raise ValueError("toy reasoner stand-in: a 'which colour' question needs choices")
+    counts = {c: _count_of(found, c) for c in _COLOURS if c in inp.choices}
+    ranked = sorted(counts, key=lambda c: counts[c], reverse=True)
+    best, second = ranked[0], ranked[1]
     letter, wrong = LETTERS[inp.choices.index(best)], LETTERS[inp.choices.index(second)]
-    word = "tallest" if tallest else "shortest"
-    listing = ", ".join(f"{c} at {h}" for c, h in bars)
+    head = f"{_says(rng)} there are {len(found)} squares."
+    listed = [f"{c}: {counts[c]}." for c in counts]
+    swapped = dict(counts) | {best: counts[second], second: counts[best]}
     return Solution(
         answer=letter,
-        steps=[
-            f"{_says(rng)} the bar heights from left to right are: {listing}.",
-            f"The {word} is the one with the {'largest' if tallest else 'smallest'} height, "
-            f"which is {best} ({ranked[0][1]} pixels). In the choices, {best} is option {letter}.",
-        ],
-        recheck=f"Let me double-check by comparing {best} with {second}: "
-        f"{ranked[0][1]} vs {ranked[1][1]}, so {best} is indeed the {word}.",
-        alt="Alternatively, sort all heights: "
-        + " < ".join(str(h) for _, h in sorted(bars, key=lambda b: b[1]))
-        + f". The {word} is {ranked[0][1]}, the {best} bar.",
+        steps=[head, *listed, f"{best} has the most, option {letter}."],
+        recheck=f"Let me double-check {best} against {second}: {counts[best]} vs "
+        f"{counts[second]}, so {best} has more.",
+        alt="Alternatively, sort the counts: "
+        + " < ".join(str(counts[c]) for c in reversed(ranked))
+        + f". The largest is {best}.",
         wrong_answer=wrong,
         wrong_steps=[
-            f"{_says(rng)} the bars are {listing}.",
-            f"Hmm, the {second} bar looks like the {word} one, so option {wrong}.",
+            head,
+            *[f"{c}: {swapped[c]}." for c in counts],
+            f"{second} has the most, option {wrong}.",
         ],
     )
 
 
 def _kind(inp: ReasonerInput) -> str:
-    if "bar chart" in inp.description:
-        return "bars"
-    if "Two numbers are written" in inp.description:
-        return "add"
+    if "Which colour" in inp.question:
+        return "most"
+    if "in total" in inp.question:
+        return "total"
     return "count"
 
 
@@ -267,6 +239,10 @@ _OPEN = (
     "Alright, let me think about this.",
     "Let me start by reading the question carefully.",
 )
+#: Share of correct answers written in the long, hesitant style (the rest go straight to it):
+#: the cold start then holds short and long chains for the same kind of problem, and the
+#: completion budget of each PTST stage decides which of the two RL keeps.
+LONG_SHARE = 0.4
 _HMM = ("Hmm, wait.", "Hmm.", "Wait, let me make sure.", "Hold on. Wait.")
 _CLOSE = ("So the answer is {x}.", "Therefore, the answer should be {x}.", "So the answer is {x}.")
 
@@ -278,26 +254,24 @@ def reason(
     inconsistent:<variant> names what the stand-in did (kept in the audit trail)."""
     inp = parse_reasoner_prompt(prompt)
     kind = _kind(inp)
-    sol = {"count": _solve_count, "add": _solve_add, "bars": _solve_bars}[kind](inp, rng)
+    sol = {"count": _solve_count, "total": _solve_total, "most": _solve_most}[kind](inp, rng)
     u = rng.random()
-    question_line = inp.question.splitlines()[0]
-    opening = f"{rng.choice(_OPEN)} The question is: {question_line}"
     if u < error_rate:
-        body = [
-            opening,
-            *sol.wrong_steps,
-            rng.choice(_HMM) + " That seems right.",
-            rng.choice(_CLOSE).format(x=sol.wrong_answer),
-        ]
+        body = [*sol.wrong_steps, rng.choice(_CLOSE).format(x=sol.wrong_answer)]
         return _format(" ".join(body), sol.wrong_answer), "wrong"
-    body = [
-        opening,
-        *sol.steps,
-        rng.choice(_HMM),
-        sol.recheck,
-        sol.alt,
-        rng.choice(_CLOSE).format(x=sol.answer),
-    ]
+    if rng.random() < LONG_SHARE:
+        # The hesitant R1 style: an opening, a recount, another way round, then the answer.
+        question_line = inp.question.splitlines()[0]
+        body = [
+            f"{rng.choice(_OPEN)} The question is: {question_line}",
+            *sol.steps,
+            rng.choice(_HMM),
+            sol.recheck,
+            sol.alt,
+            rng.choice(_CLOSE).format(x=sol.answer),
+        ]
+    else:
+        body = [*sol.steps, rng.choice(_CLOSE).format(x=sol.answer)]
     if u >= error_rate + inconsistent_rate:
         return _format(" ".join(body), sol.answer), "correct"
     variant = rng.choice(

@@ -1,26 +1,26 @@
 """Small visual-math problems drawn with pillow, with known answers, deterministic from a seed.
 
 Every problem is a *scene* (plain JSON data) rendered to a small image. The scene is kept in
-``Sample.metadata["scene"]`` so the toy describer stand-in can turn it into text. Scene schema::
+``Sample.metadata["scene"]`` so the toy describer stand-in can turn it into text.
 
-    {"kind": "count" | "add" | "bars",
-     "size": [W, H],                      # pixels
-     "background": "white",
-     "objects": [                         # in drawing order
-        {"shape": "circle" | "square" | "triangle", "color": str, "center": [x, y],
-         "size": int, "cell": "top-left" | "top" | … | "bottom-right"},            # count
-        {"shape": "text", "text": "7", "color": str, "center": [x, y], "size": int,
-         "cell": …},                                                                # add
-        {"shape": "bar", "color": str, "height": int, "x": int, "width": int,
-         "index": int},                                                             # bars
-     ],
-     "target": {...}}                     # what the question asks about (kind-specific)
+The picture is a 4×4 grid of 28-pixel cells with 3–8 coloured squares in it. A cell is exactly
+one merged vision token of Qwen2.5-VL (14-px patches, 2×2 merge), so what a tiny model has to see
+is simple (one colour per token) while the question still needs a chain of steps: count one
+colour, count two and add, or count three and compare. Answers are small integers or an option
+letter, a small answer space, so a half-trained model is sometimes right and sometimes not: the
+room GRPO needs. Scene schema::
+
+    {"kind": "count" | "total" | "most",
+     "size": [W, H], "background": "white", "grid": 4,
+     "objects": [{"shape": "square", "color": str, "row": int, "col": int,
+                  "center": [x, y], "size": int}, …],        # row-major order
+     "target": {"colors": [str, …]}}                          # the colours the question names
 
 Kinds:
-* ``count``: "How many circles …?" / "How many red shapes …?" — free-form integer.
-* ``add``: two numbers written in the image, "What is the sum …?" — free-form integer.
-* ``bars``: 3–4 bars of distinct heights, "Which bar is the tallest/shortest?" — multiple
-  choice over the bar colours, answer = option letter.
+* ``count``: "How many red squares are there?" — free-form integer.
+* ``total``: "How many red and blue squares are there in total?" — free-form integer.
+* ``most``: "Which colour has the most squares?" — multiple choice over the three colours
+  (the winner is unique), answer = option letter.
 """
 
 from __future__ import annotations
@@ -34,28 +34,23 @@ from typing import Any
 from visionr1_jobs.data.record import OPTION_LETTERS, Sample, format_choices
 
 SIZE = 112  # pixels; 112×112 becomes 16 vision tokens in Qwen2.5-VL (14-px patches, 2×2 merge)
-KINDS: tuple[str, ...] = ("count", "add", "bars")
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+GRID = 4  # cells per side; one cell = one merged vision token
+CELL = SIZE // GRID
+KINDS: tuple[str, ...] = ("count", "total", "most")
+SHAPES: tuple[str, ...] = ("square",)
+#: The three colours of the grid world (far apart in RGB, so one linear map tells them apart).
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "blue": (40, 80, 220),
     "green": (30, 160, 60),
+}
+#: Colours the renderer knows (the grid world draws only ``COLORS``).
+PALETTE: dict[str, tuple[int, int, int]] = {
+    **COLORS,
     "orange": (240, 140, 20),
     "purple": (140, 60, 180),
     "black": (20, 20, 20),
 }
-_GRID = 3
-_CELLS = (
-    "top-left",
-    "top",
-    "top-right",
-    "left",
-    "center",
-    "right",
-    "bottom-left",
-    "bottom",
-    "bottom-right",
-)
 
 
 @dataclass(frozen=True)
@@ -76,120 +71,80 @@ class ToyProblem:
 # --------------------------------------------------------------------------- scenes
 
 
-def _cell_centers(rng: random.Random, k: int) -> list[tuple[int, int, str]]:
-    """k distinct grid cells with a little jitter, so shapes never overlap."""
-    step = SIZE // _GRID
-    cells = rng.sample(range(_GRID * _GRID), k)
-    out = []
-    for cell in cells:
-        r, c = divmod(cell, _GRID)
-        x = c * step + step // 2 + rng.randint(-3, 3)
-        y = r * step + step // 2 + rng.randint(-3, 3)
-        out.append((x, y, _CELLS[cell]))
-    return out
+def _grid_scene(rng: random.Random, kind: str, counts: dict[str, int], target: list[str]) -> dict:
+    cells = rng.sample(range(GRID * GRID), sum(counts.values()))
+    colors = [c for c, k in counts.items() for _ in range(k)]
+    rng.shuffle(colors)
+    objects = []
+    for cell, color in sorted(zip(cells, colors, strict=True)):
+        row, col = divmod(cell, GRID)
+        objects.append(
+            {
+                "shape": "square",
+                "color": color,
+                "row": row + 1,
+                "col": col + 1,
+                "center": [col * CELL + CELL // 2, row * CELL + CELL // 2],
+                "size": CELL - 6,
+            }
+        )
+    return {
+        "kind": kind,
+        "size": [SIZE, SIZE],
+        "background": "white",
+        "grid": GRID,
+        "objects": objects,
+        "target": {"colors": target},
+    }
+
+
+def _draw_counts(rng: random.Random, low: int = 0) -> dict[str, int]:
+    """Squares per colour: 3–8 in all, each colour ``low``–4."""
+    while True:
+        counts = {c: rng.randint(low, 4) for c in COLORS}
+        if 3 <= sum(counts.values()) <= 8:
+            return counts
 
 
 def _count_problem(rng: random.Random) -> ToyProblem:
-    total = rng.randint(2, 7)
-    by_color = rng.random() < 0.4
-    target_shape = rng.choice(SHAPES)
-    target_color = rng.choice(list(COLORS))
-    n_target = rng.randint(1, total)
-    objects = []
-    for i, (x, y, cell) in enumerate(_cell_centers(rng, total)):
-        hit = i < n_target
-        if by_color:
-            color = target_color if hit else rng.choice([c for c in COLORS if c != target_color])
-            shape = rng.choice(SHAPES)
-        else:
-            shape = target_shape if hit else rng.choice([s for s in SHAPES if s != target_shape])
-            color = rng.choice(list(COLORS))
-        objects.append(
-            {
-                "shape": shape,
-                "color": color,
-                "center": [x, y],
-                "size": rng.randint(18, 26),
-                "cell": cell,
-            }
-        )
-    rng.shuffle(objects)
-    if by_color:
-        target = {"color": target_color}
-        question = f"How many {target_color} shapes are there in the image?"
-    else:
-        target = {"shape": target_shape}
-        question = f"How many {target_shape}s are there in the image?"
-    scene = {
-        "kind": "count",
-        "size": [SIZE, SIZE],
-        "background": "white",
-        "objects": objects,
-        "target": target,
-    }
-    return ToyProblem("count", scene, question, None, str(n_target))
+    counts = _draw_counts(rng)
+    color = rng.choice([c for c, k in counts.items() if k > 0])
+    scene = _grid_scene(rng, "count", counts, [color])
+    question = f"How many {color} squares are there?"
+    return ToyProblem("count", scene, question, None, str(counts[color]))
 
 
-def _add_problem(rng: random.Random) -> ToyProblem:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
-    objects = []
-    for value, (x, y, cell) in zip((a, b), _cell_centers(rng, 2), strict=True):
-        objects.append(
-            {
-                "shape": "text",
-                "text": str(value),
-                "color": rng.choice(["black", "blue", "red"]),
-                "center": [x, y],
-                "size": 26,
-                "cell": cell,
-            }
-        )
-    scene = {
-        "kind": "add",
-        "size": [SIZE, SIZE],
-        "background": "white",
-        "objects": objects,
-        "target": {"operation": "sum"},
-    }
-    return ToyProblem(
-        "add", scene, "What is the sum of the two numbers in the image?", None, str(a + b)
-    )
+def _total_problem(rng: random.Random) -> ToyProblem:
+    counts = _draw_counts(rng, low=1)
+    a, b = rng.sample(list(COLORS), 2)
+    scene = _grid_scene(rng, "total", counts, [a, b])
+    question = f"How many {a} and {b} squares are there in total?"
+    return ToyProblem("total", scene, question, None, str(counts[a] + counts[b]))
 
 
-def _bars_problem(rng: random.Random) -> ToyProblem:
-    k = rng.randint(3, 4)
-    colors = rng.sample(list(COLORS), k)
-    heights = rng.sample(range(12, SIZE - 16, 6), k)
-    width = (SIZE - 8) // k - 6
-    objects = [
-        {
-            "shape": "bar",
-            "color": col,
-            "height": h,
-            "x": 6 + i * (width + 6),
-            "width": width,
-            "index": i,
-        }
-        for i, (col, h) in enumerate(zip(colors, heights, strict=True))
-    ]
-    tallest = rng.random() < 0.6
-    pick = max if tallest else min
-    winner = pick(objects, key=lambda o: o["height"])["color"]
-    choices = list(colors)
+def _most_problem(rng: random.Random) -> ToyProblem:
+    while True:
+        counts = _draw_counts(rng)
+        ranked = sorted(counts.values(), reverse=True)
+        if ranked[0] > ranked[1]:
+            break
+    winner = max(counts, key=lambda c: counts[c])
+    choices = list(COLORS)
     rng.shuffle(choices)
-    word = "tallest" if tallest else "shortest"
-    question = f"Which bar is the {word}?\n{format_choices(choices)}"
-    scene = {
-        "kind": "bars",
-        "size": [SIZE, SIZE],
-        "background": "white",
-        "objects": objects,
-        "target": {"extreme": word},
-    }
-    return ToyProblem("bars", scene, question, choices, OPTION_LETTERS[choices.index(winner)])
+    scene = _grid_scene(rng, "most", counts, list(COLORS))
+    question = f"Which colour has the most squares?\n{format_choices(choices)}"
+    return ToyProblem("most", scene, question, choices, OPTION_LETTERS[choices.index(winner)])
 
 
-_MAKERS = {"count": _count_problem, "add": _add_problem, "bars": _bars_problem}
+_MAKERS = {"count": _count_problem, "total": _total_problem, "most": _most_problem}
+
+
+def color_counts(scene: dict[str, Any]) -> dict[str, int]:
+    """Squares per colour in a grid scene (every colour of ``COLORS``, zeros included)."""
+    out = dict.fromkeys(COLORS, 0)
+    for o in scene["objects"]:
+        out[o["color"]] += 1
+    return out
 
 
 def make_problem(rng: random.Random, kind: str | None = None) -> ToyProblem:
@@ -220,7 +175,7 @@ def render(scene: dict[str, Any]) -> Any:
     im = Image.new("RGB", (w, h), scene.get("background", "white"))
     draw = ImageDraw.Draw(im)
     for obj in scene["objects"]:
-        color = COLORS[obj["color"]]
+        color = PALETTE[obj["color"]]
         shape = obj["shape"]
         if shape == "bar":
             draw.rectangle(
