@@ -85,7 +85,7 @@ def _grid_scene(rng: random.Random, kind: str, counts: dict[str, int], target: l
                 "row": row + 1,
                 "col": col + 1,
                 "center": [col * CELL + CELL // 2, row * CELL + CELL // 2],
-                "size": CELL - 6,
+                "size": CELL - 2,
             }
         )
     return {
