@@ -58,7 +58,7 @@ validate-examples: setup ## validate every example manifest
 
 .PHONY: demo
 demo: setup ## the laptop demo: toy data + tiny model + the whole pipeline on CPU, GRPO's gain over SFT
-	$(BIN)/visionr1 toy data --out $(WORKDIR)/toy --n 400 --n-rl 800 --n-bench 300 --seed 0
+	$(BIN)/visionr1 toy data --out $(WORKDIR)/toy --n 800 --n-rl 800 --n-bench 300 --seed 0
 	$(BIN)/visionr1 toy model --out $(WORKDIR)/models/tiny-qwen25vl
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/visionr1 run-local examples/tiny-cpu.yaml --workdir $(WORKDIR)
 

@@ -167,6 +167,11 @@ def test_reduced_ablation_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert contexts == {"raw": "synthesis", "cold-start": "sft", "rl": "grpo", "bench-toy": "eval"}
     assert recipe.data.tags["visionr1.final_model"].startswith("models:/")
     assert parents["zero-seed7"].data.params["grpo.from"] == "base"
+    assert {r.data.tags["visionr1.variant"] for r in parents.values()} == set(A.VARIANTS)
+    # The runs table opens on a saved view whose columns compare the variants.
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.{A.SHARED_VIEW}"])
+    assert "metrics.`final.toy.accuracy`" in view["selectedColumns"]
+    assert (root / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert (
         parents["sft-only-seed7"].data.metrics["final.toy.accuracy"]
         == (on_disk["sft_only"]["accuracy"])

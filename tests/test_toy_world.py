@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from visionr1_jobs.data.load import detect_format, load_dataset_dir
-from visionr1_jobs.toy.world import COLORS, KINDS, SIZE, color_counts, make_problem, render
+from visionr1_jobs.toy.world import COLORS, KINDS, SIZE, make_problem, render
 from visionr1_operator.cli import main as visionr1
 
 
@@ -22,25 +22,24 @@ def test_answers_follow_from_the_scene() -> None:
     for _ in range(60):
         p = make_problem(rng)
         seen.add(p.kind)
-        counts = color_counts(p.scene)
-        named = p.scene["target"]["colors"]
+        n = len(p.scene["objects"])
+        assert 3 <= n <= 8 and p.scene["target"] == {"squares": n}
         if p.kind == "count":
-            assert p.answer == str(counts[named[0]]) and p.answer != "0"
-        elif p.kind == "total":
-            assert p.answer == str(counts[named[0]] + counts[named[1]])
+            assert p.answer == str(n)
+        elif p.kind == "empty":
+            assert p.answer == str(16 - n)
         else:
-            winner = max(counts, key=lambda c: counts[c])
-            assert sorted(counts.values())[-1] > sorted(counts.values())[-2]  # a unique winner
-            assert p.choices[ord(p.answer) - ord("A")] == winner
-            assert "Choices:\nA: " in p.question
-        assert 3 <= len(p.scene["objects"]) <= 8
+            assert p.choices == ["even", "odd"] and "Choices:\nA: even\nB: odd" in p.question
+            assert p.answer == ("A" if n % 2 == 0 else "B")
         im = render(p.scene)
         assert im.size == (SIZE, SIZE)
-        # One square per grid cell: each cell's centre pixel shows its square's colour.
-        for o in p.scene["objects"]:
-            assert im.getpixel(tuple(o["center"])) == COLORS[o["color"]]
-        cells = {(o["row"], o["col"]) for o in p.scene["objects"]}
-        assert len(cells) == len(p.scene["objects"])
+        # One square per grid cell (a cell is one merged vision token): filled cells show their
+        # square's colour at the centre, empty cells stay white.
+        filled = {(o["row"], o["col"]): o["color"] for o in p.scene["objects"]}
+        for row in range(1, 5):
+            for col in range(1, 5):
+                pixel = im.getpixel(((col - 1) * 28 + 14, (row - 1) * 28 + 14))
+                assert pixel == (COLORS[filled[row, col]] if (row, col) in filled else (255,) * 3)
     assert seen == set(KINDS)
 
 

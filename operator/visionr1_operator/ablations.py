@@ -264,6 +264,70 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, seed: int) -> Path:
     return path
 
 
+def reward_curves(uri: str, experiment_id: str, seed: int, path: Path) -> Path | None:
+    """Reward and completion length per GRPO step of each variant with RL, read back from the
+    MLflow metric history of its GRPO stage run (the PTST sub-stages on one step axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`visionr1.seed` = '{seed}'", max_results=50
+    )
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for parent in runs:
+        variant = parent.data.tags.get("visionr1.variant")
+        stage = client.search_runs(
+            [experiment_id],
+            filter_string=(
+                f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                "tags.`visionr1.stage` = 'grpo'"
+            ),
+            max_results=1,
+        )
+        if not variant or not stage:
+            continue
+        rid = stage[0].info.run_id
+        series[variant] = {
+            key: sorted((m.step, m.value) for m in client.get_metric_history(rid, key))
+            for key in ("reward", "completions/mean_length")
+        }
+    if not series:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for variant in VARIANTS:
+        if variant not in series:
+            continue
+        for ax, key in ((a1, "reward"), (a2, "completions/mean_length")):
+            pts = series[variant][key]
+            if not pts:
+                continue
+            xs, ys = zip(*pts, strict=True)
+            k = 5  # a 5-step moving average: one step sees only promptsPerStep prompts
+            smooth = [
+                sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1])
+                for i in range(len(ys))
+            ]
+            ax.plot(xs, smooth, label=variant)
+    a1.set_title("GRPO reward (5-step mean)", fontsize=9)
+    a1.set_xlabel("step")
+    a1.set_ylim(0, 1)
+    a2.set_title("mean completion tokens", fontsize=9)
+    a2.set_xlabel("step")
+    a1.legend(fontsize=8)
+    fig.suptitle(f"toy ablations, seed {seed}: from MLflow metric history", fontsize=10)
+    fig.tight_layout()
+    from visionr1_jobs.contract import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -271,7 +335,7 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, seed: int) -> Path:
 class ToySizes:
     """How much toy data to draw (the same defaults as ``make demo``)."""
 
-    n: int = 400
+    n: int = 800
     n_rl: int = 800
     n_bench: int = 300
 
@@ -291,13 +355,61 @@ def _prepare(root: Path, seed: int, sizes: ToySizes, out: Any) -> None:
         print(f"tiny model (seed {seed}): {root / MODEL_DIR}", file=out, flush=True)
 
 
-def _experiment(root: Path) -> None:
+def _experiment(root: Path) -> str:
     """Create the shared experiment with its artifacts beside the store (not in one variant)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    if client.get_experiment_by_name(EXPERIMENT) is None:
-        client.create_experiment(EXPERIMENT, artifact_location=(root / "mlartifacts").as_uri())
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(EXPERIMENT, artifact_location=(root / "mlartifacts").as_uri())
+
+
+#: The runs-table columns that compare the variants (the MLflow UI's column keys).
+TABLE_COLUMNS: tuple[str, ...] = (
+    "metrics.`final.toy.accuracy`",
+    "metrics.`final.toy.format_rate`",
+    "metrics.`final.toy.mean_tokens`",
+    "params.`grpo.from`",
+    "params.`grpo.ptst`",
+    "params.`grpo.reward`",
+    "metrics.`time.grpo_s`",
+    "metrics.`time.eval_s`",
+    "tags.`visionr1.seed`",
+)
+SHARED_VIEW = "ablations"
+
+
+def share_view(uri: str, experiment_id: str) -> str:
+    """Save a runs-table view of the parent runs with the comparison columns, the way the UI's
+    Share button does (an experiment tag ``mlflow.sharedViewState.<key>``); returns the URL
+    path that opens it (append to the MLflow server's address)."""
+    from mlflow.tracking import MlflowClient
+
+    state = {
+        "searchFilter": "tags.`visionr1.executor` = 'local'",
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": True,
+        "selectedColumns": list(TABLE_COLUMNS),
+    }
+    MlflowClient(uri).set_experiment_tag(
+        experiment_id, f"mlflow.sharedViewState.{SHARED_VIEW}", json.dumps(state)
+    )
+    return (
+        f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"&viewStateShareKey={SHARED_VIEW}"
+    )
+
+
+def _tag_parent(uri: str, workdir: Path, tags: dict[str, str]) -> None:
+    """Tag a variant's parent run (its id is in the executor's state file)."""
+    from visionr1_operator.local import STATE
+    from visionr1_operator.mlflow_runs import set_tags
+
+    state = json.loads((workdir / STATE).read_text())
+    if state.get("parentRunId"):
+        set_tags(uri, state["parentRunId"], tags)
 
 
 def run_ablations(
@@ -320,7 +432,8 @@ def run_ablations(
     if overrides:
         base = _merge(base, overrides)
     _prepare(seed_root, seed, sizes, out)
-    _experiment(root)
+    experiment_id = _experiment(root)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
     started = time.monotonic()
     summary: dict[str, dict[str, Any]] = {}
     order = [v for v in VARIANTS if v in variants]
@@ -338,6 +451,9 @@ def run_ablations(
         rc = Executor(run, text, seed_root / variant, out=out).execute()
         if rc != 0:
             raise SystemExit(f"ablation variant {variant} failed (exit {rc}); rerun to resume")
+        _tag_parent(
+            uri, seed_root / variant, {"visionr1.variant": variant, "visionr1.seed": str(seed)}
+        )
         result = variant_result(seed_root / variant, final_checkpoint(manifest))
         result["wall_s"] = round(time.monotonic() - t0, 1)
         summary[variant] = result
@@ -348,12 +464,17 @@ def run_ablations(
     atomic_write_json(root / "summary.json", doc)
     atomic_write(root / "summary.md", markdown(doc, seed, wall))
     plot(doc, root / "summary.png", seed)
+    reward_curves(uri, experiment_id, seed, root / "reward_curve.png")
     # One copy per seed as well, so a second seed does not hide the first.
     atomic_write_json(seed_root / "summary.json", doc)
     atomic_write(seed_root / "summary.md", markdown(doc, seed, wall))
     print("\n" + markdown(doc, seed, wall), file=out, flush=True)
     print(f"summary: {root / 'summary.json'}, {root / 'summary.md'}, {root / 'summary.png'}")
-    print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}", file=out)
+    view = share_view(uri, experiment_id)
+    print(
+        f"MLflow: mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000{view}",
+        file=out,
+    )
     return doc
 
 
@@ -370,7 +491,7 @@ def add_arguments(parser: Any) -> None:
         "--base", default="examples/tiny-cpu.yaml", help="demo manifest the variants derive from"
     )
     parser.add_argument("--out", default=".visionr1/ablations", help="ROOT folder")
-    parser.add_argument("--n", type=int, default=400, help="toy training problems (cold start)")
+    parser.add_argument("--n", type=int, default=800, help="toy training problems (cold start)")
     parser.add_argument("--n-rl", type=int, default=800, help="toy RL problems")
     parser.add_argument("--n-bench", type=int, default=300, help="held-out toy problems")
     parser.add_argument(

@@ -435,7 +435,9 @@ class Executor:
                 )
                 self.display.line(f"    {ckpt:<14} {cells}")
         self.display.line(
-            f"\nMLflow: mlflow ui --backend-store-uri {self.tracker.uri}  (then open http://127.0.0.1:5000)"
+            f"\nMLflow: mlflow ui --backend-store-uri {self.tracker.uri}  (then open "
+            f"http://127.0.0.1:5000/#/experiments/{self.tracker.experiment_id}/runs"
+            "?workflowType=machine_learning)"
         )
         report = self.workdir / "eval" / "report.md"
         if report.exists():

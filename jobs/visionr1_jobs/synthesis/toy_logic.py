@@ -45,19 +45,10 @@ def describe_scene(scene: dict[str, Any]) -> str:
     )
 
 
-def _counts(scene: dict[str, Any]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for o in scene["objects"]:
-        out[o["color"]] = out.get(o["color"], 0) + 1
-    return out
-
-
 def pseudo_cot(scene: dict[str, Any], question: str, answer: str) -> str:
     """Step 1 of modality bridging: a caption plus reasoning toward the given answer."""
     caption = ". ".join(describe_scene(scene).split(". ")[:2]).rstrip(".") + "."
-    counts = _counts(scene)
-    named = ", ".join(f"{c}: {counts.get(c, 0)}" for c in scene["target"]["colors"])
-    step = f"Counting the squares of each colour asked about gives {named}."
+    step = f"Counting the filled cells gives {len(scene['objects'])} squares."
     return (
         f"Caption: {caption}\nReasoning: The question asks: {question.splitlines()[0]} {step} "
         f"So the answer is {answer}."
@@ -134,7 +125,6 @@ def _says(rng: random.Random) -> str:
 
 
 _SQUARE = re.compile(r"\ba (\w+) square in row (\d+), column (\d+)")
-_COLOURS = ("red", "blue", "green")
 
 
 def _read_grid(inp: ReasonerInput) -> list[tuple[str, int, int]]:
@@ -144,92 +134,80 @@ def _read_grid(inp: ReasonerInput) -> list[tuple[str, int, int]]:
     return found
 
 
-def _count_of(found: list[tuple[str, int, int]], color: str) -> int:
-    return sum(c == color for c, _, _ in found)
-
-
 def _one_by_one(n: int) -> str:
     return ", ".join(str(i) for i in range(1, n + 1)) or "none"
 
 
 def _miscount(n: int, rng: random.Random) -> int:
     """A typical slip: one square skipped or one counted twice."""
-    return n - 1 if n > 0 and rng.random() < 0.5 else n + 1
+    return n - 1 if n > 1 and rng.random() < 0.5 else n + 1
+
+
+def _cells(inp: ReasonerInput) -> int:
+    m = re.search(r"a (\d+) by (\d+) grid", inp.description)
+    return int(m.group(1)) * int(m.group(2)) if m else 16
 
 
 def _solve_count(inp: ReasonerInput, rng: random.Random) -> Solution:
-    found = _read_grid(inp)
-    m = re.search(r"How many (\w+) squares are there\?", inp.question)
-    if not m:
-        raise ValueError(f"toy reasoner stand-in: cannot read the count question {inp.question!r}")
-    color = m.group(1)
-    n = _count_of(found, color)
+    n = len(_read_grid(inp))
     wrong = _miscount(n, rng)
-    head = f"{_says(rng)} there are {len(found)} squares."
+    cells = _cells(inp)
     return Solution(
         answer=str(n),
-        steps=[head, f"{color}: {n}."],
-        recheck=f"Let me recount the {color} squares one by one: {_one_by_one(n)}. That is {n}.",
-        alt=f"Alternatively, {len(found) - n} of the {len(found)} squares are not {color}, and "
-        f"{len(found)} - {len(found) - n} = {n}. Same result.",
+        steps=[f"{_says(rng)} there are {n} squares."],
+        recheck=f"Let me recount the squares one by one: {_one_by_one(n)}. That is {n}.",
+        alt=f"Alternatively, {cells - n} of the {cells} cells are empty, and "
+        f"{cells} - {cells - n} = {n}. Same result.",
         wrong_answer=str(wrong),
-        wrong_steps=[head, f"{color}: {wrong}."],
+        wrong_steps=[f"{_says(rng)} there are {wrong} squares."],
     )
 
 
-def _solve_total(inp: ReasonerInput, rng: random.Random) -> Solution:
-    found = _read_grid(inp)
-    m = re.search(r"How many (\w+) and (\w+) squares are there in total\?", inp.question)
-    if not m:
-        raise ValueError(f"toy reasoner stand-in: cannot read the total question {inp.question!r}")
-    a, b = m.group(1), m.group(2)
-    na, nb = _count_of(found, a), _count_of(found, b)
-    wa = _miscount(na, rng)
-    head = f"{_says(rng)} there are {len(found)} squares."
+def _solve_empty(inp: ReasonerInput, rng: random.Random) -> Solution:
+    n = len(_read_grid(inp))
+    wrong = _miscount(n, rng)
+    cells = _cells(inp)
     return Solution(
-        answer=str(na + nb),
-        steps=[head, f"{a}: {na}.", f"{b}: {nb}.", f"{na} + {nb} = {na + nb}."],
-        recheck=f"Let me recount: {a} {_one_by_one(na)}; {b} {_one_by_one(nb)}. "
-        f"{na} and {nb}, so {na + nb}.",
-        alt=f"Alternatively, {nb} + {na} = {na + nb} as well.",
-        wrong_answer=str(wa + nb),
-        wrong_steps=[head, f"{a}: {wa}.", f"{b}: {nb}.", f"{wa} + {nb} = {wa + nb}."],
+        answer=str(cells - n),
+        steps=[f"{_says(rng)} there are {n} squares.", f"{cells} - {n} = {cells - n}."],
+        recheck=f"Let me recount the squares one by one: {_one_by_one(n)}. That is {n}.",
+        alt=f"Alternatively, {cells - n} + {n} = {cells}. Same result.",
+        wrong_answer=str(cells - wrong),
+        wrong_steps=[
+            f"{_says(rng)} there are {wrong} squares.",
+            f"{cells} - {wrong} = {cells - wrong}.",
+        ],
     )
 
 
-def _solve_most(inp: ReasonerInput, rng: random.Random) -> Solution:
-    found = _read_grid(inp)
-    if not inp.choices:
-        raise ValueError("toy reasoner stand-in: a 'which colour' question needs choices")
-    counts = {c: _count_of(found, c) for c in _COLOURS if c in inp.choices}
-    ranked = sorted(counts, key=lambda c: counts[c], reverse=True)
-    best, second = ranked[0], ranked[1]
-    letter, wrong = LETTERS[inp.choices.index(best)], LETTERS[inp.choices.index(second)]
-    head = f"{_says(rng)} there are {len(found)} squares."
-    listed = [f"{c}: {counts[c]}." for c in counts]
-    swapped = dict(counts) | {best: counts[second], second: counts[best]}
+def _solve_parity(inp: ReasonerInput, rng: random.Random) -> Solution:
+    n = len(_read_grid(inp))
+    if not inp.choices or not {"even", "odd"} <= set(inp.choices):
+        raise ValueError("toy reasoner stand-in: an even/odd question needs the two choices")
+    wrong = _miscount(n, rng)
+
+    def word(k: int) -> str:
+        return "even" if k % 2 == 0 else "odd"
+
+    letter, wrong_letter = (LETTERS[inp.choices.index(word(k))] for k in (n, wrong))
     return Solution(
         answer=letter,
-        steps=[head, *listed, f"{best} has the most, option {letter}."],
-        recheck=f"Let me double-check {best} against {second}: {counts[best]} vs "
-        f"{counts[second]}, so {best} has more.",
-        alt="Alternatively, sort the counts: "
-        + " < ".join(str(counts[c]) for c in reversed(ranked))
-        + f". The largest is {best}.",
-        wrong_answer=wrong,
+        steps=[f"{_says(rng)} there are {n} squares.", f"{n} is {word(n)}, option {letter}."],
+        recheck=f"Let me recount the squares one by one: {_one_by_one(n)}. That is {n}.",
+        alt=f"Alternatively, {n} = 2 × {n // 2} + {n % 2}, so it is {word(n)}.",
+        wrong_answer=wrong_letter,
         wrong_steps=[
-            head,
-            *[f"{c}: {swapped[c]}." for c in counts],
-            f"{second} has the most, option {wrong}.",
+            f"{_says(rng)} there are {wrong} squares.",
+            f"{wrong} is {word(wrong)}, option {wrong_letter}.",
         ],
     )
 
 
 def _kind(inp: ReasonerInput) -> str:
-    if "Which colour" in inp.question:
-        return "most"
-    if "in total" in inp.question:
-        return "total"
+    if "even or odd" in inp.question:
+        return "parity"
+    if "empty" in inp.question:
+        return "empty"
     return "count"
 
 
@@ -254,7 +232,7 @@ def reason(
     inconsistent:<variant> names what the stand-in did (kept in the audit trail)."""
     inp = parse_reasoner_prompt(prompt)
     kind = _kind(inp)
-    sol = {"count": _solve_count, "total": _solve_total, "most": _solve_most}[kind](inp, rng)
+    sol = {"count": _solve_count, "empty": _solve_empty, "parity": _solve_parity}[kind](inp, rng)
     u = rng.random()
     if u < error_rate:
         body = [*sol.wrong_steps, rng.choice(_CLOSE).format(x=sol.wrong_answer)]

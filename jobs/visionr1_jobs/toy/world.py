@@ -4,23 +4,24 @@ Every problem is a *scene* (plain JSON data) rendered to a small image. The scen
 ``Sample.metadata["scene"]`` so the toy describer stand-in can turn it into text.
 
 The picture is a 4×4 grid of 28-pixel cells with 3–8 coloured squares in it. A cell is exactly
-one merged vision token of Qwen2.5-VL (14-px patches, 2×2 merge), so what a tiny model has to see
-is simple (one colour per token) while the question still needs a chain of steps: count one
-colour, count two and add, or count three and compare. Answers are small integers or an option
-letter, a small answer space, so a half-trained model is sometimes right and sometimes not: the
-room GRPO needs. Scene schema::
+one merged vision token of Qwen2.5-VL (14-px patches, 2×2 merge), and every question turns on
+how many cells are filled: a quantity a tiny model learns to see in a few minutes of SFT, roughly
+(its guesses land on the true count or next to it). The questions then need a step or two on top
+of the count: subtract it from the 16 cells, or tell its parity. Answers are small integers or
+an option letter, a small answer space, so the cold-started model is sometimes right and
+sometimes not: the room GRPO needs. Scene schema::
 
-    {"kind": "count" | "total" | "most",
+    {"kind": "count" | "empty" | "parity",
      "size": [W, H], "background": "white", "grid": 4,
      "objects": [{"shape": "square", "color": str, "row": int, "col": int,
                   "center": [x, y], "size": int}, …],        # row-major order
-     "target": {"colors": [str, …]}}                          # the colours the question names
+     "target": {"squares": int}}                              # how many cells are filled
 
 Kinds:
-* ``count``: "How many red squares are there?" — free-form integer.
-* ``total``: "How many red and blue squares are there in total?" — free-form integer.
-* ``most``: "Which colour has the most squares?" — multiple choice over the three colours
-  (the winner is unique), answer = option letter.
+* ``count``: "How many squares are there?" — free-form integer.
+* ``empty``: "How many cells of the grid are empty?" — free-form integer (16 − count).
+* ``parity``: "Is the number of squares even or odd?" — multiple choice (A: even, B: odd),
+  answer = option letter.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from visionr1_jobs.data.record import OPTION_LETTERS, Sample, format_choices
 SIZE = 112  # pixels; 112×112 becomes 16 vision tokens in Qwen2.5-VL (14-px patches, 2×2 merge)
 GRID = 4  # cells per side; one cell = one merged vision token
 CELL = SIZE // GRID
-KINDS: tuple[str, ...] = ("count", "total", "most")
+KINDS: tuple[str, ...] = ("count", "empty", "parity")
+PARITY_CHOICES: tuple[str, ...] = ("even", "odd")
 SHAPES: tuple[str, ...] = ("square",)
 #: The three colours of the grid world (far apart in RGB, so one linear map tells them apart).
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -71,17 +73,16 @@ class ToyProblem:
 # --------------------------------------------------------------------------- scenes
 
 
-def _grid_scene(rng: random.Random, kind: str, counts: dict[str, int], target: list[str]) -> dict:
-    cells = rng.sample(range(GRID * GRID), sum(counts.values()))
-    colors = [c for c, k in counts.items() for _ in range(k)]
-    rng.shuffle(colors)
+def _grid_scene(rng: random.Random, kind: str) -> dict[str, Any]:
+    n = rng.randint(3, 8)
+    cells = sorted(rng.sample(range(GRID * GRID), n))
     objects = []
-    for cell, color in sorted(zip(cells, colors, strict=True)):
+    for cell in cells:
         row, col = divmod(cell, GRID)
         objects.append(
             {
                 "shape": "square",
-                "color": color,
+                "color": rng.choice(list(COLORS)),
                 "row": row + 1,
                 "col": col + 1,
                 "center": [col * CELL + CELL // 2, row * CELL + CELL // 2],
@@ -94,57 +95,32 @@ def _grid_scene(rng: random.Random, kind: str, counts: dict[str, int], target: l
         "background": "white",
         "grid": GRID,
         "objects": objects,
-        "target": {"colors": target},
+        "target": {"squares": n},
     }
 
 
-def _draw_counts(rng: random.Random, low: int = 0) -> dict[str, int]:
-    """Squares per colour: 3–8 in all, each colour ``low``–4."""
-    while True:
-        counts = {c: rng.randint(low, 4) for c in COLORS}
-        if 3 <= sum(counts.values()) <= 8:
-            return counts
-
-
 def _count_problem(rng: random.Random) -> ToyProblem:
-    counts = _draw_counts(rng)
-    color = rng.choice([c for c, k in counts.items() if k > 0])
-    scene = _grid_scene(rng, "count", counts, [color])
-    question = f"How many {color} squares are there?"
-    return ToyProblem("count", scene, question, None, str(counts[color]))
+    scene = _grid_scene(rng, "count")
+    n = len(scene["objects"])
+    return ToyProblem("count", scene, "How many squares are there?", None, str(n))
 
 
-def _total_problem(rng: random.Random) -> ToyProblem:
-    counts = _draw_counts(rng, low=1)
-    a, b = rng.sample(list(COLORS), 2)
-    scene = _grid_scene(rng, "total", counts, [a, b])
-    question = f"How many {a} and {b} squares are there in total?"
-    return ToyProblem("total", scene, question, None, str(counts[a] + counts[b]))
+def _empty_problem(rng: random.Random) -> ToyProblem:
+    scene = _grid_scene(rng, "empty")
+    n = len(scene["objects"])
+    question = f"How many cells of the {GRID} by {GRID} grid are empty?"
+    return ToyProblem("empty", scene, question, None, str(GRID * GRID - n))
 
 
-def _most_problem(rng: random.Random) -> ToyProblem:
-    while True:
-        counts = _draw_counts(rng)
-        ranked = sorted(counts.values(), reverse=True)
-        if ranked[0] > ranked[1]:
-            break
-    winner = max(counts, key=lambda c: counts[c])
-    choices = list(COLORS)
-    rng.shuffle(choices)
-    scene = _grid_scene(rng, "most", counts, list(COLORS))
-    question = f"Which colour has the most squares?\n{format_choices(choices)}"
-    return ToyProblem("most", scene, question, choices, OPTION_LETTERS[choices.index(winner)])
+def _parity_problem(rng: random.Random) -> ToyProblem:
+    scene = _grid_scene(rng, "parity")
+    n = len(scene["objects"])
+    choices = list(PARITY_CHOICES)
+    question = f"Is the number of squares even or odd?\n{format_choices(choices)}"
+    return ToyProblem("parity", scene, question, choices, OPTION_LETTERS[n % 2])
 
 
-_MAKERS = {"count": _count_problem, "total": _total_problem, "most": _most_problem}
-
-
-def color_counts(scene: dict[str, Any]) -> dict[str, int]:
-    """Squares per colour in a grid scene (every colour of ``COLORS``, zeros included)."""
-    out = dict.fromkeys(COLORS, 0)
-    for o in scene["objects"]:
-        out[o["color"]] += 1
-    return out
+_MAKERS = {"count": _count_problem, "empty": _empty_problem, "parity": _parity_problem}
 
 
 def make_problem(rng: random.Random, kind: str | None = None) -> ToyProblem:
