@@ -392,6 +392,7 @@ def share_view(uri: str, experiment_id: str) -> str:
         "orderByKey": "attributes.start_time",
         "orderByAsc": True,
         "selectedColumns": list(TABLE_COLUMNS),
+        "columnWidths": {c: 150 for c in TABLE_COLUMNS},
     }
     MlflowClient(uri).set_experiment_tag(
         experiment_id, f"mlflow.sharedViewState.{SHARED_VIEW}", json.dumps(state)

@@ -40,7 +40,7 @@ def _experiment_id(uri: str, name: str) -> str:
         if exp is not None:
             return exp.experiment_id
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
         except MlflowException:
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -276,7 +276,8 @@ def summarize_parent(
     if metrics:
         client.log_batch(
             parent_run_id,
-            metrics=[_metric(k, v) for k, v in sorted(metrics.items())],
+            # Four decimals read at a glance in the runs table; the stage runs keep full precision.
+            metrics=[_metric(k, round(v, 4)) for k, v in sorted(metrics.items())],
         )
     existing = parent.data.params
     for k, v in summary_params(run).items():
