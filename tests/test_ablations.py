@@ -138,8 +138,7 @@ def test_reduced_ablation_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
         again = A.variant_result(ws, s["checkpoint"])
         assert again["correct"] == s["correct"] and again["mean_tokens"] == s["mean_tokens"]
         report = json.loads((ws / "eval" / "report.json").read_text())
-        [res] = report["results"].values()
-        assert res["toy"]["accuracy"] == s["accuracy"]
+        assert report["results"][s["checkpoint"]]["toy"]["accuracy"] == s["accuracy"]
     # long and zero sampled as many completions in one stage as the recipe's two.
     for variant in ("long", "zero"):
         done = json.loads((root / "seed-7" / variant / "grpo/stage-1/_done.json").read_text())
