@@ -58,8 +58,9 @@ validate-examples: setup ## validate every example manifest
 
 .PHONY: demo
 demo: setup ## the laptop demo: toy data + tiny model + the whole pipeline on CPU, GRPO's gain over SFT
-	$(BIN)/visionr1 toy data --out $(WORKDIR)/toy --n 800 --n-rl 800 --n-bench 300 --seed 0
-	$(BIN)/visionr1 toy model --out $(WORKDIR)/models/tiny-qwen25vl
+	@# A rerun after Ctrl-C resumes from checkpoints: keep the data and model they were made with.
+	test -d $(WORKDIR)/toy/bench || $(BIN)/visionr1 toy data --out $(WORKDIR)/toy --n 800 --n-rl 800 --n-bench 300 --seed 0
+	test -f $(WORKDIR)/models/tiny-qwen25vl/config.json || $(BIN)/visionr1 toy model --out $(WORKDIR)/models/tiny-qwen25vl
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/visionr1 run-local examples/tiny-cpu.yaml --workdir $(WORKDIR)
 
 .PHONY: ablations
