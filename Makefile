@@ -7,6 +7,11 @@ WORKDIR ?= .visionr1/tiny-cpu
 IMAGE_REPO ?= ghcr.io/visionr1
 TAG ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 FLASH_ATTN ?= 0
+SEED ?= 3
+ABLATIONS ?= .visionr1/ablations
+# The toy model is far too small for two threads to help; one thread per stage avoids the
+# OpenMP spin-waits that make a busy laptop crawl.
+THREADS ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
@@ -52,10 +57,15 @@ validate-examples: setup ## validate every example manifest
 	$(BIN)/visionr1 validate examples/*.yaml
 
 .PHONY: demo
-demo: setup ## the laptop demo: toy data + tiny model + the whole pipeline on CPU (examples/tiny-cpu.yaml)
-	$(BIN)/visionr1 toy data --out $(WORKDIR)/toy --n 400 --seed 0
-	$(BIN)/visionr1 toy model --out $(WORKDIR)/models/tiny-qwen25vl
-	$(BIN)/visionr1 run-local examples/tiny-cpu.yaml --workdir $(WORKDIR)
+demo: setup ## the laptop demo: toy data + tiny model + the whole pipeline on CPU, GRPO's gain over SFT
+	@# A rerun after Ctrl-C resumes from checkpoints: keep the data and model they were made with.
+	test -d $(WORKDIR)/toy/bench || $(BIN)/visionr1 toy data --out $(WORKDIR)/toy --n 800 --n-rl 800 --n-bench 300 --seed 0
+	test -f $(WORKDIR)/models/tiny-qwen25vl/config.json || $(BIN)/visionr1 toy model --out $(WORKDIR)/models/tiny-qwen25vl
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/visionr1 run-local examples/tiny-cpu.yaml --workdir $(WORKDIR)
+
+.PHONY: ablations
+ablations: setup ## the paper's ablations at toy scale (recipe, sft_only, long, zero; SEED=N) → .visionr1/ablations/summary.*
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/visionr1 ablations --seed $(SEED) --out $(ABLATIONS)
 
 .PHONY: bench
 bench: setup ## run every benchmark in benchmarks/ (each prints JSON)
@@ -103,4 +113,4 @@ kueue-down: setup ## stop Kueue and remove its webhooks (its CRDs and queues sta
 
 .PHONY: clean
 clean: ## remove the demo workspace and caches (keeps .venv)
-	rm -rf .visionr1/tiny-cpu .pytest_cache .ruff_cache
+	rm -rf .visionr1/tiny-cpu $(ABLATIONS) .pytest_cache .ruff_cache

@@ -160,9 +160,15 @@ def test_every_input_row_once_with_raw_teacher_outputs(
         assert row.raw["tokens"]["reasoner"] == len(row.response.split())
     behaviours = {r.raw["toy_behaviour"].split(":")[0] for r in rows}
     assert behaviours == {"correct", "wrong", "inconsistent"}
-    hesitant = [r for r in rows if r.raw["toy_behaviour"] == "correct"]
+    # Correct chains come direct or in the hesitant R1 style (the share PTST has to squeeze).
+    correct = [r for r in rows if r.raw["toy_behaviour"] == "correct"]
+    hesitant = [r for r in correct if "Alternatively" in r.response]
+    assert 0 < len(hesitant) < len(correct)
+    assert all(re.search(r"\b(Hmm|Wait)\b", r.response) for r in hesitant)
     assert all(
-        re.search(r"\b(Hmm|Wait)\b", r.response) and "Alternatively" in r.response for r in hesitant
+        len(r.response) < min(len(h.response) for h in hesitant)
+        for r in correct
+        if r not in hesitant
     )
 
 
@@ -394,7 +400,7 @@ def test_toy_knobs_are_not_in_the_production_schema(tmp_path: Path) -> None:
         get_backend(Backend(kind="toy", model=str(bad)))
     with pytest.raises(InvalidInput, match="backend.model .*JSON file"):
         get_backend(Backend(kind="toy", model=str(tmp_path / "missing.json")))
-    assert get_backend(Backend(kind="toy")).error_rate == 0.25  # type: ignore[attr-defined]
+    assert get_backend(Backend(kind="toy")).error_rate == 0.3  # type: ignore[attr-defined]
 
 
 def test_toy_describer_needs_the_scene() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from visionr1_jobs.data.load import detect_format, load_dataset_dir
-from visionr1_jobs.toy.world import KINDS, SIZE, make_problem, render
+from visionr1_jobs.toy.world import COLORS, KINDS, SIZE, make_problem, render
 from visionr1_operator.cli import main as visionr1
 
 
@@ -18,21 +18,29 @@ def _ids_and_images(path: Path) -> list[tuple[str, bytes]]:
 
 def test_answers_follow_from_the_scene() -> None:
     rng = random.Random(5)
+    seen = set()
     for _ in range(60):
         p = make_problem(rng)
-        objs = p.scene["objects"]
+        seen.add(p.kind)
+        n = len(p.scene["objects"])
+        assert 3 <= n <= 8 and p.scene["target"] == {"squares": n}
         if p.kind == "count":
-            ((key, value),) = p.scene["target"].items()
-            assert p.answer == str(sum(o[key] == value for o in objs))
-        elif p.kind == "add":
-            assert p.answer == str(sum(int(o["text"]) for o in objs))
+            assert p.answer == str(n)
+        elif p.kind == "empty":
+            assert p.answer == str(16 - n)
         else:
-            pick = max if p.scene["target"]["extreme"] == "tallest" else min
-            winner = pick(objs, key=lambda o: o["height"])["color"]
-            assert p.choices[ord(p.answer) - ord("A")] == winner
-            assert "Choices:\nA: " in p.question
+            assert p.choices == ["even", "odd"] and "Choices:\nA: even\nB: odd" in p.question
+            assert p.answer == ("A" if n % 2 == 0 else "B")
         im = render(p.scene)
-        assert im.size == (SIZE, SIZE) and len(set(im.getdata())) > 1  # something was drawn
+        assert im.size == (SIZE, SIZE)
+        # One square per grid cell (a cell is one merged vision token): filled cells show their
+        # square's colour at the centre, empty cells stay white.
+        filled = {(o["row"], o["col"]): o["color"] for o in p.scene["objects"]}
+        for row in range(1, 5):
+            for col in range(1, 5):
+                pixel = im.getpixel(((col - 1) * 28 + 14, (row - 1) * 28 + 14))
+                assert pixel == (COLORS[filled[row, col]] if (row, col) in filled else (255,) * 3)
+    assert seen == set(KINDS)
 
 
 def test_toy_data_cli_writes_three_disjoint_deterministic_splits(tmp_path: Path) -> None:

@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "operator": ("visionr1_operator.main", "run the operator (what the chart's Deployment runs)"),
     "run-local": ("visionr1_operator.local", "run a VisionR1Run on this machine"),
+    "ablations": (
+        "visionr1_operator.ablations",
+        "the paper's ablations at toy scale (recipe, sft_only, long, zero) via run-local",
+    ),
     "toy": ("visionr1_jobs.toy.cli", "toy world: `toy data` and `toy model`"),
     "score": ("visionr1_jobs.eval.cli", "re-score saved predictions of a benchmark"),
     "reference": ("visionr1_operator.reference", "print the manifest reference (markdown)"),

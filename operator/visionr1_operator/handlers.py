@@ -497,6 +497,12 @@ class Reconciler:
                     note(await self._end(uri, stage_run, "FAILED"))
             elif isinstance(a, FinishRun) and uri and status.mlflow_run_id:
                 outcome = "FINISHED" if a.phase == "Succeeded" else "FAILED"
+                try:  # the headline on the parent run; the run's outcome never waits on it
+                    await asyncio.to_thread(
+                        mlflow_runs.summarize_parent, uri, status.mlflow_run_id, run
+                    )
+                except Exception:  # noqa: BLE001
+                    log.warning("could not summarize MLflow run %s", status.mlflow_run_id)
                 note(await self._end(uri, status.mlflow_run_id, outcome))
             status = apply(status, [a], now)
         if uri:

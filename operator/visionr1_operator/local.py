@@ -111,6 +111,9 @@ class Tracker:
             )
         else:
             self.experiment_id = exp.experiment_id
+        from visionr1_operator.mlflow_runs import mark_training_experiment
+
+        mark_training_experiment(uri, self.experiment_id)
 
     def open_parent(self, run: VisionR1Run, manifest_text: str) -> str:
         tags = {
@@ -270,6 +273,7 @@ class Executor:
         elif isinstance(action, planner.FinishRun):
             self._commit(action)
             assert self.state.parent_run_id
+            self._summarize_parent()
             self.tracker.set_status(
                 self.state.parent_run_id, "FINISHED" if action.phase == "Succeeded" else "FAILED"
             )
@@ -281,6 +285,18 @@ class Executor:
                 _, _, message = planner.describe(action)
                 self.display.line(f"  {message}")
             self._commit(action)
+
+    def _summarize_parent(self) -> None:
+        """Headline metrics, params, tags, datasets and the final model on the parent run."""
+        from visionr1_operator.mlflow_runs import summarize_parent
+
+        assert self.state.parent_run_id
+        try:
+            summarize_parent(
+                self.tracker.uri, self.state.parent_run_id, self.run, workspace=str(self.workdir)
+            )
+        except Exception as exc:  # noqa: BLE001 - the run's outcome must not hang on MLflow
+            self.display.line(f"  (could not summarize the MLflow parent run: {exc})")
 
     def _resume_interrupted(self) -> None:
         """An attempt started before Ctrl-C is rerun as the same attempt (like a restarted pod)."""
@@ -423,7 +439,9 @@ class Executor:
                 )
                 self.display.line(f"    {ckpt:<14} {cells}")
         self.display.line(
-            f"\nMLflow: mlflow ui --backend-store-uri {self.tracker.uri}  (then open http://127.0.0.1:5000)"
+            f"\nMLflow: mlflow ui --backend-store-uri {self.tracker.uri}  (then open "
+            f"http://127.0.0.1:5000/#/experiments/{self.tracker.experiment_id}/runs"
+            "?workflowType=machine_learning)"
         )
         report = self.workdir / "eval" / "report.md"
         if report.exists():

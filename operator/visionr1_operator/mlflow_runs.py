@@ -46,7 +46,7 @@ def _experiment_id(uri: str, name: str) -> str:
         if exp is not None:
             return exp.experiment_id
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
         except MlflowException:
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -121,3 +121,223 @@ def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     client = _client(uri)
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
+
+
+# --------------------------------------------------------------------------- the parent's summary
+
+#: Tag that makes the MLflow UI open the experiment on its training runs (not on GenAI traces).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+HEADLINE = ("accuracy", "format_rate", "mean_response_tokens")
+
+
+def mark_training_experiment(uri: str, experiment_id: str) -> None:
+    """Tag the experiment as model development, so its page opens on the runs table."""
+    _client(uri).set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+
+
+def git_commit(start: str | os.PathLike[str] = ".") -> str | None:
+    """The checkout's commit (``VISIONR1_GIT_COMMIT`` wins, e.g. baked into an image)."""
+    import subprocess
+
+    env = os.environ.get("VISIONR1_GIT_COMMIT")
+    if env:
+        return env
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=start,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _slug(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "checkpoint"
+
+
+def ptst_schedule(rows: list[Any]) -> str:
+    """``64×8×20 → 128×4×20``: budget × samples per prompt × steps of each PTST sub-stage."""
+    return " → ".join(f"{r.max_completion_length}×{r.num_generations}×{r.steps}" for r in rows)
+
+
+def summary_params(run: Any) -> dict[str, str]:
+    """Key params of a VisionR1Run for the parent run (run: the validated VisionR1Run)."""
+    st = run.spec.stages
+    enabled = [s for s in ("synthesis", "filter", "sft", "grpo", "eval") if st.get(s).enabled]
+    params: dict[str, str] = {
+        "base_model": run.spec.base_model.name,
+        "stages": ",".join(enabled),
+    }
+    if st.synthesis.enabled and st.synthesis.from_ is not None:
+        params["data.raw"] = str(st.synthesis.from_.dataset or st.synthesis.from_.stage)
+    if st.sft.enabled:
+        p = st.sft.params
+        params |= {"sft.epochs": str(p.epochs), "sft.learning_rate": str(p.learning_rate)}
+    if st.grpo.enabled:
+        g = st.grpo.params
+        src = st.grpo.from_
+        start = "sft"
+        if src is not None:
+            start = "base" if src.base_model else str(src.checkpoint or src.stage)
+        params |= {
+            "grpo.ptst": ptst_schedule(g.ptst),
+            "grpo.reward": g.reward,
+            "grpo.from": start,
+            "grpo.learning_rate": str(g.learning_rate),
+            "grpo.prompts_per_step": str(g.prompts_per_step),
+            "grpo.temperature": str(g.temperature),
+        }
+        if g.dataset is not None:
+            params["data.rl"] = g.dataset.path
+    if st.eval.enabled:
+        e = st.eval.params
+        params["eval.checkpoints"] = ",".join(e.checkpoints)
+        for b in e.benchmarks:
+            params[f"eval.{b.name}.limit"] = str(b.limit or "all")
+    return params
+
+
+def _datasets(run: Any, workspace: str | None, counts: dict[str, float]) -> list[Any]:
+    """DatasetInputs of the run: raw data, filtered cold start, RL problems, each benchmark."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    def where(path: str) -> str:
+        if workspace and not path.startswith("/") and "://" not in path:
+            return os.path.join(workspace, path)
+        return path
+
+    st = run.spec.stages
+    found: list[tuple[str, str, str]] = []  # (name, path, context)
+    if st.synthesis.enabled and st.synthesis.from_ is not None and st.synthesis.from_.dataset:
+        found.append(("raw", st.synthesis.from_.dataset, "synthesis"))
+    if st.filter.enabled:
+        found.append(("cold-start", "filter/data", "sft"))
+    elif st.sft.enabled and st.sft.from_ is not None and st.sft.from_.dataset:
+        found.append(("cold-start", st.sft.from_.dataset, "sft"))
+    if st.grpo.enabled and st.grpo.params.dataset is not None:
+        found.append(("rl", st.grpo.params.dataset.path, "grpo"))
+    if st.eval.enabled:
+        for b in st.eval.params.benchmarks:
+            found.append((f"bench-{b.name}", b.path, "eval"))
+    out = []
+    for name, path, context in found:
+        with warnings.catch_warnings():  # local paths match two equivalent source kinds
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(where(path))
+        ds = MetaDataset(source, name=name)
+        tags = [InputTag("mlflow.data.context", context)]
+        rows = counts.get(name)
+        if rows is not None:
+            tags.append(InputTag("rows", str(int(rows))))
+        out.append(DatasetInput(ds._to_mlflow_entity(), tags=tags))
+    return out
+
+
+def summarize_parent(
+    uri: str, parent_run_id: str, run: Any, *, workspace: str | None = None
+) -> dict[str, float]:
+    """Put the run's headline on its parent run, read back from the stage runs under it:
+    final accuracy, format rate and mean length per benchmark (``final.<bench>.<metric>``, and
+    ``<checkpoint>.<bench>.accuracy`` for each evaluated checkpoint), stage wall times
+    (``time.<stage>_s``), data counts, key params, tags (version, git commit, image), the
+    datasets as run inputs and the final logged model as a model input. Returns the metrics."""
+    from mlflow.entities import LoggedModelInput
+
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    exp = parent.info.experiment_id
+    children = client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+    by_stage = {r.data.tags.get(TAG_STAGE, r.info.run_name): r for r in children}
+    metrics: dict[str, float] = {}
+    for stage, r in by_stage.items():
+        if r.info.end_time and r.info.start_time:
+            metrics[f"time.{stage}_s"] = round((r.info.end_time - r.info.start_time) / 1000, 1)
+    counts: dict[str, float] = {}
+    if "synthesis" in by_stage and "rows" in by_stage["synthesis"].data.metrics:
+        counts["raw"] = by_stage["synthesis"].data.metrics["rows"]
+    if "filter" in by_stage and "kept" in by_stage["filter"].data.metrics:
+        counts["cold-start"] = by_stage["filter"].data.metrics["kept"]
+    if "grpo" in by_stage and "prompts" in by_stage["grpo"].data.metrics:
+        counts["rl"] = by_stage["grpo"].data.metrics["prompts"]
+    for name, value in counts.items():
+        metrics[f"data.{name}_rows"] = value
+    if "eval" in by_stage and run.spec.stages.eval.enabled:
+        em = by_stage["eval"].data.metrics
+        ckpts = [_slug(c) for c in run.spec.stages.eval.params.checkpoints]
+        benches = [b.name for b in run.spec.stages.eval.params.benchmarks]
+        present = [c for c in ckpts if any(k.startswith(f"{c}.") for k in em)]
+        for c in present:
+            for b in benches:
+                if f"{c}.{b}.accuracy" in em:
+                    metrics[f"{c}.{b}.accuracy"] = em[f"{c}.{b}.accuracy"]
+        if present:
+            final = present[-1]
+            for b in benches:
+                for m in HEADLINE:
+                    if f"{final}.{b}.{m}" in em:
+                        short = "mean_tokens" if m == "mean_response_tokens" else m
+                        metrics[f"final.{b}.{short}"] = em[f"{final}.{b}.{m}"]
+    if metrics:
+        client.log_batch(
+            parent_run_id,
+            # Four decimals read at a glance in the runs table; the stage runs keep full precision.
+            metrics=[_metric(k, round(v, 4)) for k, v in sorted(metrics.items())],
+        )
+    existing = parent.data.params
+    for k, v in summary_params(run).items():
+        if k not in existing:  # params are write-once; a resumed run keeps the first value
+            client.log_param(parent_run_id, k, v[:6000])
+    tags = {
+        "visionr1.version": _version(),
+        "visionr1.image": run.spec.images.trainer,
+        "visionr1.baseModel": run.spec.base_model.name,
+    }
+    commit = git_commit()
+    if commit:
+        tags["visionr1.git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    set_tags(uri, parent_run_id, tags)
+    try:
+        client.log_inputs(parent_run_id, datasets=_datasets(run, workspace, counts))
+    except Exception:  # noqa: BLE001 - a tracking server without dataset support keeps the rest
+        pass
+    if "grpo" in by_stage or "sft" in by_stage:
+        final_stage = "grpo" if "grpo" in by_stage else "sft"
+        models = client.search_logged_models(
+            [exp], filter_string=f"source_run_id = '{by_stage[final_stage].info.run_id}'"
+        )
+        if models:
+            model = models[0]
+            client.log_inputs(parent_run_id, models=[LoggedModelInput(model.model_id)])
+            set_tags(uri, parent_run_id, {"visionr1.final_model": f"models:/{model.model_id}"})
+    return metrics
+
+
+def _metric(key: str, value: float) -> Any:
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("visionr1")
+    except Exception:  # noqa: BLE001 - running from a source tree without metadata
+        return "unknown"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +34,63 @@ HEADLINE_DIMS = {
 }
 
 
+def _rank(name: str) -> tuple[int, int]:
+    """Pipeline position of a checkpoint: base, sft, each PTST sub-stage, the final model, then
+    anything else (a path) in the order given."""
+    if name == "base":
+        return (0, 0)
+    if name == "sft":
+        return (1, 0)
+    m = re.fullmatch(r"grpo/stage-(\d+)", name)
+    if m:
+        return (2, int(m.group(1)))
+    if name == "grpo":
+        return (3, 0)
+    return (4, 0)
+
+
+def pipeline_order(
+    results: dict[str, dict[str, dict[str, Any]]],
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """``results`` with its checkpoints in pipeline order (stable for the rest)."""
+    return dict(sorted(results.items(), key=lambda kv: _rank(kv[0])))
+
+
+def label(name: str) -> str:
+    """A reader's name for a checkpoint: ``grpo/stage-1`` → ``GRPO PTST stage 1``."""
+    if name == "base":
+        return "base model"
+    if name == "sft":
+        return "SFT (cold start)"
+    m = re.fullmatch(r"grpo/stage-(\d+)", name)
+    if m:
+        return f"GRPO PTST stage {m.group(1)}"
+    if name == "grpo":
+        return "GRPO final"
+    return name
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
 def markdown(results: dict[str, dict[str, dict[str, Any]]], settings: dict[str, Any]) -> str:
-    """``results[checkpoint][benchmark]`` summaries → a markdown report."""
+    """``results[checkpoint][benchmark]`` summaries → a markdown report (pipeline order)."""
+    results = pipeline_order(results)
     benches = sorted({b for per in results.values() for b in per})
     lines = ["# Vision-R1 evaluation", ""]
     lines.append("Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())))
     lines += ["", "## Accuracy (%)", ""]
-    lines.append("| checkpoint | " + " | ".join(benches) + " |")
-    lines.append("|---" * (len(benches) + 1) + "|")
+    lines.append("| checkpoint | " + " | ".join(benches) + " | what it is |")
+    lines.append("|---" * (len(benches) + 2) + "|")
     for ckpt, per in results.items():
         cells = [_pct(per[b]["accuracy"]) if b in per else "–" for b in benches]
-        lines.append(f"| {ckpt} | " + " | ".join(cells) + " |")
+        lines.append(f"| {ckpt} | " + " | ".join(cells) + f" | {label(ckpt)} |")
     paper_benches = [b for b in benches if any(b in p for p in PAPER.values())]
     if paper_benches:
-        for label, nums in PAPER.items():
+        for name, nums in PAPER.items():
             cells = [f"{nums[b]:.1f}" if b in nums else "–" for b in benches]
-            lines.append(f"| paper: {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| paper: {name} | " + " | ".join(cells) + " | the paper's number |")
         judges = ", ".join(f"{b}: {PAPER_JUDGE[b]}" for b in paper_benches)
         lines += ["", f"Paper judges ({judges}); ours: {settings.get('judge', 'rule')}."]
     lines += _judge_section(results, settings)
@@ -148,6 +186,7 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], path: str | Path) -> Pat
 
     from visionr1_jobs.contract import atomic_path
 
+    results = pipeline_order(results)
     benches = sorted({b for per in results.values() for b in per})
     ckpts = list(results)
     width = 0.8 / max(len(ckpts), 1)
@@ -155,15 +194,18 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], path: str | Path) -> Pat
     for i, ckpt in enumerate(ckpts):
         xs = [j + (i - (len(ckpts) - 1) / 2) * width for j in range(len(benches))]
         ys = [100 * results[ckpt].get(b, {}).get("accuracy", 0.0) for b in benches]
-        ax.bar(xs, ys, width, label=ckpt)
+        ax.bar(xs, ys, width, label=label(ckpt))
+    with_paper = False
     for j, b in enumerate(benches):
         ref = PAPER["Vision-R1-7B"].get(b)
         if ref is not None:
+            with_paper = True
             ax.plot([j - 0.4, j + 0.4], [ref, ref], "k--", lw=1)
     ax.set_xticks(range(len(benches)), benches)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("accuracy by checkpoint (dashed: paper Vision-R1-7B)")
+    title = "accuracy by checkpoint, in pipeline order"
+    ax.set_title(title + (" (dashed: paper Vision-R1-7B)" if with_paper else ""), fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)

@@ -35,49 +35,24 @@ def describe_scene(scene: dict[str, Any]) -> str:
     head = (
         f"The image is a {w}×{h} pixel picture on a {scene.get('background', 'white')} background."
     )
-    kind = scene["kind"]
-    if kind == "count":
-        parts = [
-            f"{_article(o['color'])} {o['color']} {o['shape']} in the {o['cell']} area"
-            for o in objects
-        ]
-        return (
-            f"{head} It shows {len(objects)} separate filled shapes that do not overlap. "
-            f"Going through them one by one: {'; '.join(parts)}. Nothing else is drawn."
-        )
-    if kind == "add":
-        parts = [
-            f"the number {o['text']} written in {o['color']} in the {o['cell']} area"
-            for o in objects
-        ]
-        return f"{head} Two numbers are written on it and nothing else: {', and '.join(parts)}."
-    if kind == "bars":
-        bars = sorted(objects, key=lambda o: o["index"])
-        parts = [f"{_article(o['color'])} {o['color']} bar {o['height']} pixels tall" for o in bars]
-        return (
-            f"{head} It is a simple bar chart with {len(bars)} vertical bars of equal width "
-            f"standing on a black baseline, from left to right: {', '.join(parts)}. "
-            "There are no axis labels or numbers."
-        )
-    raise ValueError(f"toy describer stand-in: unknown scene kind {kind!r}")
+    if "grid" not in scene:
+        raise ValueError(f"toy describer stand-in: unknown scene kind {scene.get('kind')!r}")
+    parts = [f"a {o['color']} square in row {o['row']}, column {o['col']}" for o in objects]
+    g = scene["grid"]
+    return (
+        f"{head} It shows a {g} by {g} grid with {len(objects)} coloured squares, one per cell. "
+        f"Row by row: {'; '.join(parts)}. The other cells are empty."
+    )
 
 
 def pseudo_cot(scene: dict[str, Any], question: str, answer: str) -> str:
     """Step 1 of modality bridging: a caption plus reasoning toward the given answer."""
     caption = ". ".join(describe_scene(scene).split(". ")[:2]).rstrip(".") + "."
-    kind = scene["kind"]
-    if kind == "count":
-        target = scene["target"]
-        what = f"{target['color']} shapes" if "color" in target else f"{target['shape']}s"
-        step = f"Counting the {what} in the picture gives {answer}."
-    elif kind == "add":
-        values = " + ".join(o["text"] for o in scene["objects"])
-        step = f"The two numbers are {values.replace(' + ', ' and ')}, and {values} = {answer}."
-    else:
-        step = (
-            f"Comparing the bar heights, the {scene['target']['extreme']} bar is option {answer}."
-        )
-    return f"Caption: {caption}\nReasoning: The question asks: {question.splitlines()[0]} {step} So the answer is {answer}."
+    step = f"Counting the filled cells gives {len(scene['objects'])} squares."
+    return (
+        f"Caption: {caption}\nReasoning: The question asks: {question.splitlines()[0]} {step} "
+        f"So the answer is {answer}."
+    )
 
 
 # --------------------------------------------------------------------------- reasoner input
@@ -149,115 +124,90 @@ def _says(rng: random.Random) -> str:
     return rng.choice(_SAYS)
 
 
-def _solve_count(inp: ReasonerInput, rng: random.Random) -> Solution:
-    found = re.findall(
-        r"\b(?:a|an) (\w+) (circle|square|triangle) in the ([\w-]+) area", inp.description
-    )
+_SQUARE = re.compile(r"\ba (\w+) square in row (\d+), column (\d+)")
+
+
+def _read_grid(inp: ReasonerInput) -> list[tuple[str, int, int]]:
+    found = [(c, int(r), int(k)) for c, r, k in _SQUARE.findall(inp.description)]
     if not found:
-        raise ValueError("toy reasoner stand-in: no shapes found in the description")
-    m = re.search(r"How many (\w+?)s? (?:shapes )?are there", inp.question)
-    if not m:
-        raise ValueError(f"toy reasoner stand-in: cannot read the count question {inp.question!r}")
-    word = m.group(1)
-    by_color = word not in ("circle", "square", "triangle")
-    hits = [(c, s, cell) for c, s, cell in found if (c == word if by_color else s == word)]
-    what = f"{word} shapes" if by_color else f"{word}s"
-    steps = [
-        f"{_says(rng)} there are {len(found)} shapes in total. Let me go through them one by one."
-    ]
-    running = 0
-    for c, s, cell in found:
-        hit = (c == word) if by_color else (s == word)
-        running += hit
-        steps.append(
-            f"The {c} {s} in the {cell}: {'that is one of them, so ' + str(running) + ' so far' if hit else 'not one of the ' + what}."
-        )
-    n = len(hits)
-    # A typical miscount: one shape skipped or one counted twice.
-    wrong_n = n - 1 if n > 1 and rng.random() < 0.5 else n + 1
-    wrong_steps = [
-        f"{_says(rng)} there are {len(found)} shapes. Scanning them quickly, I see {wrong_n} {what}."
-    ]
-    others = len(found) - n
+        raise ValueError("toy reasoner stand-in: no squares found in the description")
+    return found
+
+
+def _one_by_one(n: int) -> str:
+    return ", ".join(str(i) for i in range(1, n + 1)) or "none"
+
+
+def _miscount(n: int, rng: random.Random) -> int:
+    """A typical slip: one square skipped or one counted twice."""
+    return n - 1 if n > 1 and rng.random() < 0.5 else n + 1
+
+
+def _cells(inp: ReasonerInput) -> int:
+    m = re.search(r"a (\d+) by (\d+) grid", inp.description)
+    return int(m.group(1)) * int(m.group(2)) if m else 16
+
+
+def _solve_count(inp: ReasonerInput, rng: random.Random) -> Solution:
+    n = len(_read_grid(inp))
+    wrong = _miscount(n, rng)
+    cells = _cells(inp)
     return Solution(
         answer=str(n),
-        steps=steps,
-        recheck=f"Let me recount: the {what} are "
-        + (", ".join(f"the {c} {s} ({cell})" for c, s, cell in hits) or "none")
-        + f", which is {n}.",
-        alt=f"Alternatively, count what is not one of the {what}: {others} of the {len(found)} "
-        f"shapes, and {len(found)} - {others} = {n}. Same result.",
-        wrong_answer=str(wrong_n),
-        wrong_steps=wrong_steps,
+        steps=[f"{_says(rng)} there are {n} squares."],
+        recheck=f"Let me recount the squares one by one: {_one_by_one(n)}. That is {n}.",
+        alt=f"Alternatively, {cells - n} of the {cells} cells are empty, and "
+        f"{cells} - {cells - n} = {n}. Same result.",
+        wrong_answer=str(wrong),
+        wrong_steps=[f"{_says(rng)} there are {wrong} squares."],
     )
 
 
-def _solve_add(inp: ReasonerInput, rng: random.Random) -> Solution:
-    nums = [int(x) for x in re.findall(r"the number (\d+)", inp.description)]
-    if len(nums) != 2:
-        raise ValueError("toy reasoner stand-in: expected two numbers in the description")
-    a, b = nums
-    total = a + b
-    slip = total + rng.choice([-10, -1, 1, 10])
-    if slip < 0:
-        slip = total + 1
+def _solve_empty(inp: ReasonerInput, rng: random.Random) -> Solution:
+    n = len(_read_grid(inp))
+    wrong = _miscount(n, rng)
+    cells = _cells(inp)
     return Solution(
-        answer=str(total),
-        steps=[
-            f"{_says(rng)} two numbers are written: {a} and {b}.",
-            f"The question wants their sum, so {a} + {b}. {a} plus {b} is {total}.",
-        ],
-        recheck=f"Let me verify: {total} - {b} = {a}. Yes, that checks out.",
-        alt=f"Alternatively, {b} + {a} = {total} as well, addition is commutative.",
-        wrong_answer=str(slip),
+        answer=str(cells - n),
+        steps=[f"{_says(rng)} there are {n} squares.", f"{cells} - {n} = {cells - n}."],
+        recheck=f"Let me recount the squares one by one: {_one_by_one(n)}. That is {n}.",
+        alt=f"Alternatively, {cells - n} + {n} = {cells}. Same result.",
+        wrong_answer=str(cells - wrong),
         wrong_steps=[
-            f"{_says(rng)} the numbers are {a} and {b}.",
-            f"Adding them: {a} + {b} = {slip}.",
+            f"{_says(rng)} there are {wrong} squares.",
+            f"{cells} - {wrong} = {cells - wrong}.",
         ],
     )
 
 
-def _solve_bars(inp: ReasonerInput, rng: random.Random) -> Solution:
-    bars = [
-        (c, int(h))
-        for c, h in re.findall(r"\b(?:a|an) (\w+) bar (\d+) pixels tall", inp.description)
-    ]
-    if not bars or not inp.choices:
-        raise ValueError("toy reasoner stand-in: no bars or no choices to compare")
-    tallest = "tallest" in inp.question
-    ranked = sorted(bars, key=lambda b: b[1], reverse=tallest)
-    best = ranked[0][0]
-    second = ranked[1][0]
-    if best not in inp.choices or second not in inp.choices:
-        raise ValueError("toy reasoner stand-in: the bar colours do not match the choices")
-    letter, wrong = LETTERS[inp.choices.index(best)], LETTERS[inp.choices.index(second)]
-    word = "tallest" if tallest else "shortest"
-    listing = ", ".join(f"{c} at {h}" for c, h in bars)
+def _solve_parity(inp: ReasonerInput, rng: random.Random) -> Solution:
+    n = len(_read_grid(inp))
+    if not inp.choices or not {"even", "odd"} <= set(inp.choices):
+        raise ValueError("toy reasoner stand-in: an even/odd question needs the two choices")
+    wrong = _miscount(n, rng)
+
+    def word(k: int) -> str:
+        return "even" if k % 2 == 0 else "odd"
+
+    letter, wrong_letter = (LETTERS[inp.choices.index(word(k))] for k in (n, wrong))
     return Solution(
         answer=letter,
-        steps=[
-            f"{_says(rng)} the bar heights from left to right are: {listing}.",
-            f"The {word} is the one with the {'largest' if tallest else 'smallest'} height, "
-            f"which is {best} ({ranked[0][1]} pixels). In the choices, {best} is option {letter}.",
-        ],
-        recheck=f"Let me double-check by comparing {best} with {second}: "
-        f"{ranked[0][1]} vs {ranked[1][1]}, so {best} is indeed the {word}.",
-        alt="Alternatively, sort all heights: "
-        + " < ".join(str(h) for _, h in sorted(bars, key=lambda b: b[1]))
-        + f". The {word} is {ranked[0][1]}, the {best} bar.",
-        wrong_answer=wrong,
+        steps=[f"{_says(rng)} there are {n} squares.", f"{n} is {word(n)}, option {letter}."],
+        recheck=f"Let me recount the squares one by one: {_one_by_one(n)}. That is {n}.",
+        alt=f"Alternatively, {n} = 2 × {n // 2} + {n % 2}, so it is {word(n)}.",
+        wrong_answer=wrong_letter,
         wrong_steps=[
-            f"{_says(rng)} the bars are {listing}.",
-            f"Hmm, the {second} bar looks like the {word} one, so option {wrong}.",
+            f"{_says(rng)} there are {wrong} squares.",
+            f"{wrong} is {word(wrong)}, option {wrong_letter}.",
         ],
     )
 
 
 def _kind(inp: ReasonerInput) -> str:
-    if "bar chart" in inp.description:
-        return "bars"
-    if "Two numbers are written" in inp.description:
-        return "add"
+    if "even or odd" in inp.question:
+        return "parity"
+    if "empty" in inp.question:
+        return "empty"
     return "count"
 
 
@@ -267,6 +217,10 @@ _OPEN = (
     "Alright, let me think about this.",
     "Let me start by reading the question carefully.",
 )
+#: Share of correct answers written in the long, hesitant style (the rest go straight to it):
+#: the cold start then holds short and long chains for the same kind of problem, and the
+#: completion budget of each PTST stage decides which of the two RL keeps.
+LONG_SHARE = 0.4
 _HMM = ("Hmm, wait.", "Hmm.", "Wait, let me make sure.", "Hold on. Wait.")
 _CLOSE = ("So the answer is {x}.", "Therefore, the answer should be {x}.", "So the answer is {x}.")
 
@@ -278,26 +232,24 @@ def reason(
     inconsistent:<variant> names what the stand-in did (kept in the audit trail)."""
     inp = parse_reasoner_prompt(prompt)
     kind = _kind(inp)
-    sol = {"count": _solve_count, "add": _solve_add, "bars": _solve_bars}[kind](inp, rng)
+    sol = {"count": _solve_count, "empty": _solve_empty, "parity": _solve_parity}[kind](inp, rng)
     u = rng.random()
-    question_line = inp.question.splitlines()[0]
-    opening = f"{rng.choice(_OPEN)} The question is: {question_line}"
     if u < error_rate:
-        body = [
-            opening,
-            *sol.wrong_steps,
-            rng.choice(_HMM) + " That seems right.",
-            rng.choice(_CLOSE).format(x=sol.wrong_answer),
-        ]
+        body = [*sol.wrong_steps, rng.choice(_CLOSE).format(x=sol.wrong_answer)]
         return _format(" ".join(body), sol.wrong_answer), "wrong"
-    body = [
-        opening,
-        *sol.steps,
-        rng.choice(_HMM),
-        sol.recheck,
-        sol.alt,
-        rng.choice(_CLOSE).format(x=sol.answer),
-    ]
+    if rng.random() < LONG_SHARE:
+        # The hesitant R1 style: an opening, a recount, another way round, then the answer.
+        question_line = inp.question.splitlines()[0]
+        body = [
+            f"{rng.choice(_OPEN)} The question is: {question_line}",
+            *sol.steps,
+            rng.choice(_HMM),
+            sol.recheck,
+            sol.alt,
+            rng.choice(_CLOSE).format(x=sol.answer),
+        ]
+    else:
+        body = [*sol.steps, rng.choice(_CLOSE).format(x=sol.answer)]
     if u >= error_rate + inconsistent_rate:
         return _format(" ".join(body), sol.answer), "correct"
     variant = rng.choice(

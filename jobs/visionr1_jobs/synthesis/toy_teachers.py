@@ -12,7 +12,7 @@ the request text. "Tokens" are whitespace-separated words (there is no tokenizer
 
 Their behaviour is the toy backend's own config, never a field of the production schema: the
 backend's ``model`` is unset (the defaults of :class:`ToyTeachersConfig`) or names a JSON file
-holding a :class:`ToyTeachersConfig` (``{"errorRate": 0.25, "inconsistentRate": 0.1}``).
+holding a :class:`ToyTeachersConfig` (``{"errorRate": 0.3, "inconsistentRate": 0.1}``).
 
 ``VISIONR1_TOY_DELAY_S`` (seconds, default 0) makes every request sleep that long: a slow
 teacher, so tests can kill synthesis in the middle of a shard.
@@ -44,7 +44,7 @@ class ToyTeachersConfig(Model):
     """How the toy reasoner stand-in misbehaves (the filter must catch every kind)."""
 
     error_rate: float = Field(
-        0.25, ge=0.0, le=1.0, description="Share of wrong answers (the filter must drop them)."
+        0.3, ge=0.0, le=1.0, description="Share of wrong answers (the filter must drop them)."
     )
     inconsistent_rate: float = Field(
         0.1,
@@ -71,7 +71,7 @@ def load_toy_config(backend: Backend) -> ToyTeachersConfig:
         raise InvalidInput(
             f"backend.model {backend.model!r}: not a toy teachers config ({exc.errors()[0]['msg']} "
             f"at {'.'.join(map(str, exc.errors()[0]['loc'])) or 'top level'}); "
-            'expected e.g. {"errorRate": 0.25, "inconsistentRate": 0.1}'
+            'expected e.g. {"errorRate": 0.3, "inconsistentRate": 0.1}'
         ) from exc
 
 

@@ -105,35 +105,26 @@ even odd prime factor multiple pattern sequence function slope intercept probabi
 
 
 def _corpus(seed: int, n: int = 600) -> list[str]:
-    """Toy questions, answers and R1-style reasoning, so the BPE learns the words used later."""
+    """Toy questions, answers and the toy reasoner's chains of thought, so the BPE learns the
+    words and phrases used later (short sequences keep every stage fast on a CPU)."""
+    from visionr1_jobs.synthesis import toy_logic
+
     rng = random.Random(f"visionr1-toy-tokenizer:{seed}")
-    openers = (
-        "Okay, let's see.",
-        "Let me look at the image.",
-        "Hmm, first I check the picture.",
-        "Wait, let me double-check.",
-        "So the answer should be",
-    )
     lines = []
     for _ in range(n):
         p = make_problem(rng)
-        objs = ", ".join(
-            f"a {o['color']} {o.get('shape')} " + (f"showing {o['text']}" if "text" in o else "")
-            for o in p.scene["objects"]
-        )
-        think = (
-            f"{rng.choice(openers)} The image shows {objs}. {p.question} "
-            f"Counting and adding step by step gives {p.answer}. "
-            f"Let me verify: yes, {p.answer} is correct."
-        )
-        lines.append(f"<think> {think} </think><answer> Final Answer:{p.answer} </answer>")
-        lines.append(f"Question: {p.question}\nAnswer: {p.answer}")
+        description = toy_logic.describe_scene(p.scene)
+        prompt = f"### Image description\n{description}\n\n### Question\n{p.question}\n\n"
+        response, _ = toy_logic.reason(prompt, rng, 0.2, 0.0)
+        lines.append(response)
+        lines.append(response.replace("The description says", "The image shows"))
+        lines.append(f"Question: {p.question}\nAnswer: {p.answer}\n{description}")
     lines.append(
         " ".join(str(i) for i in range(200)) + " 0.5 1.25 -3 + - * / = ( ) [ ] { } \\frac \\sqrt"
     )
     lines.append("system user assistant You are a helpful assistant. A B C D E yes no")
     words = _VOCAB_TEXT.split()
-    for _ in range(n):
+    for _ in range(n // 4):
         lines.append(" ".join(rng.choice(words) for _ in range(24)))
     return lines
 

@@ -1,26 +1,27 @@
 """Small visual-math problems drawn with pillow, with known answers, deterministic from a seed.
 
 Every problem is a *scene* (plain JSON data) rendered to a small image. The scene is kept in
-``Sample.metadata["scene"]`` so the toy describer stand-in can turn it into text. Scene schema::
+``Sample.metadata["scene"]`` so the toy describer stand-in can turn it into text.
 
-    {"kind": "count" | "add" | "bars",
-     "size": [W, H],                      # pixels
-     "background": "white",
-     "objects": [                         # in drawing order
-        {"shape": "circle" | "square" | "triangle", "color": str, "center": [x, y],
-         "size": int, "cell": "top-left" | "top" | … | "bottom-right"},            # count
-        {"shape": "text", "text": "7", "color": str, "center": [x, y], "size": int,
-         "cell": …},                                                                # add
-        {"shape": "bar", "color": str, "height": int, "x": int, "width": int,
-         "index": int},                                                             # bars
-     ],
-     "target": {...}}                     # what the question asks about (kind-specific)
+The picture is a 4×4 grid of 28-pixel cells with 3–8 coloured squares in it. A cell is exactly
+one merged vision token of Qwen2.5-VL (14-px patches, 2×2 merge), and every question turns on
+how many cells are filled: a quantity a tiny model learns to see in a few minutes of SFT, roughly
+(its guesses land on the true count or next to it). The questions then need a step or two on top
+of the count: subtract it from the 16 cells, or tell its parity. Answers are small integers or
+an option letter, a small answer space, so the cold-started model is sometimes right and
+sometimes not: the room GRPO needs. Scene schema::
+
+    {"kind": "count" | "empty" | "parity",
+     "size": [W, H], "background": "white", "grid": 4,
+     "objects": [{"shape": "square", "color": str, "row": int, "col": int,
+                  "center": [x, y], "size": int}, …],        # row-major order
+     "target": {"squares": int}}                              # how many cells are filled
 
 Kinds:
-* ``count``: "How many circles …?" / "How many red shapes …?" — free-form integer.
-* ``add``: two numbers written in the image, "What is the sum …?" — free-form integer.
-* ``bars``: 3–4 bars of distinct heights, "Which bar is the tallest/shortest?" — multiple
-  choice over the bar colours, answer = option letter.
+* ``count``: "How many squares are there?" — free-form integer.
+* ``empty``: "How many cells of the grid are empty?" — free-form integer (16 − count).
+* ``parity``: "Is the number of squares even or odd?" — multiple choice (A: even, B: odd),
+  answer = option letter.
 """
 
 from __future__ import annotations
@@ -34,28 +35,24 @@ from typing import Any
 from visionr1_jobs.data.record import OPTION_LETTERS, Sample, format_choices
 
 SIZE = 112  # pixels; 112×112 becomes 16 vision tokens in Qwen2.5-VL (14-px patches, 2×2 merge)
-KINDS: tuple[str, ...] = ("count", "add", "bars")
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+GRID = 4  # cells per side; one cell = one merged vision token
+CELL = SIZE // GRID
+KINDS: tuple[str, ...] = ("count", "empty", "parity")
+PARITY_CHOICES: tuple[str, ...] = ("even", "odd")
+SHAPES: tuple[str, ...] = ("square",)
+#: The three colours of the grid world (far apart in RGB, so one linear map tells them apart).
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "blue": (40, 80, 220),
     "green": (30, 160, 60),
+}
+#: Colours the renderer knows (the grid world draws only ``COLORS``).
+PALETTE: dict[str, tuple[int, int, int]] = {
+    **COLORS,
     "orange": (240, 140, 20),
     "purple": (140, 60, 180),
     "black": (20, 20, 20),
 }
-_GRID = 3
-_CELLS = (
-    "top-left",
-    "top",
-    "top-right",
-    "left",
-    "center",
-    "right",
-    "bottom-left",
-    "bottom",
-    "bottom-right",
-)
 
 
 @dataclass(frozen=True)
@@ -76,120 +73,54 @@ class ToyProblem:
 # --------------------------------------------------------------------------- scenes
 
 
-def _cell_centers(rng: random.Random, k: int) -> list[tuple[int, int, str]]:
-    """k distinct grid cells with a little jitter, so shapes never overlap."""
-    step = SIZE // _GRID
-    cells = rng.sample(range(_GRID * _GRID), k)
-    out = []
+def _grid_scene(rng: random.Random, kind: str) -> dict[str, Any]:
+    n = rng.randint(3, 8)
+    cells = sorted(rng.sample(range(GRID * GRID), n))
+    objects = []
     for cell in cells:
-        r, c = divmod(cell, _GRID)
-        x = c * step + step // 2 + rng.randint(-3, 3)
-        y = r * step + step // 2 + rng.randint(-3, 3)
-        out.append((x, y, _CELLS[cell]))
-    return out
+        row, col = divmod(cell, GRID)
+        objects.append(
+            {
+                "shape": "square",
+                "color": rng.choice(list(COLORS)),
+                "row": row + 1,
+                "col": col + 1,
+                "center": [col * CELL + CELL // 2, row * CELL + CELL // 2],
+                "size": CELL - 2,
+            }
+        )
+    return {
+        "kind": kind,
+        "size": [SIZE, SIZE],
+        "background": "white",
+        "grid": GRID,
+        "objects": objects,
+        "target": {"squares": n},
+    }
 
 
 def _count_problem(rng: random.Random) -> ToyProblem:
-    total = rng.randint(2, 7)
-    by_color = rng.random() < 0.4
-    target_shape = rng.choice(SHAPES)
-    target_color = rng.choice(list(COLORS))
-    n_target = rng.randint(1, total)
-    objects = []
-    for i, (x, y, cell) in enumerate(_cell_centers(rng, total)):
-        hit = i < n_target
-        if by_color:
-            color = target_color if hit else rng.choice([c for c in COLORS if c != target_color])
-            shape = rng.choice(SHAPES)
-        else:
-            shape = target_shape if hit else rng.choice([s for s in SHAPES if s != target_shape])
-            color = rng.choice(list(COLORS))
-        objects.append(
-            {
-                "shape": shape,
-                "color": color,
-                "center": [x, y],
-                "size": rng.randint(18, 26),
-                "cell": cell,
-            }
-        )
-    rng.shuffle(objects)
-    if by_color:
-        target = {"color": target_color}
-        question = f"How many {target_color} shapes are there in the image?"
-    else:
-        target = {"shape": target_shape}
-        question = f"How many {target_shape}s are there in the image?"
-    scene = {
-        "kind": "count",
-        "size": [SIZE, SIZE],
-        "background": "white",
-        "objects": objects,
-        "target": target,
-    }
-    return ToyProblem("count", scene, question, None, str(n_target))
+    scene = _grid_scene(rng, "count")
+    n = len(scene["objects"])
+    return ToyProblem("count", scene, "How many squares are there?", None, str(n))
 
 
-def _add_problem(rng: random.Random) -> ToyProblem:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
-    objects = []
-    for value, (x, y, cell) in zip((a, b), _cell_centers(rng, 2), strict=True):
-        objects.append(
-            {
-                "shape": "text",
-                "text": str(value),
-                "color": rng.choice(["black", "blue", "red"]),
-                "center": [x, y],
-                "size": 26,
-                "cell": cell,
-            }
-        )
-    scene = {
-        "kind": "add",
-        "size": [SIZE, SIZE],
-        "background": "white",
-        "objects": objects,
-        "target": {"operation": "sum"},
-    }
-    return ToyProblem(
-        "add", scene, "What is the sum of the two numbers in the image?", None, str(a + b)
-    )
+def _empty_problem(rng: random.Random) -> ToyProblem:
+    scene = _grid_scene(rng, "empty")
+    n = len(scene["objects"])
+    question = f"How many cells of the {GRID} by {GRID} grid are empty?"
+    return ToyProblem("empty", scene, question, None, str(GRID * GRID - n))
 
 
-def _bars_problem(rng: random.Random) -> ToyProblem:
-    k = rng.randint(3, 4)
-    colors = rng.sample(list(COLORS), k)
-    heights = rng.sample(range(12, SIZE - 16, 6), k)
-    width = (SIZE - 8) // k - 6
-    objects = [
-        {
-            "shape": "bar",
-            "color": col,
-            "height": h,
-            "x": 6 + i * (width + 6),
-            "width": width,
-            "index": i,
-        }
-        for i, (col, h) in enumerate(zip(colors, heights, strict=True))
-    ]
-    tallest = rng.random() < 0.6
-    pick = max if tallest else min
-    winner = pick(objects, key=lambda o: o["height"])["color"]
-    choices = list(colors)
-    rng.shuffle(choices)
-    word = "tallest" if tallest else "shortest"
-    question = f"Which bar is the {word}?\n{format_choices(choices)}"
-    scene = {
-        "kind": "bars",
-        "size": [SIZE, SIZE],
-        "background": "white",
-        "objects": objects,
-        "target": {"extreme": word},
-    }
-    return ToyProblem("bars", scene, question, choices, OPTION_LETTERS[choices.index(winner)])
+def _parity_problem(rng: random.Random) -> ToyProblem:
+    scene = _grid_scene(rng, "parity")
+    n = len(scene["objects"])
+    choices = list(PARITY_CHOICES)
+    question = f"Is the number of squares even or odd?\n{format_choices(choices)}"
+    return ToyProblem("parity", scene, question, choices, OPTION_LETTERS[n % 2])
 
 
-_MAKERS = {"count": _count_problem, "add": _add_problem, "bars": _bars_problem}
+_MAKERS = {"count": _count_problem, "empty": _empty_problem, "parity": _parity_problem}
 
 
 def make_problem(rng: random.Random, kind: str | None = None) -> ToyProblem:
@@ -220,7 +151,7 @@ def render(scene: dict[str, Any]) -> Any:
     im = Image.new("RGB", (w, h), scene.get("background", "white"))
     draw = ImageDraw.Draw(im)
     for obj in scene["objects"]:
-        color = COLORS[obj["color"]]
+        color = PALETTE[obj["color"]]
         shape = obj["shape"]
         if shape == "bar":
             draw.rectangle(
