@@ -12,7 +12,7 @@ import yaml
 from visionr1_operator import ablations as A
 from visionr1_operator.validate import validate_object
 
-from conftest import REPO
+from repo_paths import REPO
 
 BASE = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
 
