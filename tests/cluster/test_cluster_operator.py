@@ -201,10 +201,13 @@ def world(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
             str(values),
         )
         pv = Path(cp.make_pvc(NS, PVC, "10Gi"))
-        # A share every pod user may write to, as RWX (NFS) shares usually are: the kubelet
-        # creates a missing subPath folder (the run's <namespace>/<name>) as root with the mode
-        # of the volume's root, so with 0755 the stage user could not write its workspace.
-        pv.chmod(0o777)
+        # A fresh volume for each session: outputs left by an earlier session would make the
+        # stages find themselves "already done".
+        for child in pv.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        # Root-owned 0755, as a fresh volume usually is: the kubelet creates the missing subPath
+        # folders as root, and the operator's init container must give the run its folder.
+        pv.chmod(0o755)
         _toy_world(pv / "shared")  # the operator's default --shared-data-path
         operator = OperatorProcess(
             Path(cp.token_kubeconfig(RELEASE_NS, SA)),
