@@ -210,7 +210,7 @@ def test_config_map_holds_the_resolved_stage_config() -> None:
     assert cfg.stage == "grpo" and cfg.workspace == "/workspace"
     assert cfg.inputs["model"].stage == "sft" and cfg.inputs["data"].path == "toy/rl"
     assert (cfg.mlflow.parent_run_id, cfg.mlflow.run_id) == ("p", "s")
-    assert cfg.stage_params().ptst[0].num_generations == 4  # type: ignore[attr-defined]
+    assert cfg.stage_params().ptst[0].num_generations == 8  # type: ignore[attr-defined]
 
 
 def test_render_without_uid_has_no_owner_reference() -> None:

@@ -134,7 +134,11 @@ def _samples(root: Path, n: int, completion_tokens: int, tokenizer: Any) -> list
         s.images = paths
         step = f"Looking again at the image, {s.question.lower()} Wait, let me count once more. "
         per = max(1, len(tokenizer(step)["input_ids"]))
-        thinking = step * max(1, completion_tokens // per)
+        repeats = max(1, completion_tokens // per)
+        # Repeated steps merge at their seams, so a step alone overestimates: top up to the budget.
+        while len(tokenizer(step * (repeats + 1))["input_ids"]) <= completion_tokens:
+            repeats += 1
+        thinking = step * repeats
         s.response = (
             f"<think> {thinking}The count gives {s.answer}. </think>"
             f"<answer> Final Answer:{s.answer} </answer>"
