@@ -7,6 +7,7 @@ after Ctrl-C, state and MLflow. The real stages run end to end in test_demo_pipe
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
@@ -190,6 +192,11 @@ DRIVER = textwrap.dedent(
 )
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_then_rerun_continues_from_the_interrupted_stage(
     tmp_path: Path, fake_python: str
 ) -> None:
@@ -203,14 +210,30 @@ def test_ctrl_c_then_rerun_continues_from_the_interrupted_stage(
     cmd = [sys.executable, str(driver), str(manifest), str(ws), fake_python]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        # As in a terminal: SIGINT at its default and unblocked. An ignored or blocked SIGINT
+        # is inherited across exec from the test process (after other tests' event loops and
+        # threads), and then Ctrl-C never reaches run-local.
+        preexec_fn=_default_sigint,
     )
-    deadline = time.monotonic() + 120
-    while not (ws / "hanging-grpo").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while not (ws / "hanging-grpo").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # never leave the driver and its stage behind
+            proc.kill()
+            for child in psutil.process_iter(["cmdline"]):  # the stage runs in its own session
+                if str(ws) in " ".join(child.info["cmdline"] or []):
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
     assert proc.returncode == 130, output
     assert "rerun the same command to continue" in output
     state = LocalState.load(ws / STATE)
