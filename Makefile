@@ -90,6 +90,13 @@ CLUSTER := $(BIN)/python scripts/cluster/cli.py
 .PHONY: cluster-up
 cluster-up: setup ## start a local control plane (etcd, API server, controllers, scheduler, one node running pods as processes); the first run builds it from Go modules
 	@$(CLUSTER) up
+	@# The CRD, so `kubectl get vr1 -A` answers at once; labelled as the README's helm release owns
+	@# it, so `helm install visionr1-operator -n visionr1-system` adopts it instead of refusing.
+	@eval "$$($(CLUSTER) env)" && kubectl apply -f crds/visionr1run.yaml >/dev/null \
+	  && kubectl label crd visionr1runs.visionr1.io app.kubernetes.io/managed-by=Helm --overwrite >/dev/null \
+	  && kubectl annotate crd visionr1runs.visionr1.io meta.helm.sh/release-name=visionr1-operator \
+	     meta.helm.sh/release-namespace=visionr1-system --overwrite >/dev/null \
+	  && echo "VisionR1Run CRD installed (helm install visionr1-operator -n visionr1-system adopts it)"
 
 .PHONY: cluster-down
 cluster-down: setup ## stop the local control plane and every process it started
