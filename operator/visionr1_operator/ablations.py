@@ -1,6 +1,8 @@
 """``visionr1 ablations``: the paper's ablations at toy scale, each variant a real ``run-local``.
 
-From one base manifest (``examples/tiny-cpu.yaml``) and one seed it runs, in this order:
+From one base manifest (``examples/tiny-cpu.yaml``) and one seed it runs four variants, two at a
+time by default (``recipe`` and ``zero`` first; ``long`` and ``sft_only`` once the recipe's SFT
+checkpoint exists):
 
 * ``recipe``: cold start (synthesis → filter → SFT) + GRPO with the PTST table (Vision-R1);
 * ``sft_only``: the recipe's SFT checkpoint alone (Vision-R1-CI): an eval-only run;
@@ -10,7 +12,8 @@ From one base manifest (``examples/tiny-cpu.yaml``) and one seed it runs, in thi
   reward and a format instruction as the system prompt (Vision-R1-Zero), same completions.
 
 Every variant is a VisionR1Run of its own (manifest written to ``ROOT/seed-N/manifests/``),
-executed by the local executor in ``ROOT/seed-N/<variant>/`` and tracked in one MLflow store
+executed by its own ``visionr1 run-local`` process in ``ROOT/seed-N/<variant>/`` (log:
+``ROOT/seed-N/logs/<variant>.log``) and tracked in one MLflow store
 (``ROOT/mlflow.db``, experiment ``visionr1-ablations``) so the runs table compares them. The toy
 data and the tiny model are drawn from the seed, and every stage is seeded with it. Afterwards
 ``ROOT/summary.json``, ``summary.md`` and ``summary.png`` hold accuracy (95% Wilson interval),
@@ -413,6 +416,85 @@ def _tag_parent(uri: str, workdir: Path, tags: dict[str, str]) -> None:
         set_tags(uri, state["parentRunId"], tags)
 
 
+#: What a variant waits for: ``sft_only`` and ``long`` start from the recipe's SFT checkpoint.
+NEEDS_RECIPE_SFT = ("sft_only", "long")
+#: The order variants start in when a slot is free: the two that need nothing first (the
+#: recipe, whose SFT the others wait for, and zero), then long (long) before sft_only (an eval).
+START_ORDER: tuple[str, ...] = ("recipe", "zero", "long", "sft_only")
+
+
+def _sft_done(seed_root: Path) -> bool:
+    """The recipe's SFT stage finished (its output manifest is the contract's done marker)."""
+    return (seed_root / "recipe" / "sft" / "_manifest.json").exists()
+
+
+@dataclass
+class _Lane:
+    """One variant's ``visionr1 run-local`` subprocess."""
+
+    variant: str
+    proc: Any
+    log: Path
+    started: float
+
+
+def _start(variant: str, manifest: Path, workdir: Path, log: Path) -> Any:
+    import subprocess
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        # A session of its own: a Ctrl-C reaches it once, forwarded by us (see _stop), so its
+        # executor stops its stage and marks the MLflow runs KILLED exactly once.
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "visionr1_operator.cli",
+                "run-local",
+                str(manifest),
+                "--workdir",
+                str(workdir),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def _stop(lanes: dict[str, _Lane], out: Any) -> None:
+    """Forward Ctrl-C to every running variant and wait for them to save their state."""
+    import signal
+    import subprocess
+
+    for lane in lanes.values():
+        if lane.proc.poll() is None:
+            lane.proc.send_signal(signal.SIGINT)
+    for lane in lanes.values():
+        try:
+            lane.proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            lane.proc.kill()
+            lane.proc.wait()
+    print("interrupted: rerun the same command to resume where each variant stopped", file=out)
+
+
+def _last_line(log: Path) -> str:
+    """The newest progress or status line of a variant's log (for the heartbeat)."""
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, 2) - 4096))
+            lines = [ln.strip() for ln in fh.read().decode("utf-8", "replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln]
+    return lines[-1][:100] if lines else ""
+
+
+def _fmt_min(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
 def run_ablations(
     base_path: Path,
     seed: int,
@@ -421,11 +503,16 @@ def run_ablations(
     variants: tuple[str, ...] = VARIANTS,
     sizes: ToySizes = ToySizes(),
     overrides: dict[str, Any] | None = None,
+    jobs: int = 2,
+    heartbeat_s: float = 60.0,
     out: Any = sys.stdout,
 ) -> dict[str, dict[str, Any]]:
-    """Run the variants in order through the local executor and write the summary files."""
-    from visionr1_operator.local import Executor, load_run
+    """Run the variants through the local executor, ``jobs`` at a time, and write the summary.
 
+    Each variant is its own ``visionr1 run-local`` process (log: ``ROOT/seed-N/logs/V.log``);
+    ``sft_only`` and ``long`` start once the recipe's SFT has finished. With the stages on one
+    thread each (``make ablations`` sets OMP_NUM_THREADS=1), two lanes use two cores.
+    """
     root = root.resolve()
     seed_root = root / f"seed-{seed}"
     seed_root.mkdir(parents=True, exist_ok=True)
@@ -435,29 +522,80 @@ def run_ablations(
     _prepare(seed_root, seed, sizes, out)
     experiment_id = _experiment(root)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    started = time.monotonic()
-    summary: dict[str, dict[str, Any]] = {}
     order = [v for v in VARIANTS if v in variants]
-    if any(v in ("sft_only", "long") for v in order) and "recipe" not in order:
-        if not (seed_root / "recipe" / "sft" / "final").exists():
+    if any(v in NEEDS_RECIPE_SFT for v in order) and "recipe" not in order:
+        if not _sft_done(seed_root):
             raise SystemExit("sft_only and long reuse the recipe's SFT checkpoint: run recipe too")
+    manifests: dict[str, dict[str, Any]] = {}
+    paths: dict[str, Path] = {}
     for variant in order:
-        manifest = variant_manifest(base, variant, seed, seed_root)
-        path = seed_root / "manifests" / f"{variant}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(manifest, sort_keys=False))
-        print(f"\n== {variant} (seed {seed}): {path}", file=out, flush=True)
-        run, text = load_run(path)
-        t0 = time.monotonic()
-        rc = Executor(run, text, seed_root / variant, out=out).execute()
-        if rc != 0:
-            raise SystemExit(f"ablation variant {variant} failed (exit {rc}); rerun to resume")
-        _tag_parent(
-            uri, seed_root / variant, {"visionr1.variant": variant, "visionr1.seed": str(seed)}
+        manifests[variant] = variant_manifest(base, variant, seed, seed_root)
+        paths[variant] = seed_root / "manifests" / f"{variant}.yaml"
+        paths[variant].parent.mkdir(parents=True, exist_ok=True)
+        paths[variant].write_text(yaml.safe_dump(manifests[variant], sort_keys=False))
+
+    started = time.monotonic()
+    pending = [v for v in START_ORDER if v in order]
+    lanes: dict[str, _Lane] = {}
+    summary: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    last_beat = time.monotonic()
+    try:
+        while pending or lanes:
+            for variant in list(pending):
+                if len(lanes) >= max(1, jobs):
+                    break
+                if variant in NEEDS_RECIPE_SFT and not _sft_done(seed_root):
+                    if "recipe" in failed or ("recipe" not in lanes and "recipe" not in pending):
+                        pending.remove(variant)
+                        failed[variant] = "the recipe's SFT checkpoint was not made"
+                    continue
+                pending.remove(variant)
+                log = seed_root / "logs" / f"{variant}.log"
+                proc = _start(variant, paths[variant], seed_root / variant, log)
+                lanes[variant] = _Lane(variant, proc, log, time.monotonic())
+                print(f"▶ {variant} (seed {seed}) · log: {log}", file=out, flush=True)
+            for variant, lane in list(lanes.items()):
+                rc = lane.proc.poll()
+                if rc is None:
+                    continue
+                del lanes[variant]
+                took = time.monotonic() - lane.started
+                if rc != 0:
+                    failed[variant] = f"exit {rc}; log: {lane.log}"
+                    print(f"✗ {variant} failed (exit {rc}) after {_fmt_min(took)}", file=out)
+                    for line in lane.log.read_text(errors="replace").splitlines()[-12:]:
+                        print(f"    {line}", file=out)
+                    continue
+                _tag_parent(
+                    uri,
+                    seed_root / variant,
+                    {"visionr1.variant": variant, "visionr1.seed": str(seed)},
+                )
+                result = variant_result(seed_root / variant, final_checkpoint(manifests[variant]))
+                result["wall_s"] = round(took, 1)
+                summary[variant] = result
+                print(
+                    f"✓ {variant} done in {_fmt_min(took)}: accuracy "
+                    f"{100 * result['accuracy']:.1f}% ({100 * result['ci_low']:.1f}–"
+                    f"{100 * result['ci_high']:.1f}), {result['mean_tokens']:.0f} tokens",
+                    file=out,
+                    flush=True,
+                )
+            if lanes and time.monotonic() - last_beat >= heartbeat_s:
+                last_beat = time.monotonic()
+                for variant, lane in lanes.items():
+                    print(f"  {variant:<8} {_last_line(lane.log)}", file=out, flush=True)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        _stop(lanes, out)
+        raise SystemExit(130) from None
+    if failed:
+        raise SystemExit(
+            "ablation variants failed: "
+            + "; ".join(f"{v}: {why}" for v, why in failed.items())
+            + " (rerun the same command to resume)"
         )
-        result = variant_result(seed_root / variant, final_checkpoint(manifest))
-        result["wall_s"] = round(time.monotonic() - t0, 1)
-        summary[variant] = result
     wall = time.monotonic() - started
     doc = {v: summary[v] for v in order}
     from visionr1_jobs.contract import atomic_write, atomic_write_json
@@ -470,7 +608,10 @@ def run_ablations(
     atomic_write_json(seed_root / "summary.json", doc)
     atomic_write(seed_root / "summary.md", markdown(doc, seed, wall))
     print("\n" + markdown(doc, seed, wall), file=out, flush=True)
-    print(f"summary: {root / 'summary.json'}, {root / 'summary.md'}, {root / 'summary.png'}")
+    print(
+        f"summary: {root / 'summary.json'}, {root / 'summary.md'}, {root / 'summary.png'}",
+        file=out,
+    )
     view = share_view(uri, experiment_id)
     print(
         f"MLflow: mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000{view}",
@@ -495,6 +636,12 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--n", type=int, default=800, help="toy training problems (cold start)")
     parser.add_argument("--n-rl", type=int, default=800, help="toy RL problems")
     parser.add_argument("--n-bench", type=int, default=300, help="held-out toy problems")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="variants run at once (each stage on OMP_NUM_THREADS threads; default 2)",
+    )
     parser.add_argument(
         "--variants",
         default=",".join(VARIANTS),
@@ -522,6 +669,9 @@ def main(args: Any) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    if args.jobs < 1:
+        print("error: --jobs must be >= 1", file=sys.stderr)
+        return 2
     sizes = ToySizes(args.n, args.n_rl, args.n_bench)
-    run_ablations(base, args.seed, Path(args.out), variants=variants, sizes=sizes)
+    run_ablations(base, args.seed, Path(args.out), variants=variants, sizes=sizes, jobs=args.jobs)
     return 0

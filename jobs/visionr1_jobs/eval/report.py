@@ -46,6 +46,13 @@ def _rank(name: str) -> tuple[int, int]:
         return (2, int(m.group(1)))
     if name == "grpo":
         return (3, 0)
+    # A checkpoint named by path (an ablation evaluating another run's model) ranks by what
+    # its folder says it is.
+    parts = Path(name).parts
+    if "sft" in parts:
+        return (1, 1)
+    if "grpo" in parts:
+        return (3, 1)
     return (4, 0)
 
 
@@ -67,6 +74,11 @@ def label(name: str) -> str:
         return f"GRPO PTST stage {m.group(1)}"
     if name == "grpo":
         return "GRPO final"
+    parts = Path(name).parts
+    if len(parts) > 1:
+        # A model folder from elsewhere: its last folders say what it is and fit a table.
+        what = "SFT model" if "sft" in parts else "GRPO model" if "grpo" in parts else "model"
+        return f"{what} at …/{'/'.join(parts[-3:])}"
     return name
 
 
@@ -94,11 +106,6 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], settings: dict[str, 
         judges = ", ".join(f"{b}: {PAPER_JUDGE[b]}" for b in paper_benches)
         lines += ["", f"Paper judges ({judges}); ours: {settings.get('judge', 'rule')}."]
     lines += _judge_section(results, settings)
-    lines += [
-        "",
-        "Failed: requests that failed for good at generation (after the backend's retries); "
-        "they count as wrong answers.",
-    ]
     lines += ["", "## Format and length", ""]
     lines.append(
         "| checkpoint | benchmark | n | format rate (%) | mean tokens | mean chars | failed |"
@@ -112,6 +119,11 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], settings: dict[str, 
                 f"{'–' if tok is None else f'{tok:.0f}'} | {s['mean_response_chars']:.0f} | "
                 f"{s.get('failed', 0)} |"
             )
+    lines += [
+        "",
+        "failed: requests that failed for good at generation (after the backend's retries); "
+        "they count as wrong answers.",
+    ]
     for b in benches:
         dims = HEADLINE_DIMS.get(b, ())
         for dim in dims:
