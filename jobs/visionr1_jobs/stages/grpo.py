@@ -309,7 +309,10 @@ def _substage(
             )
             # The policy starts from the previous sub-stage; TRL builds the KL reference from
             # config.name_or_path, which load_model points at the reference.
-            model = runtime.load_model(start, bf16, reference=reference)
+            resume = ckpt.resume_point(checkpoints_dir, world.is_main, label)
+            model = runtime.load_model(
+                ckpt.starting_weights(start, resume), bf16, reference=reference
+            )
             if params.freeze_vision_tower:
                 runtime.freeze_vision_tower(model)
             callbacks: list[Any] = [ProgressLines(label), watch]
@@ -323,7 +326,6 @@ def _substage(
                 processing_class=processor,
                 callbacks=callbacks,
             )
-            resume = ckpt.resume_point(checkpoints_dir, world.is_main, label)
             t0 = time.time()
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             record["train_seconds_last_attempt"] = time.time() - t0

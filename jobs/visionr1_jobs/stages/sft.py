@@ -133,7 +133,8 @@ def _fit(
         completion_only_loss=True,
     )
     processor = runtime.load_processor(base, params.min_pixels, params.max_pixels)
-    model = runtime.load_model(base, bf16)
+    resume = ckpt.resume_point(checkpoints_dir, world.is_main, "sft")
+    model = runtime.load_model(ckpt.starting_weights(base, resume), bf16)
     if params.freeze_vision_tower:
         runtime.freeze_vision_tower(model)
     callbacks: list[Any] = [ProgressLines("sft")]
@@ -146,7 +147,6 @@ def _fit(
         processing_class=processor,
         callbacks=callbacks,
     )
-    resume = ckpt.resume_point(checkpoints_dir, world.is_main, "sft")
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - t0

@@ -88,6 +88,32 @@ def resume_point(folder: Path, is_main: bool, label: str) -> Path | None:
     return resume
 
 
+def starting_weights(base: str, resume: Path | None) -> str:
+    """Where a (re)started trainer loads its model from: the checkpoint it resumes from when that
+    holds Hugging Face weights, else ``base``.
+
+    Why not leave the weights to ``trainer.train(resume_from_checkpoint=...)``: transformers'
+    Trainer (v5, as installed) restores them with ``model.load_state_dict(raw_file, strict=False)``,
+    but ``save_pretrained`` writes checkpoints in the original Hub layout while a model with a
+    key-conversion mapping (Qwen2.5-VL: ``model.layers.*``/``visual.*`` on disk,
+    ``model.language_model.*``/``model.visual.*`` in memory) uses other names in memory. Every
+    renamed tensor is then skipped with only a logged warning; training continued from the base
+    weights (all but ``lm_head``) with the restored optimizer moments at the full learning rate,
+    and the loss jumped from ~0.1 to 3-15. ``from_pretrained`` applies the renaming; the
+    Trainer's own partial load afterwards rewrites only the tensors whose names match, with the
+    same values, so it is harmless (and stays correct once transformers renames on resume).
+    A DeepSpeed-only checkpoint (no HF weights) is left to DeepSpeed, which keeps module names.
+    """
+    if resume is not None and is_complete_model(resume):
+        log.warning(
+            "loading the weights from %s (the Trainer's own restore misses renamed tensors; "
+            "its 'missing/unexpected keys' warning below is expected)",
+            resume.name,
+        )
+        return str(resume)
+    return base
+
+
 def is_complete_model(path: Path) -> bool:
     """A final model folder: config + weights (only ever renamed into place complete)."""
     return (path / "config.json").exists() and any((path / w).exists() for w in _WEIGHTS)
