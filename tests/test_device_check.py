@@ -9,10 +9,9 @@ from visionr1_jobs.training import device_check
 
 
 def _token_ids() -> dict[str, int]:
-    from visionr1_jobs.toy.model import SPECIAL_TOKENS, build_processor
+    from visionr1_jobs.toy.model import build_processor, special_token_ids
 
-    tok = build_processor().tokenizer
-    return {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return special_token_ids(build_processor().tokenizer)
 
 
 def test_the_committed_config_is_qwen2_5_vl_7b() -> None:

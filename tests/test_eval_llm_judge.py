@@ -7,12 +7,12 @@ import hashlib
 import json
 import re
 import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from chat_server import ChatServer, Reply, chat_completion
 
 from visionr1_jobs.config import (
     Backend,
@@ -50,50 +50,23 @@ class JudgeServer:
         self.script: list[str] = []
         self.bodies: list[dict[str, Any]] = []
         self.lock = threading.Lock()
-        outer = self
+        self.http = ChatServer(self.respond)
+        self.base_url = self.http.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
-                with outer.lock:
-                    outer.bodies.append(body)
-                    text = outer.script.pop(0) if outer.script else outer.answer(prompt)
-                payload = json.dumps(
-                    {
-                        "id": "c",
-                        "object": "chat.completion",
-                        "model": SERVED,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "finish_reason": "stop",
-                                "message": {"role": "assistant", "content": text},
-                            }
-                        ],
-                        "usage": {"prompt_tokens": 50, "completion_tokens": 8},
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def respond(self, path: str, headers: Mapping[str, str], body: dict[str, Any]) -> Reply:
+        prompt = body["messages"][-1]["content"]
+        with self.lock:
+            self.bodies.append(body)
+            text = self.script.pop(0) if self.script else self.answer(prompt)
+        usage = {"prompt_tokens": 50, "completion_tokens": 8}
+        return 200, chat_completion(SERVED, text, usage), {}
 
 
 @pytest.fixture
 def server() -> Iterator[JudgeServer]:
     srv = JudgeServer()
     yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
+    srv.http.close()
 
 
 def _teacher(srv: JudgeServer) -> Teacher:

@@ -228,9 +228,11 @@ def test_sigkilled_eval_pod_resumes_and_asks_the_server_only_for_unsaved_rows(
     import signal
     import subprocess
     import sys
-    import threading
     import time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from collections.abc import Mapping
+    from typing import Any
+
+    from chat_server import ChatServer, Reply, chat_completion
 
     from visionr1_jobs.config import Backend, MlflowRef
 
@@ -238,46 +240,16 @@ def test_sigkilled_eval_pod_resumes_and_asks_the_server_only_for_unsaved_rows(
     asked: list[str] = []
     delay = {"s": 0.3}
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
+    def respond(path: str, headers: Mapping[str, str], body: dict[str, Any]) -> Reply:
+        text = next(p["text"] for p in body["messages"][0]["content"] if p["type"] == "text")
+        asked.append(text)
+        time.sleep(delay["s"])
+        reply = f"<think> x </think><answer> Final Answer:{gold.get(text, '0')} </answer>"
+        usage = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+        return 200, chat_completion(body["model"], reply, usage), {}
 
-        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            text = next(p["text"] for p in body["messages"][0]["content"] if p["type"] == "text")
-            asked.append(text)
-            time.sleep(delay["s"])
-            reply = f"<think> x </think><answer> Final Answer:{gold.get(text, '0')} </answer>"
-            data = json.dumps(
-                {
-                    "id": "x",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [
-                        {
-                            "index": 0,
-                            "finish_reason": "stop",
-                            "message": {"role": "assistant", "content": reply},
-                        }
-                    ],
-                    "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14},
-                }
-            ).encode()
-            try:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client was killed
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(
-        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    ).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    server = ChatServer(respond)
+    url = server.url
     backend = Backend(kind="openai", base_url=url, model="served", max_concurrency=2)
     cfg = _cfg(workspace, backend=backend, batch_size=2)
     cfg.mlflow = MlflowRef(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}", experiment="kill")
@@ -312,8 +284,7 @@ def test_sigkilled_eval_pod_resumes_and_asks_the_server_only_for_unsaved_rows(
         rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        server.close()
     man = read_manifest(workspace, "eval")
     assert man is not None and man.rows == {"base/toy": N_BENCH}
     from collections import Counter

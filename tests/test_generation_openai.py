@@ -3,14 +3,14 @@ chat-completions server started by the test."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
+from chat_server import ChatServer, Reply, chat_completion
 from PIL import Image
 
 from visionr1_jobs.config import Backend
@@ -31,85 +31,43 @@ class FakeServer:
         self.bodies: list[dict] = []
         self.auth: list[str | None] = []
         self.lock = threading.Lock()
-        outer = self
+        self.http = ChatServer(self.respond)
+        self.url = self.http.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:  # keep pytest output clean
-                pass
-
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.bodies.append(body)
-                    outer.auth.append(self.headers.get("Authorization"))
-                    action = outer.script.pop(0) if outer.script else "ok"
-                if self.path != "/v1/chat/completions":
-                    return self._send(404, {"error": "not found"})
-                if self.headers.get("Authorization") != f"Bearer {KEY}":
-                    return self._send(401, {"error": {"message": "Incorrect API key provided"}})
-                if action == "sleep":
-                    time.sleep(1.0)
-                    action = "ok"
-                if action == "429":
-                    return self._send(429, {"error": "rate limited"}, {"Retry-After": "1.2"})
-                if action == "500":
-                    return self._send(500, {"error": "boom"})
-                user_text = body["messages"][-1]["content"]
-                if isinstance(user_text, list):
-                    user_text = next(p["text"] for p in user_text if p["type"] == "text")
-                if action == "400" or "too long" in user_text:
-                    return self._send(
-                        400, {"error": {"message": "maximum context length is 8 tokens"}}
-                    )
-                self._send(
-                    200,
-                    {
-                        "id": "x",
-                        "object": "chat.completion",
-                        "model": body["model"],
-                        "choices": [
-                            {
-                                "index": 0,
-                                "finish_reason": "stop",
-                                "message": {
-                                    "role": "assistant",
-                                    "content": f"echo: {user_text}",
-                                    "reasoning_content": "thinking"
-                                    if "reason" in user_text
-                                    else None,
-                                },
-                            }
-                        ],
-                        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
-                    },
-                )
-
-            def _send(self, code: int, payload: dict, headers: dict | None = None) -> None:
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(code)
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and hung up
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
+    def respond(self, path: str, headers: Mapping[str, str], body: dict[str, Any]) -> Reply:
+        with self.lock:
+            self.bodies.append(body)
+            self.auth.append(headers.get("Authorization"))
+            action = self.script.pop(0) if self.script else "ok"
+        if path != "/v1/chat/completions":
+            return 404, {"error": "not found"}, {}
+        if headers.get("Authorization") != f"Bearer {KEY}":
+            return 401, {"error": {"message": "Incorrect API key provided"}}, {}
+        if action == "sleep":
+            time.sleep(1.0)
+            action = "ok"
+        if action == "429":
+            return 429, {"error": "rate limited"}, {"Retry-After": "1.2"}
+        if action == "500":
+            return 500, {"error": "boom"}, {}
+        user_text = body["messages"][-1]["content"]
+        if isinstance(user_text, list):
+            user_text = next(p["text"] for p in user_text if p["type"] == "text")
+        if action == "400" or "too long" in user_text:
+            return 400, {"error": {"message": "maximum context length is 8 tokens"}}, {}
+        usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        reasoning = "thinking" if "reason" in user_text else None
+        completion = chat_completion(
+            body["model"], f"echo: {user_text}", usage, reasoning_content=reasoning
+        )
+        return 200, completion, {}
 
 
 @pytest.fixture
 def server() -> Iterator[FakeServer]:
     srv = FakeServer()
     yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
+    srv.http.close()
 
 
 def _backend(server: FakeServer, monkeypatch: pytest.MonkeyPatch, **kw: object) -> OpenAIBackend:

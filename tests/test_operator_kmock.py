@@ -26,11 +26,11 @@ from kmock_cluster import (
     job_running,
     job_succeeded,
     jobs,
-    mlflow_server,
     objects,
     run_object,
     wait_for,
 )
+from mlflow_server import free_port, mlflow_server
 
 from visionr1_operator.handlers import OperatorConfig, make_registry
 from visionr1_operator.plan import RetryPolicy
@@ -50,7 +50,7 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if os.environ.get("VISIONR1_TEST_MLFLOW_URI"):  # a server already running (development)
         yield os.environ["VISIONR1_TEST_MLFLOW_URI"]
         return
-    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+    with mlflow_server(tmp_path_factory.mktemp("mlflow"), start_timeout_s=90) as uri:
         yield uri
 
 
@@ -572,9 +572,7 @@ async def tcp_proxy(port: int, target: str) -> AsyncIterator[None]:
 async def test_mlflow_coming_back_is_picked_up_on_its_own(
     k8s: Any, client: httpx.AsyncClient, mlflow_uri: str
 ) -> None:
-    from kmock_cluster import _free_port
-
-    port = _free_port()  # nothing listens yet: MLflow is "down"
+    port = free_port()  # nothing listens yet: MLflow is "down"
     uri = f"http://127.0.0.1:{port}"
 
     def tracking() -> dict[str, Any]:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from chat_server import ChatServer, Reply, chat_completion
 
 from visionr1_jobs.config import (
     Backend,
@@ -59,72 +59,34 @@ class Reasoner:
         self.attempts: dict[str, int] = {}
         self.fates: dict[str, str] = {}  # prompt text → reason it was failed for good / "ok"
         self.lock = threading.Lock()
-        outer = self
+        self.http = ChatServer(self.respond)
+        self.url = self.http.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = body["messages"][-1]["content"]
-                b = bucket(text)
-                with outer.lock:
-                    n = outer.attempts[text] = outer.attempts.get(text, 0) + 1
-                if b in PERMANENT:
-                    status, reason, message = PERMANENT[b]
-                    with outer.lock:
-                        outer.fates[text] = reason
-                    return self._send(status, {"error": {"message": message, "code": reason}})
-                if b in TRANSIENT_BUCKETS and n <= 2:
-                    return self._send(500, {"error": {"message": "try again"}})
-                with outer.lock:
-                    outer.fates[text] = "ok"
-                self._send(
-                    200,
-                    {
-                        "id": "x",
-                        "object": "chat.completion",
-                        "created": 0,
-                        "model": body["model"],
-                        "choices": [
-                            {
-                                "index": 0,
-                                "finish_reason": "stop",
-                                "message": {
-                                    "role": "assistant",
-                                    "content": "<think> Counting. </think><answer> Final "
-                                    "Answer:3 </answer>",
-                                },
-                            }
-                        ],
-                        "usage": {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14},
-                    },
-                )
-
-            def _send(self, code: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                if code != 200:
-                    self.send_header("Retry-After", "0.01")
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
+    def respond(self, path: str, headers: Mapping[str, str], body: dict[str, Any]) -> Reply:
+        text = body["messages"][-1]["content"]
+        b = bucket(text)
+        with self.lock:
+            n = self.attempts[text] = self.attempts.get(text, 0) + 1
+        retry = {"Retry-After": "0.01"}
+        if b in PERMANENT:
+            status, reason, message = PERMANENT[b]
+            with self.lock:
+                self.fates[text] = reason
+            return status, {"error": {"message": message, "code": reason}}, retry
+        if b in TRANSIENT_BUCKETS and n <= 2:
+            return 500, {"error": {"message": "try again"}}, retry
+        with self.lock:
+            self.fates[text] = "ok"
+        answer = "<think> Counting. </think><answer> Final Answer:3 </answer>"
+        usage = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+        return 200, chat_completion(body["model"], answer, usage), {}
 
 
 @pytest.fixture
 def reasoner() -> Iterator[Reasoner]:
     srv = Reasoner()
     yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
+    srv.http.close()
 
 
 @pytest.fixture(scope="module")

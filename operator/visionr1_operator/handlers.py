@@ -549,6 +549,57 @@ def _in_cluster() -> bool:
     return os.path.exists(SERVICE_ACCOUNT_TOKEN) and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
 
+def _watch_children(
+    registry: kopf.OperatorRegistry,
+    rec: Reconciler,
+    resource: tuple[str, ...],
+    handler_id: str,
+    observe: Callable[[kopf.Body], Any],
+    seen: dict[tuple[str, str], dict[str, Any]],
+    *,
+    reconcile_on_delete: bool,
+) -> None:
+    """Register an event handler for a run's child objects (Jobs, pods) of ``resource``.
+
+    Only objects labelled with their run reach it (the same label the startup handler gives
+    the API server as a watch selector). What ``observe`` makes of an object is kept in
+    ``seen`` (run → object name → facts) and the run is reconciled only when that changes,
+    or when the object is deleted and ``reconcile_on_delete``.
+    """
+
+    @kopf.on.event(
+        *resource, labels={manifests.LABEL_RUN: kopf.PRESENT}, id=handler_id, registry=registry
+    )
+    async def child_event(
+        event: Mapping[str, Any],
+        body: kopf.Body,
+        namespace: str,
+        job_index: Any,
+        pod_index: Any,
+        **_: Any,
+    ) -> None:
+        rec.job_index, rec.pod_index = job_index, pod_index
+        meta = body.get("metadata") or {}
+        run_name = (meta.get("labels") or {}).get(manifests.LABEL_RUN)
+        if not run_name:
+            return
+        key = (namespace, run_name)
+        name = meta.get("name", "")
+        if event.get("type") == "DELETED":
+            left = seen.get(key) or {}
+            left.pop(name, None)
+            if not left:
+                seen.pop(key, None)  # nothing kept for a run that is gone
+            if not reconcile_on_delete:
+                return
+        else:
+            facts = observe(body)
+            if facts is None or seen[key].get(name) == facts:
+                return  # nothing the plan would see has changed
+            seen[key][name] = facts
+        await rec.reconcile_quietly(namespace, run_name)
+
+
 def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry:
     """A kopf registry with every handler of the operator, bound to ``config``."""
     config = config or OperatorConfig()
@@ -637,69 +688,25 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
         if event.get("type") == "DELETED":
             await rec.deleted(body)
 
-    @kopf.on.event(
-        "batch",
-        "v1",
-        "jobs",
-        labels={manifests.LABEL_RUN: kopf.PRESENT},
-        id="job_event",
-        registry=registry,
+    # Jobs: a Job gone changes the plan (its stage may need a retry), so it reconciles too.
+    # Pods: a pod going away changes nothing the Job does not report itself.
+    _watch_children(
+        registry,
+        rec,
+        ("batch", "v1", "jobs"),
+        "job_event",
+        manifests.observe_job,
+        rec.seen,
+        reconcile_on_delete=True,
     )
-    async def job_event(
-        event: Mapping[str, Any],
-        body: kopf.Body,
-        namespace: str,
-        job_index: Any,
-        pod_index: Any,
-        **_: Any,
-    ) -> None:
-        rec.job_index, rec.pod_index = job_index, pod_index
-        meta = body.get("metadata") or {}
-        run_name = (meta.get("labels") or {}).get(manifests.LABEL_RUN)
-        if not run_name:
-            return
-        key = (namespace, run_name)
-        job = meta.get("name", "")
-        if event.get("type") == "DELETED":
-            seen_of_run = rec.seen.get(key) or {}
-            seen_of_run.pop(job, None)
-            if not seen_of_run:
-                rec.seen.pop(key, None)  # nothing kept for a run that is gone
-        else:
-            seen_of_run = rec.seen[key]
-            seen = manifests.observe_job(body)
-            if seen is None or seen_of_run.get(job) == seen:
-                return  # nothing the plan would see has changed
-            seen_of_run[job] = seen
-        await rec.reconcile_quietly(namespace, run_name)
-
-    @kopf.on.event("v1", "pods", labels={manifests.LABEL_RUN: kopf.PRESENT}, registry=registry)
-    async def pod_event(
-        event: Mapping[str, Any],
-        body: kopf.Body,
-        namespace: str,
-        job_index: Any,
-        pod_index: Any,
-        **_: Any,
-    ) -> None:
-        rec.job_index, rec.pod_index = job_index, pod_index
-        meta = body.get("metadata") or {}
-        run_name = (meta.get("labels") or {}).get(manifests.LABEL_RUN)
-        facts = manifests.observe_pod(body)
-        if not run_name or facts is None:
-            return
-        key = (namespace, run_name)
-        pod = meta.get("name", "")
-        if event.get("type") == "DELETED":
-            left = rec.seen_pods.get(key) or {}
-            left.pop(pod, None)
-            if not left:
-                rec.seen_pods.pop(key, None)
-            return  # a pod going away changes nothing the Job does not report itself
-        seen_of_run = rec.seen_pods[key]
-        if seen_of_run.get(pod) == facts:
-            return
-        seen_of_run[pod] = facts
-        await rec.reconcile_quietly(namespace, run_name)
+    _watch_children(
+        registry,
+        rec,
+        ("v1", "pods"),
+        "pod_event",
+        manifests.observe_pod,
+        rec.seen_pods,
+        reconcile_on_delete=False,
+    )
 
     return registry

@@ -1,27 +1,22 @@
-"""Helpers of the cluster tests: kubectl as JSON, waiting, the CRD, a local MLflow server, the
-operator as a local process, and the tiny run's manifest for a cluster.
+"""Helpers of the cluster tests: kubectl as JSON, waiting, the CRD, the operator as a local
+process, and the tiny run's manifest for a cluster (the MLflow server: tests/mlflow_server.py).
 
 Everything here reads what the real API server stores; nothing stands in for a controller.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,70 +97,6 @@ def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
         if c.get("type") == type_:
             return c
     return None
-
-
-# --------------------------------------------------------------------------- MLflow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def mlflow_server(workdir: Path) -> Iterator[str]:
-    """``mlflow server`` on 127.0.0.1, sqlite store, artifacts proxied through the server (as the
-    chart runs it): stage pods run as another user and upload through HTTP, never to a path."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    log_path = workdir / "mlflow-server.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [
-            exe,
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{workdir / 'mlflow.db'}",
-            "--serve-artifacts",
-            "--artifacts-destination",
-            str(workdir / "artifacts"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{uri}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mlflow server did not start:\n" + log_path.read_text()[-3000:])
-            time.sleep(0.3)
-        yield uri
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 # --------------------------------------------------------------------------- the operator

@@ -41,11 +41,11 @@ from cluster_helpers import (
     items,
     kget,
     kget_or_none,
-    mlflow_server,
     tiny_cluster_run,
     wait_for,
     with_stages,
 )
+from mlflow_server import mlflow_server
 
 from visionr1_operator.plan import parse_time
 
@@ -174,7 +174,8 @@ def world(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
     _no_other_operator(cp)
     ensure_crd(cp)
     create_namespace(cp, NS)
-    with mlflow_server(tmp / "mlflow") as uri:
+    # Artifacts go through the server, as the chart runs it: stage pods run as another user.
+    with mlflow_server(tmp / "mlflow", serve_artifacts=True) as uri:
         # The chart, as a user installs it, for this namespace only (a Role, nothing
         # cluster-wide); the CRD is already there. Its operator pod is kept off the node (no
         # image here): this process runs the operator, with the chart's ServiceAccount.

@@ -190,13 +190,38 @@ def build_processor(vocab_size: int = 3000, seed: int = 0) -> Any:
     )
 
 
+def special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The ids of :data:`SPECIAL_TOKENS` in ``tokenizer``."""
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+
+def qwen2_5_vl_config(
+    text: dict[str, Any], vision: dict[str, Any], token_ids: dict[str, int]
+) -> Any:
+    """A Qwen2_5_VLConfig of the given text and vision settings, wired to the tokenizer's
+    special ids (the toy model's and the device check's full-size one alike)."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = text | {
+        "bos_token_id": token_ids["<|endoftext|>"],
+        "eos_token_id": token_ids["<|im_end|>"],
+        "pad_token_id": token_ids["<|endoftext|>"],
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=token_ids["<|image_pad|>"],
+        video_token_id=token_ids["<|video_pad|>"],
+        vision_start_token_id=token_ids["<|vision_start|>"],
+        vision_end_token_id=token_ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
 def build_config(
     tokenizer: Any, *, hidden: int = 64, layers: int = 2, vision_depth: int = 1
 ) -> Any:
     """A Qwen2_5_VLConfig a few hundred kB in size, wired to the tokenizer's special ids."""
-    from transformers import Qwen2_5_VLConfig
-
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     heads = 4
     head_dim = hidden // heads
     # M-RoPE splits each head's rotary half-dims over (time, height, width).
@@ -215,9 +240,6 @@ def build_config(
             "rope_theta": 10000.0,
             "mrope_section": section,
         },
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
         "tie_word_embeddings": False,
     }
     vision = {
@@ -232,15 +254,7 @@ def build_config(
         "window_size": 112,
         "fullatt_block_indexes": list(range(vision_depth)),
     }
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
+    return qwen2_5_vl_config(text, vision, special_token_ids(tokenizer))
 
 
 def create_tiny_model(

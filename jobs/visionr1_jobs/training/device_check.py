@@ -53,7 +53,7 @@ def _log(msg: str) -> None:
 def model_config(layers: int | None, vision_depth: int | None, token_ids: dict[str, int]) -> Any:
     """The committed Qwen2.5-VL-7B config, with the tokenizer's special ids; optionally fewer
     decoder layers or vision blocks (the fallback when memory runs out)."""
-    from transformers import Qwen2_5_VLConfig
+    from visionr1_jobs.toy.model import qwen2_5_vl_config
 
     raw = json.loads(CONFIG.read_text())
     text, vision = dict(raw["text_config"]), dict(raw["vision_config"])
@@ -65,20 +65,7 @@ def model_config(layers: int | None, vision_depth: int | None, token_ids: dict[s
         vision["fullatt_block_indexes"] = [
             i for i in vision["fullatt_block_indexes"] if i < vision_depth
         ] or [vision_depth - 1]
-    text |= {
-        "bos_token_id": token_ids["<|endoftext|>"],
-        "eos_token_id": token_ids["<|im_end|>"],
-        "pad_token_id": token_ids["<|endoftext|>"],
-    }
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=token_ids["<|image_pad|>"],
-        video_token_id=token_ids["<|video_pad|>"],
-        vision_start_token_id=token_ids["<|vision_start|>"],
-        vision_end_token_id=token_ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
+    return qwen2_5_vl_config(text, vision, token_ids)
 
 
 def build_model(out: Path, layers: int | None, vision_depth: int | None) -> tuple[Path, int]:
@@ -87,11 +74,10 @@ def build_model(out: Path, layers: int | None, vision_depth: int | None) -> tupl
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from visionr1_jobs.toy.model import SPECIAL_TOKENS, build_processor
+    from visionr1_jobs.toy.model import build_processor, special_token_ids
 
     processor = build_processor()
-    tok = processor.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ids = special_token_ids(processor.tokenizer)
     config = model_config(layers, vision_depth, ids)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
