@@ -209,7 +209,9 @@ def test_sft_then_grpo_with_two_ptst_substages(world: dict[str, Path], tmp_path:
         {"maxCompletionLength": 64, "numGenerations": 4, "steps": 2},
         {"maxCompletionLength": 128, "numGenerations": 2, "steps": 2},
     ]
-    grpo_cfg = _grpo_config(ws, world, {"path": "sft", "format": "stage", "stage": "sft"}, ptst)
+    grpo_cfg = _grpo_config(
+        ws, world, {"path": "sft", "format": "stage", "stage": "sft"}, ptst, warmupSteps=1
+    )
     assert stage_main(["grpo", "--config", str(grpo_cfg)]) == 0
     grpo = read_manifest(ws, "grpo")
     assert grpo is not None
@@ -227,6 +229,14 @@ def test_sft_then_grpo_with_two_ptst_substages(world: dict[str, Path], tmp_path:
     # Sub-stage 2 starts from sub-stage 1's weights; the KL reference stays the SFT model.
     assert done2["start_model"] == str(ws / "grpo" / "stage-1" / "final")
     assert done1["reference_model"] == done2["reference_model"] == str(ws / "sft" / "final")
+    # Each sub-stage starts a fresh optimizer and warms its learning rate up again (the
+    # trainer's own record: 0 on the warmup step, then the full rate).
+    for name in ("stage-1", "stage-2"):
+        state = json.loads(
+            (ws / "grpo" / name / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text()
+        )
+        lrs = [h["learning_rate"] for h in state["log_history"] if "learning_rate" in h]
+        assert lrs == pytest.approx([0.0, 1e-4]), (name, lrs)
     # The budgets were applied: no completion longer than its sub-stage's budget.
     assert max(r["completion_length"] for r in done1["series"]) <= 64
     assert max(r["completion_length"] for r in done2["series"]) <= 128

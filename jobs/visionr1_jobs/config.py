@@ -442,6 +442,14 @@ class GRPOParams(TrainCommon):
     learning_rate: float = Field(
         1e-6, gt=0, le=1.0, description="Learning rate (not published; EasyR1's default)."
     )
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        le=100000,
+        description="Linear learning-rate warmup at the start of every PTST sub-stage, in "
+        "optimizer steps (each sub-stage starts a fresh optimizer; 0 = constant from the first "
+        "step).",
+    )
     beta: float = Field(
         0.01, ge=0, le=10, description="KL coefficient to the reference model (k3)."
     )

@@ -291,7 +291,10 @@ def _substage(
             args = GRPOConfig(
                 **runtime.common_training_kwargs(params, checkpoints_dir, bf16, ds_path),
                 learning_rate=params.learning_rate,
-                lr_scheduler_type="constant",
+                # Every sub-stage starts a fresh Adam: without a warmup its first bias-corrected
+                # steps move each weight by about the full learning rate at once.
+                lr_scheduler_type="constant_with_warmup" if params.warmup_steps else "constant",
+                warmup_steps=min(params.warmup_steps, row.steps),
                 max_steps=row.steps,
                 num_generations=row.num_generations,
                 max_completion_length=row.max_completion_length,
