@@ -103,6 +103,7 @@ def test_reduced_ablation_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
                 "grpo": {
                     "params": {
                         "promptsPerStep": 2,
+                        "warmupSteps": 0,  # one step per sub-stage: let it learn
                         "ptst": [
                             {"maxCompletionLength": 16, "numGenerations": 4, "steps": 1},
                             {"maxCompletionLength": 24, "numGenerations": 2, "steps": 1},
