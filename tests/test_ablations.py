@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -176,3 +177,40 @@ def test_reduced_ablation_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
         parents["sft-only-seed7"].data.metrics["final.toy.accuracy"]
         == (on_disk["sft_only"]["accuracy"])
     )
+
+
+def test_a_failed_recipe_stops_the_variants_that_need_its_sft(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduler never starts sft_only/long without the recipe's SFT checkpoint, names the
+    failed variant and its log, and writes no summary."""
+    import io
+    import subprocess
+    import sys
+
+    started: list[str] = []
+
+    def failing_run(variant: str, manifest: Path, workdir: Path, log: Path) -> Any:
+        started.append(variant)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("synthesis exited 65 (invalid input)\n")
+        return subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+
+    monkeypatch.setattr(A, "_start", failing_run)
+    monkeypatch.setattr(A, "_prepare", lambda *args: None)
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as exc:
+        A.run_ablations(
+            REPO / "examples" / "tiny-cpu.yaml",
+            1,
+            tmp_path,
+            variants=("recipe", "sft_only", "long"),
+            out=out,
+        )
+    assert started == ["recipe"]
+    message = str(exc.value.code)
+    assert "recipe: exit 3; log: " in message and str(tmp_path) in message
+    assert "sft_only: the recipe's SFT checkpoint was not made" in message
+    assert "long: the recipe's SFT checkpoint was not made" in message
+    assert "synthesis exited 65" in out.getvalue()  # the failed variant's log tail is shown
+    assert not (tmp_path / "summary.json").exists()
