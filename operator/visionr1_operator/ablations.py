@@ -438,6 +438,15 @@ class _Lane:
     started: float
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT at its default, so Python turns it into the executor's
+    KeyboardInterrupt even when we were started with SIGINT ignored (a background job of a
+    non-interactive shell, some CI runners), which the child would otherwise inherit."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(variant: str, manifest: Path, workdir: Path, log: Path) -> Any:
     import subprocess
 
@@ -459,6 +468,7 @@ def _start(variant: str, manifest: Path, workdir: Path, log: Path) -> Any:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_default_sigint,
         )
 
 
@@ -477,6 +487,22 @@ def _stop(lanes: dict[str, _Lane], out: Any) -> None:
             lane.proc.kill()
             lane.proc.wait()
     print("interrupted: rerun the same command to resume where each variant stopped", file=out)
+
+
+def _terminate_as_interrupt() -> Any:
+    """Treat SIGTERM (``kill``, a CI runner's timeout) like Ctrl-C while variants run: the
+    variants are sessions of their own and would outlive us otherwise. Returns the undo."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _last_line(log: Path) -> str:
@@ -540,6 +566,7 @@ def run_ablations(
     summary: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
     last_beat = time.monotonic()
+    restore = _terminate_as_interrupt()
     try:
         while pending or lanes:
             for variant in list(pending):
@@ -590,6 +617,8 @@ def run_ablations(
     except KeyboardInterrupt:
         _stop(lanes, out)
         raise SystemExit(130) from None
+    finally:
+        restore()
     if failed:
         raise SystemExit(
             "ablation variants failed: "
