@@ -19,7 +19,12 @@ def _strict(node: dict[str, Any]) -> dict[str, Any]:
     """Server-side strict field validation: unknown fields are errors, not pruned."""
     node = dict(node)
     if node.get("type") == "object" and "properties" in node:
-        node["properties"] = {k: _strict(v) for k, v in node["properties"].items()}
+        node["properties"] = {
+            # The root's metadata is ObjectMeta, checked by the API server itself; the CRD
+            # may only add rules for its name, so it is never closed.
+            k: v if k == "metadata" and "spec" in node["properties"] else _strict(v)
+            for k, v in node["properties"].items()
+        }
         if not node.get("x-kubernetes-preserve-unknown-fields") and set(node["properties"]) != {
             "apiVersion",
             "kind",
@@ -61,7 +66,8 @@ def cel_errors(obj: Any, schema: dict[str, Any] | None = None, path: str = "") -
     for v in schema.get("x-kubernetes-validations", []):
         result = _program(v["rule"]).evaluate({"self": celpy.json_to_cel(obj)})
         if isinstance(result, Exception) or not bool(result):
-            out.append(f"{path or '<root>'}: {v['message']}")
+            where = f"{path}{v['fieldPath']}" if v.get("fieldPath") else path
+            out.append(f"{where.lstrip('.') or '<root>'}: {v['message']}")
     if isinstance(obj, dict):
         for key, sub in (schema.get("properties") or {}).items():
             if key in obj:

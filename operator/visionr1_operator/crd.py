@@ -109,7 +109,9 @@ def crd() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            # At the root, the API server allows a schema for metadata.name (and generateName)
+            # only; declaring it lets the name rules below report their field path.
+            "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
             "spec": spec,
             "status": status,
         },
@@ -118,12 +120,16 @@ def crd() -> dict[str, Any]:
                 "rule": f"self.metadata.name.matches('{DNS_1035}')",
                 "message": "metadata.name must be a DNS-1035 label: lower-case letters, digits "
                 "and '-', starting with a letter (Services are named after the run)",
+                "fieldPath": ".metadata.name",
+                "reason": "FieldValueInvalid",
             },
             {
                 "rule": f"self.metadata.name.size() <= {MAX_RUN_NAME}",
                 "message": f"metadata.name must be at most {MAX_RUN_NAME} characters: the longest "
                 f"child name, a pod host name <run>-{LONGEST_STAGE}-<attempt>-<index>, must fit "
                 "in 63",
+                "fieldPath": ".metadata.name",
+                "reason": "FieldValueInvalid",
             },
         ],
     }

@@ -158,6 +158,20 @@ def test_wrong_api_version_is_refused(cp: Any) -> None:
     assert out.returncode != 0 and "visionr1.io/v1" in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [("1st-run", "DNS-1035 label"), ("r" * 45, "at most 44 characters")],
+)
+def test_a_bad_run_name_is_reported_at_metadata_name(cp: Any, name: str, needle: str) -> None:
+    """The root-level name rules carry a fieldPath: kubectl shows the field, not ``<nil>``."""
+    obj = copy.deepcopy(BASE)
+    obj["metadata"]["name"] = name
+    out = _dry_run(cp, obj)
+    assert out.returncode != 0, out.stdout
+    assert "is invalid: metadata.name: Invalid value" in out.stderr, out.stderr
+    assert needle in out.stderr and "<nil>" not in out.stderr, out.stderr
+
+
 def _maximal() -> dict[str, Any]:
     """BASE with every bounded list at its maxItems and every per-item CEL rule exercised."""
     obj = copy.deepcopy(BASE)
