@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from train_world import make_train_world, sft_config, stand_in_filter
 
 from visionr1_jobs.__main__ import main as stage_main
-from visionr1_jobs.config import ResolvedStageConfig
-from visionr1_jobs.contract import StageManifest, atomic_write_json, read_manifest
+from visionr1_jobs.contract import read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -32,59 +32,25 @@ REL_TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from visionr1_jobs.data.io import write_records
-    from visionr1_jobs.data.load import load_dataset_dir
-    from visionr1_jobs.toy.dataset import write_toy_dataset
-    from visionr1_jobs.toy.model import create_tiny_model
-
     root = tmp_path_factory.mktemp("sft-resume")
-    model = create_tiny_model(root / "models" / "tiny")
-    write_toy_dataset(root / "toy", 16, seed=1, n_rl=4, n_bench=4)
-    cold = [
-        s.model_copy(update={"response": RESPONSE.format(a=s.answer)})
-        for s in load_dataset_dir(root / "toy" / "train", "toy")
-    ]
-    write_records(cold, root / "cold")
-    return {"root": root, "model": model, "cold": root / "cold"}
+    return make_train_world(root, seed=1, n_rl=4, n_bench=4, response=RESPONSE)
 
 
 def _config(world: dict[str, Path], ws: Path) -> Path:
-    ws.mkdir(parents=True)
-    atomic_write_json(
-        ws / "filter" / "_manifest.json",
-        StageManifest(stage="filter", outputs={"data": str(world["cold"])}).dump(),
+    return sft_config(
+        stand_in_filter(ws, world),
+        world,
+        "resume-test",
+        # The laptop demo's settings, scaled down: a high constant rate after a warmup
+        # given as a share of the steps (here 3 of 8, so a resume from step 2 is mid-warmup).
+        lrScheduler="constant_with_warmup",
+        warmupRatio=0.3,
+        epochs=2,
+        maxSteps=None,
+        perDeviceBatchSize=4,
+        saveTotalLimit=10,
+        seed=0,
     )
-    cfg = ResolvedStageConfig(
-        stage="sft",
-        workspace=str(ws),
-        output_dir="sft",
-        base_model=str(world["model"]),
-        inputs={
-            "data": {"path": "filter", "format": "stage", "stage": "filter"},
-            "model": {"path": str(world["model"]), "format": "model"},
-        },
-        params={
-            "deepspeed": "none",
-            "bf16": False,
-            "gradientCheckpointing": False,
-            # The laptop demo's settings, scaled down: a high constant rate after a warmup
-            # given as a share of the steps (here 3 of 8, so a resume from step 2 is mid-warmup).
-            "learningRate": 1e-2,
-            "lrScheduler": "constant_with_warmup",
-            "warmupRatio": 0.3,
-            "epochs": 2,
-            "globalBatchSize": 4,
-            "perDeviceBatchSize": 4,
-            "maxLength": 512,
-            "saveSteps": 2,
-            "saveTotalLimit": 10,
-            "seed": 0,
-        },
-        mlflow={"experiment": "resume-test", "trackingUri": f"sqlite:///{ws.resolve()}/mlflow.db"},
-    )
-    path = ws / "sft.json"
-    path.write_text(cfg.model_dump_json(by_alias=True))
-    return path
 
 
 def _logged(ws: Path) -> dict[int, dict[str, Any]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from train_world import make_train_world, sft_config, stand_in_filter
 
 from visionr1_jobs.__main__ import main as stage_main
 from visionr1_jobs.config import ResolvedStageConfig
@@ -30,62 +31,16 @@ RESPONSE = "<think> Let me look at the image. The answer is {a}. </think><answer
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny model, toy data, and a filter-like cold-start dataset (responses attached)."""
-    from visionr1_jobs.data.io import write_records
-    from visionr1_jobs.data.load import load_dataset_dir
-    from visionr1_jobs.toy.dataset import write_toy_dataset
-    from visionr1_jobs.toy.model import create_tiny_model
-
     root = tmp_path_factory.mktemp("train-world")
-    model = create_tiny_model(root / "models" / "tiny")
-    write_toy_dataset(root / "toy", 16, seed=3, n_rl=16, n_bench=12)
-    cold = [
-        s.model_copy(update={"response": RESPONSE.format(a=s.answer)})
-        for s in load_dataset_dir(root / "toy" / "train", "toy")
-    ]
-    write_records(cold, root / "cold")
-    return {"root": root, "model": model, "rl": root / "toy" / "rl", "cold": root / "cold"}
+    return make_train_world(root, seed=3, n_rl=16, n_bench=12, response=RESPONSE)
 
 
 def _workspace(world: dict[str, Path], tmp_path: Path) -> Path:
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    # Stand in for a finished filter stage: SFT follows its manifest to the data.
-    atomic_write_json(
-        ws / "filter" / "_manifest.json",
-        StageManifest(stage="filter", outputs={"data": str(world["cold"])}).dump(),
-    )
-    return ws
+    return stand_in_filter(tmp_path / "ws", world)
 
 
 def _sft_config(ws: Path, world: dict[str, Path], **params: Any) -> Path:
-    cfg = ResolvedStageConfig(
-        stage="sft",
-        workspace=str(ws),
-        output_dir="sft",
-        base_model=str(world["model"]),
-        inputs={
-            "data": {"path": "filter", "format": "stage", "stage": "filter"},
-            "model": {"path": str(world["model"]), "format": "model"},
-        },
-        params={
-            "deepspeed": "none",
-            "bf16": False,
-            "gradientCheckpointing": False,
-            "learningRate": 1e-2,
-            "globalBatchSize": 4,
-            "perDeviceBatchSize": 2,
-            "maxSteps": 4,
-            "saveSteps": 2,
-            "maxLength": 512,
-            **params,
-        },
-        # Named explicitly, as the operator does: mlflow.set_tracking_uri exports
-        # MLFLOW_TRACKING_URI, which would otherwise leak from one in-process stage to the next.
-        mlflow={"experiment": "train-test", "trackingUri": _uri(ws)},
-    )
-    path = ws / "sft.json"
-    path.write_text(cfg.model_dump_json(by_alias=True))
-    return path
+    return sft_config(ws, world, "train-test", **params)
 
 
 def _grpo_config(

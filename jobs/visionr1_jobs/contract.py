@@ -100,6 +100,18 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def atomic_savefig(fig: Any, dest: str | os.PathLike[str], dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG at ``dest`` atomically, then close it (frees its memory)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(dest) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return Path(dest)
+
+
 def atomic_write(dest: str | os.PathLike[str], data: bytes | str) -> Path:
     """Write bytes or text to ``dest`` atomically (temp file, fsync, rename)."""
     with atomic_path(dest) as tmp:

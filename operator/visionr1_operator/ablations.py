@@ -259,12 +259,9 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, seed: int) -> Path:
     n = max(summary[v]["n"] for v in names)
     fig.suptitle(f"toy ablations, seed {seed}, n = {n} held-out problems", fontsize=10)
     fig.tight_layout()
-    from visionr1_jobs.contract import atomic_path
+    from visionr1_jobs.contract import atomic_savefig
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return atomic_savefig(fig, path)
 
 
 def reward_curves(uri: str, experiment_id: str, seed: int, path: Path) -> Path | None:
@@ -323,12 +320,9 @@ def reward_curves(uri: str, experiment_id: str, seed: int, path: Path) -> Path |
     a1.legend(fontsize=8)
     fig.suptitle(f"toy ablations, seed {seed}: from MLflow metric history", fontsize=10)
     fig.tight_layout()
-    from visionr1_jobs.contract import atomic_path
+    from visionr1_jobs.contract import atomic_savefig
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return atomic_savefig(fig, path)
 
 
 # --------------------------------------------------------------------------- running

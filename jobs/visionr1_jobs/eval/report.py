@@ -196,7 +196,7 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], path: str | Path) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from visionr1_jobs.contract import atomic_path
+    from visionr1_jobs.contract import atomic_savefig
 
     results = pipeline_order(results)
     benches = sorted({b for per in results.values() for b in per})
@@ -220,8 +220,4 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], path: str | Path) -> Pat
     ax.set_title(title + (" (dashed: paper Vision-R1-7B)" if with_paper else ""), fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return atomic_savefig(fig, path)

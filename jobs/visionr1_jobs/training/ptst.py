@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from visionr1_jobs.contract import InvalidInput, atomic_path, atomic_write_json
+from visionr1_jobs.contract import InvalidInput, atomic_savefig, atomic_write_json
 
 DONE = "_done.json"
 ROW = "_row.json"
@@ -210,6 +210,4 @@ def _plot(substages: list[dict[str, Any]], dest: Path) -> None:
     axes[0].legend(fontsize=7, loc="best")
     fig.suptitle("Progressive Thinking Suppression: per sub-stage")
     fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    atomic_savefig(fig, dest, dpi=100)
