@@ -1,5 +1,5 @@
 """Helpers of the cluster tests: kubectl as JSON, waiting, the CRD, the operator as a local
-process, and the tiny run's manifest for a cluster (the MLflow server: tests/mlflow_server.py).
+process or as the chart's Deployment, port-forwards, and the tiny run's manifest for a cluster.
 
 Everything here reads what the real API server stores; nothing stands in for a controller.
 """
@@ -186,10 +186,122 @@ class OperatorProcess:
         return [line for line in self.log().splitlines() if FORBIDDEN.search(line)]
 
 
+class PortForward:
+    """``kubectl port-forward`` to a Service: the way a user reaches the in-cluster MLflow from
+    a laptop. ``url`` is ``http://127.0.0.1:<local port>``."""
+
+    def __init__(self, cp: Any, namespace: str, target: str, port: int) -> None:
+        self.cp, self.namespace, self.target, self.port = cp, namespace, target, port
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def __enter__(self) -> PortForward:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        argv = [
+            str(self.cp.kubectl_bin),
+            f"--kubeconfig={self.cp.kubeconfig}",
+            "port-forward",
+            "-n",
+            self.namespace,
+            self.target,
+            f":{self.port}",
+        ]
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # "Forwarding from 127.0.0.1:40123 -> 5000"
+        match = re.search(r"127\.0\.0\.1:(\d+)", line)
+        if not match:
+            self.stop()
+            raise AssertionError(f"kubectl port-forward {self.target}: {line.strip()}")
+        self.url = f"http://127.0.0.1:{match.group(1)}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+class ChartOperator:
+    """The operator as the chart's Deployment runs it, from the operator image on the node."""
+
+    def __init__(self, cp: Any, namespace: str, deployment: str) -> None:
+        self.cp, self.namespace, self.deployment = cp, namespace, deployment
+
+    def pods(self) -> list[dict[str, Any]]:
+        return [
+            p
+            for p in items(
+                self.cp, "pods", "-n", self.namespace, "-l", "app.kubernetes.io/component=operator"
+            )
+            if not p["metadata"].get("deletionTimestamp")
+        ]
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        self.cp.kubectl(
+            "rollout", "status", f"deployment/{self.deployment}", "-n", self.namespace,
+            f"--timeout={int(timeout)}s", timeout=timeout + 10,
+        )  # fmt: skip
+
+    def log(self) -> str:
+        """Every container the Deployment ran, the current one and the one before a restart."""
+        out = []
+        for pod in self.pods():
+            name = pod["metadata"]["name"]
+            for previous in (True, False):
+                args = ["logs", name, "-n", self.namespace, "-c", "operator"]
+                text = self.cp.kubectl(
+                    *args, *(["--previous"] if previous else []), check=False
+                ).stdout
+                out.append(text)
+        return "\n".join(out)
+
+    def alive(self) -> bool:
+        return any(
+            all(cs.get("ready") for cs in p["status"].get("containerStatuses") or [{}])
+            and p["status"].get("phase") == "Running"
+            for p in self.pods()
+        )
+
+    def kill(self) -> None:
+        """SIGKILL the operator process (no cleanup handler runs), then keep the Deployment at
+        zero replicas so it stays down until ``start``."""
+        pids = [
+            pid
+            for p in self.pods()
+            for pid in self.cp.container_pids(self.namespace, p["metadata"]["name"])
+        ]
+        assert pids, "no running operator container found on the node"
+        for pid in pids:
+            os.kill(pid, 9)
+        self.cp.kubectl(
+            "scale", f"deployment/{self.deployment}", "-n", self.namespace, "--replicas=0"
+        )
+        wait_for(lambda: not self.pods(), 120, "the operator pod gone")
+
+    def start(self) -> None:
+        self.cp.kubectl(
+            "scale", f"deployment/{self.deployment}", "-n", self.namespace, "--replicas=1"
+        )
+        self.wait_ready()
+
+    def forbidden(self) -> list[str]:
+        return [line for line in self.log().splitlines() if FORBIDDEN.search(line)]
+
+
 # --------------------------------------------------------------------------- manifests
 
 
-def tiny_cluster_run(name: str, namespace: str, pvc: str) -> dict[str, Any]:
+def tiny_cluster_run(
+    name: str, namespace: str, pvc: str, image: str | None = None
+) -> dict[str, Any]:
     """examples/tiny-cpu.yaml for a cluster: the PVC instead of a local folder, the toy data and
     model on the PVC's root (/data in every pod), and every size cut so that it runs in about a
     minute on 2 cores (one SFT epoch, one GRPO step per PTST sub-stage, 8 eval problems)."""
@@ -200,6 +312,8 @@ def tiny_cluster_run(name: str, namespace: str, pvc: str) -> dict[str, Any]:
     spec["baseModel"] = {"name": "/data/models/tiny-qwen25vl"}
     spec["mlflow"] = {"experiment": f"cluster-{namespace}"}
     spec["ttlSecondsAfterFinished"] = 3600
+    if image:  # the trainer image the stage pods run
+        spec.setdefault("images", {})["trainer"] = image
     st = spec["stages"]
     st["synthesis"]["from"]["dataset"] = "/data/toy/train"
     st["synthesis"]["params"]["rowsPerShard"] = 16

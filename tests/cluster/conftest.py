@@ -29,8 +29,14 @@ Tests marked ``cluster`` take ``control_plane`` and get a :class:`controlplane.h
                                      a kubeconfig holding a TokenRequest token of that
                                      ServiceAccount: the real API server enforces its RBAC
     cp.api_client() -> kubernetes.client.ApiClient   an admin client of the maintained library
-    cp.pod_python: Path              the interpreter a pod's ``python``/``python3`` runs
-    cp.pids() -> dict[str, int]      component → pid of everything this control plane runs
+    cp.node_ip / cp.registry: str    the node's address; the registry it pulls from (host:port)
+    cp.crictl(*args) -> CompletedProcess   the node's CRI (crictl), as a node administrator sees it
+    cp.container_pids(ns, pod) -> list[int]   host pids of a pod's running containers
+    cp.pids() -> dict[str, int]      component → pid of everything this cluster runs
+
+The ``images`` fixture builds our images (scripts/images.py: operator, trainer-cpu, mlflow; a
+warm build takes seconds) and pushes them to the node's registry; it returns name → pinned
+reference (``host:port/visionr1/<name>:e2e@sha256:...``), the way a user's cluster pulls them.
 
 The fixture reuses a control plane started by ``make cluster-up`` (it stays running after the
 session); otherwise it starts its own and stops it at the end of the session, so no process
@@ -41,7 +47,10 @@ build, the cluster tests are set aside with one line that says how to enable the
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,10 +89,40 @@ def pytest_terminal_summary(
 _SET_ASIDE = pytest.StashKey[str]()
 
 
+def _say(config: pytest.Config, line: str) -> None:
+    """A progress line on the terminal while pytest captures output (a cold start builds for
+    many minutes: say what and how far)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"[cluster] {line}")
+    else:
+        print(line, flush=True)
+
+
 @pytest.fixture(scope="session")
-def control_plane() -> Iterator[ControlPlane]:
+def control_plane(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
     try:
-        with session_control_plane(REPO) as cp:
+        with session_control_plane(REPO, echo=lambda line: _say(request.config, line)) as cp:
             yield cp
     except Unavailable as why:
         pytest.skip(str(why))
+
+
+IMAGES_TAG = "e2e"
+
+
+@pytest.fixture(scope="session")
+def images(control_plane: ControlPlane, request: pytest.FixtureRequest) -> dict[str, str]:
+    """Our images, built (cached layers: seconds when nothing changed) and pushed to the node's
+    registry; name → ``host:port/visionr1/<name>:e2e@sha256:...``."""
+    script = [sys.executable, str(REPO / "scripts" / "images.py"), "--tag", IMAGES_TAG]
+    for args in (["build"], ["push", "--repo", f"{control_plane.registry}/visionr1"]):
+        start = time.monotonic()
+        _say(request.config, f"images {args[0]} ...")
+        proc = subprocess.run([*script, *args], capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            pytest.fail(
+                f"scripts/images.py {args[0]} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+            )
+        _say(request.config, f"images {args[0]}: {time.monotonic() - start:.0f} s")
+    return json.loads((REPO / ".visionr1" / "images" / "pushed.json").read_text())

@@ -1,13 +1,15 @@
-"""The operator on the real control plane: ``visionr1 operator`` as a local process logged in with
-a token of the chart's ServiceAccount (the API server enforces the chart's RBAC: any 403 in its
-log fails the test), a local ``mlflow server``, real Jobs run by the Job controller with our
-podFailurePolicy, pods scheduled by the scheduler onto the local node and run there as processes,
-and the real garbage collector.
+"""The operator on the local cluster as a user installs it: the chart's operator Deployment and its
+bundled MLflow server running from our images on the real node (kubelet, containerd), real Jobs
+run by the Job controller with our podFailurePolicy, every stage pod running the trainer-cpu
+image, and the real garbage collector. The operator logs in with the chart's ServiceAccount (the
+API server enforces the chart's RBAC: any 403 in its log fails the test); stage pods reach MLflow
+by its Service name, the tests through ``kubectl port-forward``, as a user does.
 
-One operator and one MLflow server serve the whole module. The tiny run drives every stage
-program end to end; each fault test uses a small run whose stage programs fail, are killed or are
-paused the way a cluster does it (invalid input → exit 65, a SIGKILLed process, a deleted pod, a
-suspended Job), never a stand-in program.
+One release and one MLflow server serve the whole module, in a namespace of its own that is
+removed at the end (a second session starts clean). The tiny run drives every stage program end
+to end; each fault test uses a small run whose stage programs fail, are killed or are paused the
+way a cluster does it (invalid input → exit 65, a SIGKILLed process, a deleted pod, a suspended
+Job), never a stand-in program.
 
 Set VISIONR1_CLUSTER_DOCS=path to write what kubectl shows during the tiny run to that file
 (docs/what-you-see-on-a-cluster.md is made this way).
@@ -23,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,7 +36,8 @@ import psutil
 import pytest
 import yaml
 from cluster_helpers import (
-    OperatorProcess,
+    ChartOperator,
+    PortForward,
     apply,
     condition,
     create_namespace,
@@ -45,18 +49,19 @@ from cluster_helpers import (
     wait_for,
     with_stages,
 )
-from mlflow_server import mlflow_server
 
 from visionr1_operator.plan import parse_time
 
 pytestmark = pytest.mark.cluster
 
-NS = "vr1-e2e"
+SUFFIX = uuid.uuid4().hex[:6]
+NS = f"vr1-e2e-{SUFFIX}"
 PVC = "visionr1-data"
 RELEASE = "vr1-operator"
-RELEASE_NS = "vr1-operator-system"
-SA = f"{RELEASE}-visionr1-operator"  # the chart's <release>-<chart> fullname
-OFF_NODE = {"nodeSelector": {"visionr1.io/test-no-such-node": "true"}}
+RELEASE_NS = f"vr1-operator-{SUFFIX}"
+FULLNAME = f"{RELEASE}-visionr1-operator"  # the chart's <release>-<chart> fullname
+CHART = Path(__file__).resolve().parents[2] / "charts" / "visionr1-operator"
+TRAINER = ""  # the trainer-cpu image, pinned by digest (set by the world fixture)
 
 
 @dataclass
@@ -64,7 +69,7 @@ class World:
     cp: Any
     pv: Path  # the PVC's folder: its shared/ folder is what every pod sees at /data
     mlflow_uri: str
-    operator: OperatorProcess
+    operator: ChartOperator
     tmp: Path
 
     def run(self, name: str) -> dict[str, Any]:
@@ -113,9 +118,10 @@ class World:
             "--- operator log (tail)",
             self.operator.log()[-4000:],
         ]
-        logs = Path(self.cp.logs_dir) / "pods"
-        for f in sorted(logs.glob(f"{NS}_{name}-*"))[-3:]:
-            parts += [f"--- {f.name} (tail)", f.read_text(errors="replace")[-2500:]]
+        for pod in self.pods(name)[-3:]:
+            pod_name = pod["metadata"]["name"]
+            log = self.cp.kubectl("logs", pod_name, "-n", NS, "--all-containers", check=False)
+            parts += [f"--- kubectl logs {pod_name} (tail)", (log.stdout + log.stderr)[-2500:]]
         return "\n".join(parts)
 
     def mlflow(self) -> Any:
@@ -124,7 +130,7 @@ class World:
         return MlflowClient(self.mlflow_uri)
 
     def assert_no_forbidden(self) -> None:
-        assert self.operator.alive(), "the operator exited:\n" + self.operator.log()[-3000:]
+        assert self.operator.alive(), "the operator is not running:\n" + self.operator.log()[-3000:]
         assert self.operator.forbidden() == [], "the API server refused the operator (RBAC)"
 
 
@@ -146,88 +152,80 @@ def _toy_world(pv: Path) -> None:
             capture_output=True,
             timeout=600,
         )
+    # The pods' user (1000) reads what root wrote here.
+    for d, _, files in os.walk(pv):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
 
 
-def _no_other_operator(cp: Any) -> None:
-    """Two operators reconciling the same runs (kopf has no leader election) would make every
-    result here meaningless: wait for any chart-installed operator pod to go, else fail."""
-
-    def others() -> list[str]:
-        pods = items(cp, "pods", "-A", "-l", "app.kubernetes.io/component=operator,"
-                     "app.kubernetes.io/part-of=visionr1")  # fmt: skip
-        return [
-            f"{p['metadata']['namespace']}/{p['metadata']['name']}"
-            for p in pods
-            if p["status"].get("phase") in ("Pending", "Running") and p["spec"].get("nodeName")
-        ]
-
-    try:
-        wait_for(lambda: not others(), 120, "no other visionr1 operator pod running")
-    except AssertionError:
-        pytest.fail(f"another visionr1 operator runs in this cluster: {others()}; uninstall it")
+def _image_values(ref: str) -> dict[str, str]:
+    """``host:port/path/name:tag@sha256:...`` as the chart's image values (pinned by digest)."""
+    name, digest = ref.split("@")
+    repository, tag = name.rsplit(":", 1)
+    return {"repository": repository, "tag": tag, "digest": digest}
 
 
 @pytest.fixture(scope="module")
-def world(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(
+    control_plane: Any, images: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
+    global TRAINER
+    TRAINER = images["trainer-cpu"]
     cp = control_plane
     tmp = tmp_path_factory.mktemp("operator")
-    _no_other_operator(cp)
     ensure_crd(cp)
     create_namespace(cp, NS)
-    # Artifacts go through the server, as the chart runs it: stage pods run as another user.
-    with mlflow_server(tmp / "mlflow", serve_artifacts=True) as uri:
-        # The chart, as a user installs it, for this namespace only (a Role, nothing
-        # cluster-wide); the CRD is already there. Its operator pod is kept off the node (no
-        # image here): this process runs the operator, with the chart's ServiceAccount.
-        values = tmp / "values.yaml"
-        values.write_text(
-            yaml.safe_dump(
-                {
-                    "crds": {"install": False},
-                    "watchNamespaces": [NS],
-                    "operator": {**OFF_NODE, "mlflowTrackingUri": uri},
-                    "mlflow": {"enabled": False},
-                }
-            )
+    # The chart, as a user installs it, for this namespace only (a Role, nothing cluster-wide);
+    # the CRD is already there. Its operator and MLflow run from our images on the node.
+    values = tmp / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "crds": {"install": False},
+                "watchNamespaces": [NS],
+                "image": {**_image_values(images["operator"]), "pullPolicy": "IfNotPresent"},
+                "operator": {
+                    "retryBackoffSeconds": 1,
+                    "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
+                },
+                "mlflow": {
+                    "image": _image_values(images["mlflow"]),
+                    "workers": 1,
+                    "persistence": {"size": "1Gi", "keep": False},
+                    "resources": {"requests": {"cpu": "50m", "memory": "256Mi"}},
+                },
+            }
         )
-        cp.helm(
-            "upgrade",
-            "--install",
-            RELEASE,
-            str(Path(__file__).resolve().parents[2] / "charts" / "visionr1-operator"),
-            "-n",
-            RELEASE_NS,
-            "--create-namespace",
-            "-f",
-            str(values),
-        )
-        pv = Path(cp.make_pvc(NS, PVC, "10Gi"))
-        # A fresh volume for each session: outputs left by an earlier session would make the
-        # stages find themselves "already done".
-        for child in pv.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-        # Root-owned 0755, as a fresh volume usually is: the kubelet creates the missing subPath
-        # folders as root, and the operator's init container must give the run its folder.
-        pv.chmod(0o755)
-        _toy_world(pv / "shared")  # the operator's default --shared-data-path
-        operator = OperatorProcess(
-            Path(cp.token_kubeconfig(RELEASE_NS, SA)),
-            [NS],
-            tmp / "operator.log",
-            mlflow_uri=uri,
-            retry_backoff=1.0,
-        )
-        operator.start()
-        w = World(cp, pv, uri, operator, tmp)
-        try:
-            yield w
-        finally:
-            # Runs carry the operator's finalizer: delete them while it still runs.
-            if not operator.alive():
-                operator.start()
-            cp.kubectl("delete", "vr1", "--all", "-n", NS, "--timeout=60s", check=False)
-            operator.stop()
-            cp.helm("uninstall", RELEASE, "-n", RELEASE_NS, check=False)
+    )
+    cp.helm(
+        "upgrade", "--install", RELEASE, str(CHART), "-n", RELEASE_NS, "--create-namespace",
+        "-f", str(values), "--wait", "--timeout=300s", timeout=360,
+    )  # fmt: skip
+    operator = ChartOperator(cp, RELEASE_NS, FULLNAME)
+    pv = Path(cp.make_pvc(NS, PVC, "10Gi"))
+    # A fresh volume for each session: outputs left by an earlier session would make the
+    # stages find themselves "already done".
+    for child in pv.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    # Root-owned 0755, as a fresh volume usually is: the kubelet creates the missing subPath
+    # folders as root, and the operator's init container must give the run its folder.
+    pv.chmod(0o755)
+    os.chown(pv, 0, 0)
+    _toy_world(pv / "shared")  # the operator's default --shared-data-path
+    try:
+        with PortForward(cp, RELEASE_NS, f"svc/{FULLNAME}-mlflow", 5000) as mlflow:
+            yield World(cp, pv, mlflow.url, operator, tmp)
+    finally:
+        # Runs carry the operator's finalizer: delete them while it still runs.
+        if not operator.pods():
+            operator.start()
+        cp.kubectl("delete", "vr1", "--all", "-n", NS, "--timeout=120s", check=False)
+        cp.helm("uninstall", RELEASE, "-n", RELEASE_NS, "--wait", check=False)
+        for ns in (NS, RELEASE_NS):
+            cp.kubectl("delete", "namespace", ns, "--timeout=180s", check=False, timeout=200)
+        cp.kubectl("delete", "pv", f"pv-{NS}-{PVC}", check=False)
+        shutil.rmtree(pv, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the tiny run
@@ -262,7 +260,7 @@ class Recorder:
 
 def test_tiny_run_end_to_end(world: World) -> None:
     w, name = world, "tiny"
-    run = tiny_cluster_run(name, NS, PVC)
+    run = tiny_cluster_run(name, NS, PVC, image=TRAINER)
     rec = Recorder(w, name)
     t0 = time.monotonic()
     out = apply(w.cp, run)
@@ -295,7 +293,7 @@ def test_tiny_run_end_to_end(world: World) -> None:
     for job in jobs.values():
         assert condition(job, "Complete")["status"] == "True", job["status"]
         assert job["metadata"]["ownerReferences"][0]["uid"] == uid
-    # Their pods ran on the local node and exited 0 (what the node runner reported).
+    # Their pods ran the trainer image on the local node and exited 0.
     pods = w.pods(name)
     assert len(pods) >= 5
     for pod in pods:
@@ -303,6 +301,7 @@ def test_tiny_run_end_to_end(world: World) -> None:
         assert pod["status"]["phase"] == "Succeeded"
         term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
         assert term["exitCode"] == 0
+        assert pod["status"]["containerStatuses"][0]["imageID"].endswith(TRAINER.split("@")[1])
     # One resolved-config ConfigMap per attempt.
     cms = items(w.cp, "configmaps", "-n", NS, "-l", f"visionr1.io/run={name}")
     assert len(cms) == 5
@@ -326,6 +325,9 @@ def test_tiny_run_end_to_end(world: World) -> None:
         assert child.data.tags.get("mlflow.parentRunId") == parent.info.run_id
         assert child.info.status == "FINISHED", (stage, child.info.status)
     w.assert_no_forbidden()
+    # `kubectl logs deploy/...` of the chart's operator shows it reconciling this run.
+    deploy_log = w.cp.kubectl("logs", f"deploy/{FULLNAME}", "-n", RELEASE_NS).stdout
+    assert f"{NS}/{name}" in deploy_log, deploy_log[-3000:]
 
     describe = w.cp.kubectl("describe", "vr1", name, "-n", NS).stdout
     assert "AllStagesSucceeded" in describe
@@ -368,7 +370,7 @@ SLOW_SFT = {"globalBatchSize": 8, "perDeviceBatchSize": 4, "saveSteps": 2}
 
 
 def _small(name: str, stages: list[str], **sft: Any) -> dict[str, Any]:
-    run = with_stages(tiny_cluster_run(name, NS, PVC), stages)
+    run = with_stages(tiny_cluster_run(name, NS, PVC, image=TRAINER), stages)
     if "sft" in stages:
         run["spec"]["stages"]["sft"]["params"].update(sft)
     return run
@@ -412,7 +414,8 @@ def _publish(world: World, run: str, rel: str) -> str:
 
 
 def _stage_processes(stage_run_id: str) -> list[psutil.Process]:
-    """The processes of a stage's pod on this node: the pod's env names the stage's MLflow run."""
+    """The processes of a stage's pod on the node (host pids: containers are processes of this
+    machine): the pod's env names the stage's MLflow run."""
     found = []
     for proc in psutil.process_iter(["pid"]):
         with contextlib.suppress(psutil.Error):
@@ -492,6 +495,16 @@ def test_killed_process_and_deleted_pod_resume_from_the_last_checkpoint(
     w.wait_phase(name, ("Running",), 120)
     first = _wait_checkpoint(w, name, 2)
     sft_run_id = w.run(name)["status"]["stages"]["sft"]["mlflowRunId"]
+    # What a user does to a running stage: read its log, look inside its container.
+    (running,) = [p for p in w.pods(name) if p["status"].get("phase") == "Running"]
+    pod_name = running["metadata"]["name"]
+    log = w.cp.kubectl("logs", pod_name, "-n", NS, "-c", "stage").stdout
+    assert "sft" in log, log[-2000:]
+    inside = w.cp.kubectl(
+        "exec", pod_name, "-n", NS, "-c", "stage", "--",
+        "python", "-c", "import os, visionr1_jobs; print(os.getuid(), os.listdir('/workspace'))",
+    ).stdout  # fmt: skip
+    assert inside.startswith("1000 ") and "sft" in inside, inside
     procs = _stage_processes(sft_run_id)
     assert procs, "no process of the sft pod found on this node"
     for p in procs:

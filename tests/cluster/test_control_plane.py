@@ -1,8 +1,9 @@
-"""The local control plane itself: the node, the pods it runs, the real Job controller, up and down.
+"""The local cluster itself: the real node (kubelet, containerd, runc, CNI, kube-proxy, CoreDNS,
+local-path-provisioner), the pods it runs from our images, the real Job controller, up and down.
 
 Each check looks at an effect outside the code under test: the file a pod wrote into the PV's
 folder, the owner and mode the folder got, the exit code the API server recorded, whether a process
-id still exists, what the Job controller decided.
+still exists on the host, the memory cgroup's verdict, what the Job controller decided.
 """
 
 from __future__ import annotations
@@ -59,8 +60,18 @@ def _namespace(cp: ControlPlane) -> str:
     return name
 
 
+# Pods here run the operator image: the smallest of ours with a Python (set by the fixture).
+PYTHON_IMAGE = ""
+
+
+@pytest.fixture(autouse=True)
+def _python_image(images: dict[str, str]) -> None:
+    global PYTHON_IMAGE
+    PYTHON_IMAGE = images["operator"]
+
+
 def _pod(name: str, ns: str, script: str, **extra: Any) -> dict[str, Any]:
-    container = {"name": "main", "image": "python:3.11", "command": ["python", "-c", script]}
+    container = {"name": "main", "image": PYTHON_IMAGE, "command": ["python", "-c", script]}
     container.update(extra.pop("container", {}))
     spec = {"restartPolicy": "Never", "containers": [container], **extra}
     return {
@@ -194,33 +205,141 @@ def test_failed_container_and_failed_start_are_reported(control_plane: ControlPl
     term = failed["status"]["containerStatuses"][0]["state"]["terminated"]
     assert failed["status"]["phase"] == "Failed"
     assert (term["exitCode"], term["reason"]) == (3, "Error")
-    log = cp.logs_dir / "pods" / f"{ns}_exits3_main.log"
-    assert "bye" in log.read_text()
+    assert "bye" in cp.kubectl("logs", "exits3", "-n", ns).stdout
     start = _terminal(cp, ns, "nobinary")["status"]["containerStatuses"][0]["state"]["terminated"]
     assert (start["exitCode"], start["reason"]) == (128, "StartError")
     assert "no-such-program" in start["message"]
 
 
-def test_deleting_a_pod_kills_its_process(control_plane: ControlPlane, tmp_path: Path) -> None:
+def test_deleting_a_pod_kills_its_process(control_plane: ControlPlane) -> None:
     cp = control_plane
     ns = _namespace(cp)
-    pid_dir = tmp_path / "pid"
-    pid_dir.mkdir()
-    pid_dir.chmod(0o777)
-    script = (
-        f"import os, time\nopen('{pid_dir}/pid', 'w').write(str(os.getpid()))\ntime.sleep(600)\n"
+    _apply(cp, _pod("sleeper", ns, "import time; time.sleep(600)", terminationGracePeriodSeconds=3))
+    _until(
+        "the pod running",
+        lambda: _get(cp, "pod", "sleeper", "-n", ns)["status"].get("phase") == "Running",
     )
-    _apply(cp, _pod("sleeper", ns, script, terminationGracePeriodSeconds=3))
-    pid = int(
-        _until(
-            "the pod's pid", lambda: (pid_dir / "pid").exists() and (pid_dir / "pid").read_text()
-        )
-    )
-    assert _get(cp, "pod", "sleeper", "-n", ns)["status"]["phase"] == "Running"
-    assert cluster.alive(pid)
+    pids = cp.container_pids(ns, "sleeper")
+    assert pids and all(cluster.alive(p) for p in pids)
+    assert "time.sleep(600)" in Path(f"/proc/{pids[0]}/cmdline").read_bytes().decode(
+        errors="replace"
+    ).replace("\0", " ")
     cp.kubectl("delete", "pod", "sleeper", "-n", ns, "--wait=true", timeout=60)
-    assert not cluster.alive(pid)
+    assert not any(cluster.alive(p) for p in pids)
     assert cp.kubectl("get", "pod", "sleeper", "-n", ns, check=False).returncode != 0
+    cp.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def test_memory_limit_is_enforced_by_the_kernel(control_plane: ControlPlane) -> None:
+    """A container over its memory limit is OOMKilled by the kernel (its memory cgroup)."""
+    cp = control_plane
+    ns = _namespace(cp)
+    hog = "b = bytearray(0)\nchunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))\n"
+    _apply(
+        cp,
+        _pod(
+            "hog",
+            ns,
+            hog,
+            container={"resources": {"limits": {"memory": "48Mi"}, "requests": {"memory": "48Mi"}}},
+        ),
+    )
+    done = _terminal(cp, ns, "hog")
+    term = done["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (term["exitCode"], term["reason"]) == (137, "OOMKilled")
+    cp.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def test_pods_reach_services_by_name_and_the_api_server(control_plane: ControlPlane) -> None:
+    """The pod network, kube-proxy and CoreDNS: a pod reaches another pod through its Service's
+    DNS name, and the API server through the `kubernetes` Service with its token."""
+    cp = control_plane
+    ns = _namespace(cp)
+    server = {
+        **_pod(
+            "web",
+            ns,
+            "import http.server as h; h.HTTPServer(('', 8080), type('H', (h.BaseHTTPRequestHandler,), {'do_GET': lambda s: (s.send_response(200), s.end_headers(), s.wfile.write(b'hello from web'))})).serve_forever()",
+        ),
+    }
+    server["metadata"]["labels"] = {"app": "web"}
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": ns},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }
+    client = (
+        "import json, ssl, time, urllib.request as u\n"
+        "for _ in range(60):\n"
+        "    try:\n"
+        "        body = u.urlopen('http://web/', timeout=2).read().decode(); break\n"
+        "    except OSError:\n"
+        "        time.sleep(1)\n"
+        "sa = '/var/run/secrets/kubernetes.io/serviceaccount/'\n"
+        "ctx = ssl.create_default_context(cafile=sa + 'ca.crt')\n"
+        "req = u.Request('https://kubernetes.default.svc/api/v1/namespaces/' + open(sa + 'namespace').read() + '/services/web',\n"
+        "                headers={'Authorization': 'Bearer ' + open(sa + 'token').read()})\n"
+        "try:\n"
+        "    api = u.urlopen(req, context=ctx, timeout=5).status\n"
+        "except u.HTTPError as err:\n"
+        "    api = err.code\n"
+        "print(json.dumps({'body': body, 'api': api}))\n"
+    )
+    _apply(cp, server, service, _pod("client", ns, client))
+    done = _terminal(cp, ns, "client")
+    out = json.loads(cp.kubectl("logs", "client", "-n", ns).stdout.strip().splitlines()[-1])
+    assert done["status"]["phase"] == "Succeeded"
+    # 403: the API server answered and refused the default account (RBAC), over TLS it trusts.
+    assert out == {"body": "hello from web", "api": 403}
+    cp.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def test_a_claim_of_the_default_storage_class_is_provisioned(control_plane: ControlPlane) -> None:
+    """local-path-provisioner, as kind ships it: the claim binds when a pod uses it, and the pod
+    writes into a folder on the node."""
+    cp = control_plane
+    ns = _namespace(cp)
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "scratch", "namespace": ns},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    writer = _pod(
+        "writer",
+        ns,
+        "open('/data/hello.txt', 'w').write('written in a pod')",
+        container={"volumeMounts": [{"name": "d", "mountPath": "/data"}]},
+        volumes=[{"name": "d", "persistentVolumeClaim": {"claimName": "scratch"}}],
+    )
+    _apply(cp, claim, writer)
+    done = _terminal(cp, ns, "writer")
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    pvc = _get(cp, "pvc", "scratch", "-n", ns)
+    assert pvc["status"]["phase"] == "Bound"
+    assert pvc["spec"]["storageClassName"] == "local-path"  # the default class, not named
+    pv = _get(cp, "pv", pvc["spec"]["volumeName"])
+    folder = Path((pv["spec"].get("hostPath") or pv["spec"]["local"])["path"])
+    assert (folder / "hello.txt").read_text() == "written in a pod"
+    cp.kubectl("delete", "namespace", ns, "--wait=true", timeout=120)
+    _until("the volume's folder removed", lambda: not folder.exists(), 120)
+
+
+def test_logs_and_exec_reach_the_container(control_plane: ControlPlane) -> None:
+    cp = control_plane
+    ns = _namespace(cp)
+    _apply(cp, _pod("shell", ns, "import time; print('started', flush=True); time.sleep(600)"))
+    _until(
+        "the pod running",
+        lambda: _get(cp, "pod", "shell", "-n", ns)["status"].get("phase") == "Running",
+    )
+    _until("its log", lambda: "started" in cp.kubectl("logs", "shell", "-n", ns).stdout)
+    out = cp.kubectl(
+        "exec", "shell", "-n", ns, "--", "python", "-c", "import os; print(os.getuid())"
+    )
+    assert out.stdout.strip() == "65532"  # the image's own numeric user
+    cp.kubectl("delete", "namespace", ns, "--wait=false")
 
 
 def test_job_pod_failure_policy_fails_the_job_on_exit_65(control_plane: ControlPlane) -> None:
@@ -274,49 +393,6 @@ def _cli(
     )
 
 
-def test_second_up_down_and_nothing_left(control_plane: ControlPlane, tmp_path: Path) -> None:
-    """A second control plane in another folder: up twice starts one set, down leaves no process."""
-    repo = tmp_path / "clone"
-    repo.mkdir()
-    first = _cli(repo, "up")
-    assert first.returncode == 0, first.stderr
-    layout = Layout.for_repo(repo)
-    state = cluster.running(layout)
-    assert state is not None and state.start_seconds < 120  # seconds, not a build
-    again = _cli(repo, "up")
-    assert again.returncode == 0 and "already running" in again.stdout
-    assert cluster.running(layout).pids == state.pids  # nothing new started
-    # a pod process of this node, to check down ends pods too
-    kubeconfig = repo / ".visionr1" / "cluster" / "kubeconfig"
-    kubectl = [str(control_plane.kubectl_bin), f"--kubeconfig={kubeconfig}"]
-    pod = _pod("sleeper", "default", "import time; time.sleep(600)")
-    subprocess.run(
-        [*kubectl, "apply", "-f", "-"],
-        input=yaml.safe_dump(pod),
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    _until(
-        "the pod running",
-        lambda: (
-            subprocess.run(
-                [*kubectl, "get", "pod", "sleeper", "-o", "jsonpath={.status.phase}"],
-                capture_output=True,
-                text=True,
-            ).stdout
-            == "Running"
-        ),
-    )
-    pod_pids = cluster.pod_groups(layout)
-    assert pod_pids and all(cluster.alive(p) for p in pod_pids)
-    down = _cli(repo, "down")
-    assert down.returncode == 0 and "stopped" in down.stdout
-    for pid in [*state.pids.values(), *pod_pids]:
-        assert not cluster.alive(pid), pid
-    assert _cli(repo, "down").stdout.strip() == "nothing running"
-
-
 def test_bad_input_gives_one_line(control_plane: ControlPlane, tmp_path: Path) -> None:
     repo = tmp_path / "clone"
     repo.mkdir()
@@ -330,6 +406,12 @@ def test_bad_input_gives_one_line(control_plane: ControlPlane, tmp_path: Path) -
     assert proc.stderr.strip().count("\n") == 0
     assert f"port {port} for kube-apiserver is taken" in proc.stderr
     assert cluster.running(Layout.for_repo(repo)) is None
+    # the machine has one node: a second checkout's up leaves the running one alone
+    proc = _cli(repo, "up")
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
+    assert f"held by the cluster of {control_plane.layout.repo}" in proc.stderr
+    assert cluster.running(Layout.for_repo(repo)) is None
+    assert cluster.health(control_plane.layout, control_plane.state)["kubelet"] == "ok"
     # a damaged cache: every binary there but kube-apiserver is garbage
     cache = tmp_path / "cache"
     bin_dir = Layout.for_repo(repo).bin_dir.relative_to(Layout.for_repo(repo).bin_dir.parents[1])
@@ -382,7 +464,7 @@ def test_init_containers_run_in_order_before_the_container(control_plane: Contro
         initContainers=[
             {
                 "name": f"init-{i}",
-                "image": "python:3.11",
+                "image": PYTHON_IMAGE,
                 "command": ["python", "-c", step],
                 "env": [{"name": "STEP", "value": str(i)}],
                 "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
@@ -401,5 +483,5 @@ def test_init_containers_run_in_order_before_the_container(control_plane: Contro
         inits[0]["state"]["terminated"]["finishedAt"]
         <= inits[1]["state"]["terminated"]["startedAt"]
     )
-    assert (cp.logs_dir / "pods" / f"{ns}_ordered_main.log").read_text().strip() == "1 2"
+    assert cp.kubectl("logs", "ordered", "-n", ns).stdout.strip() == "1 2"
     cp.kubectl("delete", "namespace", ns, "--wait=false")

@@ -25,8 +25,32 @@ from controlplane.config import Layout
 
 Echo = Callable[[str], None]
 
-K8S_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
-REQUIRED = (*K8S_COMMANDS, "etcd", "helm")
+K8S_COMMANDS = (
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kubelet",
+    "kube-proxy",
+)
+CNI_PLUGINS = {
+    "bridge": "plugins/main/bridge",
+    "loopback": "plugins/main/loopback",
+    "host-local": "plugins/ipam/host-local",
+    "portmap": "plugins/meta/portmap",
+}
+NODE = (
+    "containerd",
+    "ctr",
+    "containerd-shim-runc-v2",
+    "runc",
+    "crictl",
+    "coredns",
+    "local-path-provisioner",
+    "registry",
+    *(f"cni/{p}" for p in CNI_PLUGINS),
+)
+REQUIRED = (*K8S_COMMANDS, "etcd", "helm", *NODE)
 OPTIONAL = ("kwok",)
 WRAPPER = "visionr1.local/control-plane"
 
@@ -56,6 +80,9 @@ class Component:
     ldflags: tuple[str, ...] = ()
     staging: str | None = None  # Kubernetes only: the published version of each staging module
     main: str | None = None  # a wrapper main.go instead of building the module's own command
+    tags: tuple[str, ...] = ()
+    cgo: bool = False  # runc's seccomp support links libseccomp
+    optional: bool = False  # built only when asked for (KWOK: the load benchmark)
 
 
 ETCD_MAIN = """// Command etcd: the etcd server of the pinned release, started exactly as etcd's own main does.
@@ -107,20 +134,79 @@ def components(layout: Layout) -> list[Component]:
             ldflags=(f"-X helm.sh/helm/v3/internal/version.version={v.helm.version}",),
         ),
         Component(
-            "kwok", "sigs.k8s.io/kwok", v.kwok.version, {"kwok": "sigs.k8s.io/kwok/cmd/kwok"}
+            "kwok",
+            "sigs.k8s.io/kwok",
+            v.kwok.version,
+            {"kwok": "sigs.k8s.io/kwok/cmd/kwok"},
+            optional=True,
+        ),
+        Component(
+            "containerd",
+            "github.com/containerd/containerd/v2",
+            v.containerd.version,
+            {
+                c: f"github.com/containerd/containerd/v2/cmd/{c}"
+                for c in ("containerd", "ctr", "containerd-shim-runc-v2")
+            },
+            ldflags=(
+                f"-X github.com/containerd/containerd/v2/version.Version={v.containerd.version}",
+            ),
+            tags=("no_btrfs", "no_devmapper", "no_zfs"),
+        ),
+        Component(
+            "runc",
+            "github.com/opencontainers/runc",
+            v.runc.version,
+            {"runc": "github.com/opencontainers/runc"},
+            ldflags=(f"-X main.version={v.runc.version.lstrip('v')}",),
+            tags=("seccomp",),
+            cgo=True,
+        ),
+        Component(
+            "cri-tools",
+            "sigs.k8s.io/cri-tools",
+            v.cri_tools.version,
+            {"crictl": "sigs.k8s.io/cri-tools/cmd/crictl"},
+        ),
+        Component(
+            "cni-plugins",
+            "github.com/containernetworking/plugins",
+            v.cni_plugins.version,
+            {
+                f"cni/{name}": f"github.com/containernetworking/plugins/{pkg}"
+                for name, pkg in CNI_PLUGINS.items()
+            },
+        ),
+        Component(
+            "coredns",
+            "github.com/coredns/coredns",
+            v.coredns.version,
+            {"coredns": "github.com/coredns/coredns"},
+        ),
+        Component(
+            "local-path-provisioner",
+            "github.com/rancher/local-path-provisioner",
+            v.local_path_provisioner.version,
+            {"local-path-provisioner": "github.com/rancher/local-path-provisioner"},
+        ),
+        Component(
+            "registry",
+            "github.com/distribution/distribution/v3",
+            v.registry.version,
+            {"registry": "github.com/distribution/distribution/v3/cmd/registry"},
         ),
     ]
 
 
-def go_env() -> dict[str, str]:
+def go_env(*, cgo: bool = False) -> dict[str, str]:
     """The environment for ``go``: the user's caches even when XDG_CACHE_HOME points elsewhere
-    (the test suite does that), no cgo (static binaries), no VCS stamping."""
+    (the test suite does that), no cgo unless asked (static binaries), no VCS stamping."""
     env = dict(os.environ)
     home = Path.home()
     env.setdefault("GOCACHE", str(home / ".cache" / "go-build"))
     env.setdefault("GOPATH", str(home / "go"))
     env.setdefault("GOMODCACHE", str(Path(env["GOPATH"].split(os.pathsep)[0]) / "pkg" / "mod"))
-    env["CGO_ENABLED"] = "0"
+    env["CGO_ENABLED"] = "1" if cgo else "0"
     env["GOFLAGS"] = "-buildvcs=false -mod=mod"
     env.setdefault("GOTOOLCHAIN", "local")
     return env
@@ -144,12 +230,17 @@ def check_go(minimum: str) -> str:
     return found
 
 
-def _go(args: list[str], cwd: Path, what: str, log: Path) -> None:
+def _go(args: list[str], cwd: Path, what: str, log: Path, *, cgo: bool = False) -> None:
     with log.open("a") as out:
         out.write(f"$ go {' '.join(args)}\n")
         out.flush()
         proc = subprocess.run(
-            ["go", *args], cwd=cwd, env=go_env(), stdout=out, stderr=subprocess.PIPE, text=True
+            ["go", *args],
+            cwd=cwd,
+            env=go_env(cgo=cgo),
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         out.write(proc.stderr)
     if proc.returncode != 0:
@@ -207,13 +298,25 @@ def _write_wrapper(comp: Component, src: Path, log: Path) -> None:
         )
 
 
+# How to ask each binary for its version (``--version`` when not listed): the cache check.
+VERSION_ARGS = {
+    "helm": ["version"],
+    "kwok": ["version"],
+    "kubectl": ["version", "--client"],
+    "containerd-shim-runc-v2": ["-v"],
+    "coredns": ["-version"],
+    "registry": ["--version"],
+}
+
+
 def _runs(binary: Path) -> tuple[bool, str]:
-    arg = "version" if binary.name in ("helm", "kwok") else "--version"
-    if binary.name == "kubectl":
-        arg = "version --client"
+    argv = [str(binary), *VERSION_ARGS.get(binary.name, ["--version"])]
+    env = None
+    if binary.parent.name == "cni":  # a CNI plugin answers CNI_COMMAND=VERSION on stdin's behalf
+        argv, env = [str(binary)], {"CNI_COMMAND": "VERSION", "PATH": os.environ.get("PATH", "")}
     try:
         proc = subprocess.run(
-            [str(binary), *arg.split()], capture_output=True, text=True, timeout=30
+            argv, capture_output=True, text=True, timeout=30, env=env, stdin=subprocess.DEVNULL
         )
     except OSError as err:
         return False, str(err)
@@ -245,9 +348,15 @@ def verify(layout: Layout) -> None:
             )
 
 
-def ensure_built(layout: Layout, echo: Echo, *, rebuild: bool = False) -> dict[str, float]:
-    """Build what the cache lacks; return the build time of each binary built now (seconds)."""
-    if not rebuild and is_built(layout):
+def ensure_built(
+    layout: Layout, echo: Echo, *, rebuild: bool = False, optional: bool = False
+) -> dict[str, float]:
+    """Build what the cache lacks (the optional KWOK too when ``optional``); return the build
+    time of each component built now (seconds). One ``go build`` per component: the commands
+    of a module share most of their packages, and one invocation compiles them in parallel."""
+    wanted = [c for c in components(layout) if optional or not c.optional]
+    missing = [c for c in wanted if any(not layout.binary(b).is_file() for b in c.commands)]
+    if not rebuild and not missing:
         return {}
     check_go(layout.versions.go.minimum)
     layout.cache.mkdir(parents=True, exist_ok=True)
@@ -258,29 +367,36 @@ def ensure_built(layout: Layout, echo: Echo, *, rebuild: bool = False) -> dict[s
         if rebuild:
             shutil.rmtree(layout.bin_dir, ignore_errors=True)
         layout.bin_dir.mkdir(parents=True, exist_ok=True)
-        for comp in components(layout):
+        todo_comps = [c for c in wanted if any(not layout.binary(b).is_file() for b in c.commands)]
+        for n, comp in enumerate(todo_comps, 1):
             todo = [b for b in comp.commands if not layout.binary(b).is_file()]
-            if not todo:
-                continue
             what = f"{comp.module}@{comp.version}"
-            optional = all(b in OPTIONAL for b in todo)
             src = layout.src_dir / comp.name
+            out_dir = layout.bin_dir / f".build-{comp.name}"
+            start = time.monotonic()
             try:
-                echo(f"building {what} ({', '.join(todo)}); the first build takes minutes")
+                echo(f"[{n}/{len(todo_comps)}] building {what} ({', '.join(todo)})")
                 _write_wrapper(comp, src, log)
-                _go(["mod", "tidy"], src, what, log)
-                for binary in todo:
-                    start = time.monotonic()
-                    tmp = layout.bin_dir / f".{binary}.tmp"
-                    flags = ["-trimpath", "-ldflags", " ".join(("-s", "-w", *comp.ldflags))]
-                    _go(["build", *flags, "-o", str(tmp), comp.commands[binary]], src, what, log)
-                    tmp.replace(layout.binary(binary))  # only a complete binary gets the name
-                    times[binary] = round(time.monotonic() - start, 1)
-                    echo(f"built {binary} in {times[binary]:.0f} s")
+                _go(["mod", "tidy"], src, what, log, cgo=comp.cgo)
+                shutil.rmtree(out_dir, ignore_errors=True)
+                out_dir.mkdir(parents=True)
+                flags = ["-trimpath", "-ldflags", " ".join(("-s", "-w", *comp.ldflags))]
+                if comp.tags:
+                    flags += ["-tags", ",".join(comp.tags)]
+                pkgs = [comp.commands[b] for b in todo]
+                _go(["build", *flags, "-o", f"{out_dir}/", *pkgs], src, what, log, cgo=comp.cgo)
+                for binary in todo:  # only a complete binary gets its name
+                    target = layout.binary(binary)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    (out_dir / Path(binary).name).replace(target)
+                times[comp.name] = round(time.monotonic() - start, 1)
+                echo(f"[{n}/{len(todo_comps)}] built {comp.name} in {times[comp.name]:.0f} s")
             except BuildFailed as err:
-                if not optional:
+                if not comp.optional:
                     raise
                 echo(f"skipped optional {', '.join(todo)}: {err}")
+            finally:
+                shutil.rmtree(out_dir, ignore_errors=True)
         record = layout.cache / "build-times.json"
         previous = json.loads(record.read_text()) if record.exists() else {}
         record.write_text(json.dumps({**previous, **times}, indent=2) + "\n")

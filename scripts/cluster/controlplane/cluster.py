@@ -1,9 +1,11 @@
-"""Start, stop and inspect the local control plane (the processes; the node runner is noderunner.py).
+"""Start, stop and inspect the local cluster: the control plane here, the node in node.py.
 
-``up`` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the node runner,
-each in its own process group with its log under ``.visionr1/cluster/logs/``, and records their
-pids in ``.visionr1/cluster/state.json``. ``down`` ends those process groups (and any pod process
-the runner left) and says ``nothing running`` when there is nothing. A second ``up`` while one runs
+``up`` makes the node's network namespace, starts etcd, kube-apiserver, kube-controller-manager
+and kube-scheduler, then the node (registry, containerd, kubelet, kube-proxy, CoreDNS,
+local-path-provisioner), each in its own process group with its log under
+``.visionr1/cluster/logs/``, and records their pids in ``.visionr1/cluster/state.json``. ``down``
+removes every pod through the CRI, ends those process groups and removes every mount, cgroup,
+network namespace and link ``up`` made; it says ``nothing running`` when there is nothing. A second ``up`` while one runs
 starts nothing. Every failure is a :class:`build.ClusterError` whose text is the one line to print.
 """
 
@@ -19,7 +21,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,12 +30,14 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from controlplane import build, pki
+from controlplane import build, node, pki
 from controlplane.build import ClusterError, Echo
 from controlplane.config import Layout
 
-# Start order; down goes the other way (the node runner first, so it can end its pods).
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "node", "kwok")
+CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+NODE = ("registry", "containerd", "kubelet", "kube-proxy", "coredns", "local-path-provisioner")
+# Start order; down goes the other way (the kubelet before containerd, so no pod restarts).
+COMPONENTS = (*CONTROL_PLANE, *NODE, "kwok")
 PORTS = {
     # name → (environment variable that fixes it, what uses it); 0 or unset picks a free port
     "etcd": ("VISIONR1_CLUSTER_ETCD_PORT", "etcd client"),
@@ -61,8 +64,9 @@ ADMISSION = (
 )
 SERVICE_RANGE = "10.96.0.0/16"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
+# Pre-bound folders for tests that fill a volume before any pod runs (handle.make_pvc); the
+# default StorageClass is local-path-provisioner's (node.LOCAL_PATH_CLASS).
 STORAGE_CLASS = "visionr1-local"
-POD_PYTHONPATH_ENV = "VISIONR1_POD_PYTHONPATH"
 
 
 class State(BaseModel):
@@ -71,7 +75,6 @@ class State(BaseModel):
     server: str
     ports: dict[str, int]
     pids: dict[str, int]
-    pod_python: str
     versions_hash: str
     started_at: float
     start_seconds: float = 0.0
@@ -102,12 +105,7 @@ def _cmdline(pid: int) -> str:
 
 def _ours(layout: Layout, name: str, pid: int) -> bool:
     """The pid still is the process we started (pids are reused)."""
-    cmd = _cmdline(pid)
-    if name == "node":
-        return "controlplane.noderunner" in cmd and str(layout.repo) in cmd
-    if name == "kwok":
-        return str(layout.binary("kwok")) in cmd
-    return str(layout.binary(name)) in cmd
+    return str(layout.binary(name)) in _cmdline(pid)
 
 
 def _stop_group(pid: int, grace: float) -> None:
@@ -229,10 +227,13 @@ def health(layout: Layout, state: State) -> dict[str, str]:
         code, body = _get(url, ctx)
         ok = code == 200 and ("true" in body if name == "etcd" else True)
         out[name] = "ok" if ok else f"unhealthy ({code or body[:80]})"
-    if not alive(state.pids.get("node", -1)):
-        out["node"] = "not running"
-    else:
-        out["node"] = node_condition(layout, state)
+    for name in NODE:
+        if not alive(state.pids.get(name, -1)):
+            out[name] = "not running"
+        elif name == "kubelet":
+            out[name] = node_condition(layout, state)
+        else:
+            out[name] = "ok"
     if "kwok" in state.pids:
         out["kwok"] = "ok" if alive(state.pids["kwok"]) else "not running"
     return out
@@ -341,6 +342,7 @@ def _write_kubeconfigs(layout: Layout, server: str) -> dict[str, Path]:
         "controller-manager": layout.state / "controller-manager.kubeconfig",
         "scheduler": layout.state / "scheduler.kubeconfig",
         "node": layout.state / "node.kubeconfig",
+        "kube-proxy": layout.state / "kube-proxy.kubeconfig",
     }
     for stem, path in paths.items():
         path.write_text(yaml.safe_dump(_kubeconfig(layout, server, stem, stem)))
@@ -374,12 +376,14 @@ def _argv(
         "kube-apiserver": [
             str(layout.binary("kube-apiserver")),
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            # The `kubernetes` Service gets no endpoints: a loopback address is refused there, and
-            # pods reach the API server through KUBERNETES_SERVICE_HOST=127.0.0.1 (no pod network).
-            "--endpoint-reconciler-type=none",
+            # The host's end of the node link: pods reach it through the `kubernetes` Service.
+            f"--bind-address={node.HOST_IP}",
+            f"--advertise-address={node.HOST_IP}",
             f"--secure-port={ports['apiserver']}",
+            # What the API server shows the kubelet for logs, exec and port-forward.
+            f"--kubelet-client-certificate={pk / 'admin.crt'}",
+            f"--kubelet-client-key={pk / 'admin.key'}",
+            "--kubelet-preferred-address-types=InternalIP",
             f"--tls-cert-file={pk / 'apiserver.crt'}",
             f"--tls-private-key-file={pk / 'apiserver.key'}",
             f"--client-ca-file={pk / 'ca.crt'}",
@@ -428,20 +432,18 @@ def _argv(
     }
 
 
-def _bootstrap_objects(layout: Layout) -> None:
+def _bootstrap_objects(layout: Layout, paths: node.NodePaths) -> None:
     storage_class = {
         "apiVersion": "storage.k8s.io/v1",
         "kind": "StorageClass",
-        "metadata": {
-            "name": STORAGE_CLASS,
-            "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
-        },
+        "metadata": {"name": STORAGE_CLASS},
         # Folders under .visionr1/cluster/pv/, made by hand (handle.make_pvc): no provisioner.
         "provisioner": "kubernetes.io/no-provisioner",
         "volumeBindingMode": "WaitForFirstConsumer",
         "reclaimPolicy": "Retain",
     }
-    kubectl(layout, "apply", "-f", "-", input=yaml.safe_dump(storage_class))
+    docs = [storage_class, *node.local_path_objects(paths)]
+    kubectl(layout, "apply", "-f", "-", input=yaml.safe_dump_all(docs))
 
 
 def kubectl(layout: Layout, *args: str, input: str | None = None) -> str:
@@ -510,14 +512,53 @@ def _default_sa_exists(layout: Layout, server: str) -> bool:
     return code == 200
 
 
+def _check_host() -> None:
+    if os.geteuid() != 0:
+        raise ClusterError(
+            "the local node (kubelet, containerd, its network namespace) needs root: run as root"
+        )
+    if not node.cgroups_v1() and not Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        raise ClusterError("no cgroup hierarchy found under /sys/fs/cgroup")
+    for tool in ("ip", "nsenter", "iptables", "buildah", "gcc"):
+        if shutil.which(tool) is None:
+            raise ClusterError(f"{tool} not found on PATH: the local node needs it (see README)")
+
+
+def _start_node(layout: Layout, state: State, paths: node.NodePaths, echo: Echo) -> None:
+    files = node.write_configs(layout, paths)
+    argv = node.argv(layout, paths, files)
+    env = node.node_env(layout)
+
+    def start(name: str) -> None:
+        state.pids[name] = _spawn(layout, name, argv[name], env=env)
+        _save(layout, state)
+
+    start("registry")
+    start("containerd")
+    _wait(
+        "the registry",
+        lambda: _get(f"http://{node.REGISTRY}/v2/", None)[0] == 200,
+        30,
+        layout,
+        state.pids,
+    )
+    node.ensure_node_images(layout, paths, echo)
+    _wait("containerd", paths.containerd_sock.exists, 30, layout, state.pids)
+    for name in ("kubelet", "kube-proxy", "coredns", "local-path-provisioner"):
+        start(name)
+    _wait("the node", lambda: node_condition(layout, state) == "ok", 120, layout, state.pids)
+    node.patch_gpus(layout, kubectl)
+
+
 def up(layout: Layout, echo: Echo, *, keep_data: bool = False) -> State:
-    """Start the control plane (building it first if the cache lacks it); see the module doc."""
+    """Start the cluster (building it first if the cache lacks it); see the module doc."""
     with _locked(layout):
         if (current := running(layout)) is not None:
             echo(
-                f"control plane already running (kube-apiserver pid {current.pids['kube-apiserver']}, {current.server}); nothing started"
+                f"cluster already running (kube-apiserver pid {current.pids['kube-apiserver']}, {current.server}); nothing started"
             )
             return current
+        paths = node.NodePaths.default()
         stale = _load_state(layout)
         if stale is not None:  # a previous set died without down: end whatever is left of it
             _stop_all(layout, stale, echo=lambda line: None)
@@ -526,23 +567,30 @@ def up(layout: Layout, echo: Echo, *, keep_data: bool = False) -> State:
         if times:
             echo("build times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
         build.verify(layout)
+        _check_host()
         started = time.monotonic()
         ports = pick_ports()
-        pki.ensure(layout.pki, layout.versions.node.name)
-        server = f"https://127.0.0.1:{ports['apiserver']}"
+        held = node.owner(paths)
+        if held and held.get("repo") != str(layout.repo) and alive(int(held.get("pid", -1))):
+            raise ClusterError(
+                f"the machine's one local node is held by the cluster of {held['repo']}: run "
+                "`make cluster-down` there first"
+            )
+        _node_cleanup(layout, paths)  # whatever a crashed earlier node left
+        pki.ensure(layout.pki, layout.versions.node.name, node.HOST_IP, node.NODE_IP)
+        node.network_up()
+        node.cgroups_up()
+        server = f"https://{node.HOST_IP}:{ports['apiserver']}"
         kubeconfigs = _write_kubeconfigs(layout, server)
         if not keep_data:  # a fresh cluster every up: nothing left over from an earlier session
             shutil.rmtree(layout.etcd_data, ignore_errors=True)
-            shutil.rmtree(layout.pods, ignore_errors=True)
         for sub in ("apiserver", "controller-manager", "scheduler"):
             (layout.state / sub).mkdir(parents=True, exist_ok=True)
         argv = _argv(layout, ports, kubeconfigs)
-        pod_python = str(Path(sys.executable).absolute())
         state = State(
             server=server,
             ports=ports,
             pids={},
-            pod_python=pod_python,
             versions_hash=layout.versions_hash,
             started_at=time.time(),
         )
@@ -558,6 +606,7 @@ def up(layout: Layout, echo: Echo, *, keep_data: bool = False) -> State:
             )
             state.pids["kube-apiserver"] = _spawn(layout, "kube-apiserver", argv["kube-apiserver"])
             _save(layout, state)
+            node.claim(paths, layout.repo, state.pids["kube-apiserver"])
             ctx = _tls(layout)
             _wait(
                 "kube-apiserver",
@@ -569,34 +618,8 @@ def up(layout: Layout, echo: Echo, *, keep_data: bool = False) -> State:
             for name in ("kube-controller-manager", "kube-scheduler"):
                 state.pids[name] = _spawn(layout, name, argv[name])
             _save(layout, state)
-            _bootstrap_objects(layout)
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(
-                [str(Path(__file__).resolve().parents[1]), *filter(None, [env.get("PYTHONPATH")])]
-            )
-            # What pods' python imports besides the venv: the caller's PYTHONPATH (a worktree's code).
-            env.setdefault(POD_PYTHONPATH_ENV, os.environ.get("PYTHONPATH", ""))
-            state.pids["node"] = _spawn(
-                layout,
-                "node",
-                [
-                    pod_python,
-                    "-m",
-                    "controlplane.noderunner",
-                    f"--repo={layout.repo}",
-                    f"--kubeconfig={kubeconfigs['node']}",
-                    f"--apiserver-port={ports['apiserver']}",
-                ],
-                env=env,
-            )
-            _save(layout, state)
-            _wait(
-                "the local node",
-                lambda: node_condition(layout, state) == "ok",
-                90,
-                layout,
-                state.pids,
-            )
+            _bootstrap_objects(layout, paths)
+            _start_node(layout, state, paths, echo)
             _wait(
                 "the default ServiceAccount",
                 lambda: _default_sa_exists(layout, server),
@@ -618,10 +641,11 @@ def up(layout: Layout, echo: Echo, *, keep_data: bool = False) -> State:
         state.start_seconds = round(time.monotonic() - started, 1)
         _save(layout, state)
         echo(
-            f"control plane up in {state.start_seconds:.1f} s"
+            f"cluster up in {state.start_seconds:.1f} s"
             + (f" ({time.monotonic() - begin:.0f} s with the build)" if times else "")
             + f": {server}, kubeconfig {layout.kubeconfig.relative_to(layout.repo)}, "
-            f"node {layout.versions.node.name}, logs {layout.logs.relative_to(layout.repo)}/"
+            f"node {layout.versions.node.name} ({node.NODE_IP}), registry {node.REGISTRY}, "
+            f"logs {layout.logs.relative_to(layout.repo)}/"
         )
         return state
 
@@ -633,26 +657,35 @@ def _save(layout: Layout, state: State) -> None:
     tmp.replace(layout.state_file)
 
 
-def pod_groups(layout: Layout) -> list[int]:
-    """Process groups of pod containers the node runner recorded (pods/<uid>/*.pgid)."""
-    out = []
-    for path in layout.pods.glob("*/*.pgid") if layout.pods.exists() else []:
-        with contextlib.suppress(ValueError, OSError):
-            out.append(int(path.read_text()))
-    return out
+def _node_cleanup(layout: Layout, paths: node.NodePaths) -> list[str]:
+    """Everything of the node that is not a recorded process: pods (through the CRI, while
+    containerd runs), shims, mounts, cgroups, the network namespace and link."""
+    done = []
+    for pid in node.shim_pids(paths):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            done.append(f"shim {pid}")
+    done += node.unmount_under(paths.run, paths.kubelet_root, paths.containerd_root)
+    done += node.cgroups_down()
+    done += node.network_down()
+    shutil.rmtree(paths.run, ignore_errors=True)
+    return done
 
 
 def _stop_all(layout: Layout, state: State, echo: Echo) -> list[str]:
     stopped = []
+    paths = node.NodePaths.default()
     for name in reversed(COMPONENTS):
         pid = state.pids.get(name)
+        if name == "containerd" and pid and alive(pid):
+            if n := node.remove_pods(layout, paths):
+                stopped.append(f"{n} pods")
         if pid and alive(pid) and _ours(layout, name, pid):
-            _stop_group(pid, grace=15 if name == "node" else 10)
+            _stop_group(pid, grace=10)
             stopped.append(f"{name} ({pid})")
-    for pgid in pod_groups(layout):  # anything the runner could not end itself
-        if alive(pgid):
-            _stop_group(pgid, grace=2)
-            stopped.append(f"pod process group {pgid}")
+    held = node.owner(paths)
+    if not held or held.get("repo") == str(layout.repo) or not alive(int(held.get("pid", -1))):
+        stopped += _node_cleanup(layout, paths)  # never another checkout's running node
     layout.state_file.unlink(missing_ok=True)
     return stopped
 

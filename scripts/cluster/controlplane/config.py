@@ -48,6 +48,10 @@ class NodeConfig(_Strict):
     gpu_product: str
 
 
+class DebianVersions(_Strict):
+    suite: str
+
+
 class Versions(_Strict):
     go: GoVersions
     kubernetes: KubernetesVersions
@@ -55,6 +59,14 @@ class Versions(_Strict):
     helm: Pinned
     kwok: Pinned
     node: NodeConfig
+    containerd: Pinned
+    runc: Pinned
+    cri_tools: Pinned
+    cni_plugins: Pinned
+    coredns: Pinned
+    local_path_provisioner: Pinned
+    registry: Pinned
+    debian: DebianVersions
 
     @classmethod
     def load(cls, path: Path = VERSIONS_FILE) -> tuple[Versions, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from controlplane import build, cluster
+from controlplane import build, cluster, node
 from controlplane.config import Layout
 
 STORAGE_CLASS = "visionr1-local"
@@ -95,11 +96,40 @@ class ControlPlane:
         return self.layout.logs
 
     @property
-    def pod_python(self) -> Path:
-        return Path(self.state.pod_python)
+    def node_ip(self) -> str:
+        """The node's address (kubelet, registry, cluster DNS), inside its network namespace."""
+        return node.NODE_IP
+
+    @property
+    def registry(self) -> str:
+        """``host:port`` of the registry the node pulls from (plain HTTP)."""
+        return node.REGISTRY
+
+    @property
+    def node_paths(self) -> node.NodePaths:
+        return node.NodePaths.default()
 
     def pids(self) -> dict[str, int]:
         return dict(self.state.pids)
+
+    def crictl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """The node's CRI, as an administrator on the node would look at it."""
+        sock = self.node_paths.containerd_sock
+        argv = [str(self.layout.binary("crictl")), f"--runtime-endpoint=unix://{sock}", *args]
+        return _run(argv, check=check, input=None, timeout=60)
+
+    def container_pids(self, namespace: str, pod: str) -> list[int]:
+        """Host pids of the pod's running containers (their init process), read from the CRI."""
+        ids = self.crictl(
+            "ps", "-q", "--label", f"io.kubernetes.pod.namespace={namespace}",
+            "--label", f"io.kubernetes.pod.name={pod}",
+        ).stdout.split()  # fmt: skip
+        pids = []
+        for cid in ids:
+            info = json.loads(self.crictl("inspect", cid).stdout).get("info", {})
+            if info.get("pid"):
+                pids.append(int(info["pid"]))
+        return pids
 
     # -- the real CLIs --
     def kubectl(
@@ -231,8 +261,11 @@ def unavailable_reason(layout: Layout) -> str | None:
 
 
 @contextlib.contextmanager
-def session_control_plane(repo: Path) -> Iterator[ControlPlane]:
-    """A running control plane for the duration of the ``with`` block (see the module doc)."""
+def session_control_plane(
+    repo: Path, echo: build.Echo = lambda line: print(line, flush=True)
+) -> Iterator[ControlPlane]:
+    """A running control plane for the duration of the ``with`` block (see the module doc);
+    ``echo`` gets its progress lines (what is built, and how long it took)."""
     layout = Layout.for_repo(repo)
     if reason := unavailable_reason(layout):
         raise Unavailable(reason)
@@ -240,8 +273,66 @@ def session_control_plane(repo: Path) -> Iterator[ControlPlane]:
     if running is not None:
         yield ControlPlane(layout=layout, state=running, owned=False)
         return
-    state = cluster.up(layout, echo=lambda line: print(line, flush=True))
+    before = host_footprint()
+    state = cluster.up(layout, echo=echo)
     try:
         yield ControlPlane(layout=layout, state=state, owned=True)
     finally:
         cluster.down(layout, echo=lambda line: None)
+        if left := footprint_diff(before, host_footprint()):
+            raise AssertionError(f"cluster down left this behind on the host: {left}")
+
+
+def host_footprint() -> dict[str, list[str]]:
+    """What the host shows of a local cluster: network namespaces, links, routes, iptables and
+    nftables rules (host namespace), mounts and cgroups under the node's paths, and processes
+    running a binary of the cache. ``up`` adds to it; ``down`` must bring it back."""
+    paths = node.NodePaths.default()
+
+    def out(*argv: str) -> list[str]:
+        proc = subprocess.run(list(argv), capture_output=True, text=True)
+        return [ln for ln in proc.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
+
+    procs = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                exe = os.readlink(p / "exe")
+                if "/.cache/visionr1/control-plane/" in exe:
+                    procs.append(exe)
+    cgroups = [
+        str(d)
+        for d in [
+            *(h / node.CGROUP_ROOT for h in node.v1_hierarchies()),
+            node.CGROUP_V2 / node.CGROUP_ROOT,
+        ]
+        if d.exists()
+    ]
+    iptables = [
+        ln
+        for ln in out("iptables-save") + out("ip6tables-save")
+        if not ln.startswith(":") or "KUBE" in ln or "CNI" in ln
+    ]
+    return {
+        "netns": out("ip", "netns", "list"),
+        "links": [ln.split()[0] for ln in out("ip", "-br", "link")],
+        "routes": out("ip", "route"),
+        "iptables": [
+            ln for ln in iptables if not ln.startswith("COMMIT") and not ln.startswith("*")
+        ],
+        "nftables": out("nft", "list", "ruleset") if shutil.which("nft") else [],
+        "mounts": node.mounts_under(paths.run, paths.kubelet_root, paths.containerd_root),
+        "cgroups": cgroups,
+        "processes": sorted(procs),
+    }
+
+
+def footprint_diff(
+    before: dict[str, list[str]], after: dict[str, list[str]]
+) -> dict[str, list[str]]:
+    """What ``after`` has that ``before`` did not, per kind."""
+    return {
+        k: sorted(set(after[k]) - set(before.get(k, [])))
+        for k in after
+        if set(after[k]) - set(before.get(k, []))
+    }

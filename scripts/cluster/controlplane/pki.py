@@ -1,9 +1,11 @@
 """The control plane's certificates and keys, made with the maintained ``cryptography`` library.
 
-One CA signs the API server's serving certificate (127.0.0.1 / localhost / the kubernetes
-Service names) and one client certificate per identity: the admin (system:masters), the
-controller manager, the scheduler and the node (system:node:<name> in system:nodes, so the real
-Node authorizer and NodeRestriction admission apply to the node runner). A separate RSA key signs
+One CA signs the API server's serving certificate (the host's end of the node link, 127.0.0.1,
+localhost, the kubernetes Service names), the kubelet's serving certificate (the node's address)
+and one client certificate per identity: the admin (system:masters, also what the API server
+presents to the kubelet for logs and exec), the controller manager, the scheduler, kube-proxy
+(system:kube-proxy, bound to system:node-proxier by the default policy) and the kubelet
+(system:node:<name> in system:nodes, so the real Node authorizer and NodeRestriction apply). A separate RSA key signs
 ServiceAccount tokens. Made once per state folder and reused by every later ``up``.
 """
 
@@ -26,6 +28,7 @@ CLIENTS = {
     "admin": ("kubernetes-admin", "system:masters"),
     "controller-manager": ("system:kube-controller-manager", None),
     "scheduler": ("system:kube-scheduler", None),
+    "kube-proxy": ("system:kube-proxy", None),
 }
 
 
@@ -102,7 +105,7 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def ensure(pki: Path, node_name: str) -> None:
+def ensure(pki: Path, node_name: str, host_ip: str, node_ip: str) -> None:
     """Create whatever is missing under ``pki`` (an existing set is kept as it is)."""
     pki.mkdir(parents=True, exist_ok=True)
     pki.chmod(0o700)
@@ -131,10 +134,25 @@ def ensure(pki: Path, node_name: str) -> None:
             "kubernetes.default.svc.cluster.local",
         ]
         cert = _issue(
-            ca, ca_key, _name("kube-apiserver"), key, server_names=(dns, ["127.0.0.1", SERVICE_IP])
+            ca,
+            ca_key,
+            _name("kube-apiserver"),
+            key,
+            server_names=(dns, [host_ip, "127.0.0.1", SERVICE_IP]),
         )
         _write_key(pki / "apiserver.key", key)
         _write_cert(pki / "apiserver.crt", cert)
+    if not (pki / "kubelet.crt").exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _issue(
+            ca,
+            ca_key,
+            _name(f"system:node:{node_name}"),
+            key,
+            server_names=([node_name], [node_ip]),
+        )
+        _write_key(pki / "kubelet.key", key)
+        _write_cert(pki / "kubelet.crt", cert)
     clients = dict(CLIENTS)
     clients["node"] = (f"system:node:{node_name}", "system:nodes")
     for stem, (cn, org) in clients.items():
