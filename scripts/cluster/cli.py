@@ -1,7 +1,7 @@
-"""``python scripts/cluster/cli.py up|down|status|build``: the local control plane's command line.
+"""``python scripts/cluster/cli.py up|down|status|build``: the local cluster's command line.
 
-Run it with the project's virtual environment (the Makefile's cluster-* targets do); pods' ``python``
-is that interpreter. Every failure prints one line (``cluster-up: ...``) and exits 1.
+Run it with the project's virtual environment (the Makefile's cluster-* targets do), as root (the
+node is a kubelet with containerd). Every failure prints one line (``cluster-up: ...``) and exits 1.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cluster", description=__doc__)
     parser.add_argument("--repo", type=Path, default=HERE.parents[1], help="the repository root")
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="build once, then start the control plane and the local node")
+    up = sub.add_parser("up", help="build once, then start the control plane and the node")
     up.add_argument("--keep-data", action="store_true", help="keep etcd's data from the last run")
     sub.add_parser("down", help="stop everything up started")
     sub.add_parser("status", help="what runs and its health")
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     pvc.add_argument("--size", default="10Gi")
     b = sub.add_parser("build", help="build the pinned binaries into the cache (up does it too)")
     b.add_argument("--rebuild", action="store_true", help="rebuild even if the cache has them")
+    b.add_argument("--kwok", action="store_true", help="also KWOK (fake nodes: the load benchmark)")
     args = parser.parse_args(argv)
 
     def echo(line: str) -> None:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             echo(f"export KUBECONFIG={layout.kubeconfig}")
             echo(f'export PATH="{layout.bin_dir}:$PATH"')
         else:
-            times = build.ensure_built(layout, echo, rebuild=args.rebuild)
+            times = build.ensure_built(layout, echo, rebuild=args.rebuild, optional=args.kwok)
             build.verify(layout)
             echo(f"binaries in {layout.bin_dir}" + ("" if times else " (already built)"))
     except ClusterError as err:

@@ -302,45 +302,15 @@ class ChartOperator:
 def tiny_cluster_run(
     name: str, namespace: str, pvc: str, image: str | None = None
 ) -> dict[str, Any]:
-    """examples/tiny-cpu.yaml for a cluster: the PVC instead of a local folder, the toy data and
-    model on the PVC's root (/data in every pod), and every size cut so that it runs in about a
-    minute on 2 cores (one SFT epoch, one GRPO step per PTST sub-stage, 8 eval problems)."""
-    run = yaml.safe_load((EXAMPLES / "tiny-cpu.yaml").read_text())
+    """examples/tiny-cluster.yaml (the laptop demo with every size cut, its data and model on the
+    PVC's shared folder at /data) as ``namespace/name`` on ``pvc``, running ``image``."""
+    run = yaml.safe_load((EXAMPLES / "tiny-cluster.yaml").read_text())
     run["metadata"] = {"name": name, "namespace": namespace}
     spec = run["spec"]
     spec["storage"] = {"pvc": pvc}
-    spec["baseModel"] = {"name": "/data/models/tiny-qwen25vl"}
     spec["mlflow"] = {"experiment": f"cluster-{namespace}"}
-    spec["ttlSecondsAfterFinished"] = 3600
-    if image:  # the trainer image the stage pods run
-        spec.setdefault("images", {})["trainer"] = image
-    st = spec["stages"]
-    st["synthesis"]["from"]["dataset"] = "/data/toy/train"
-    st["synthesis"]["params"]["rowsPerShard"] = 16
-    sft = st["sft"]["params"]
-    sft.update(epochs=1, maxSteps=2, saveSteps=1, globalBatchSize=4, perDeviceBatchSize=4)
-    sft["maxLength"] = 512
-    grpo = st["grpo"]["params"]
-    grpo["dataset"]["path"] = "/data/toy/rl"
-    grpo.update(promptsPerStep=2, saveSteps=1)
-    grpo["ptst"] = [
-        {"maxCompletionLength": 32, "numGenerations": 2, "steps": 1},
-        {"maxCompletionLength": 64, "numGenerations": 2, "steps": 1},
-    ]
-    ev = st["eval"]["params"]
-    ev["benchmarks"] = [{"name": "toy", "path": "/data/toy/bench", "limit": 4}]
-    ev["checkpoints"] = ["base", "grpo"]
-    ev["backend"] = {"kind": "transformers", "batchSize": 4}
-    ev["maxNewTokens"] = 32
-    for stage in STAGES:
-        # An air-gapped cluster: the toy model is on the PVC, nothing comes from the hub.
-        st[stage]["env"] = [
-            {"name": "HF_HUB_OFFLINE", "value": "1"},
-            {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
-            {"name": "OMP_NUM_THREADS", "value": "1"},
-        ]
-        st[stage]["resources"] = {"cpu": "100m", "memory": "1Gi"}
-        st[stage]["backoffLimit"] = 2
+    if image:  # the trainer image the stage pods run, pinned by digest
+        spec["images"] = {"trainer": image, "pullPolicy": "IfNotPresent"}
     return run
 
 

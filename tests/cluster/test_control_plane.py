@@ -64,8 +64,9 @@ def _namespace(cp: ControlPlane) -> str:
 PYTHON_IMAGE = ""
 
 
-@pytest.fixture(autouse=True)
-def _python_image(images: dict[str, str]) -> None:
+@pytest.fixture
+def with_images(images: dict[str, str]) -> None:
+    """Tests that run pods take this: our images are built and pushed first."""
     global PYTHON_IMAGE
     PYTHON_IMAGE = images["operator"]
 
@@ -105,7 +106,9 @@ def test_node_is_ready_with_gpus(control_plane: ControlPlane) -> None:
     assert lease["spec"]["holderIdentity"] == control_plane.node_name
 
 
-def test_pod_sees_env_configmap_and_pvc_subpath_as_its_user(control_plane: ControlPlane) -> None:
+def test_pod_sees_env_configmap_and_pvc_subpath_as_its_user(
+    with_images: None, control_plane: ControlPlane
+) -> None:
     cp = control_plane
     ns = _namespace(cp)
     folder = cp.make_pvc(ns, "work", "1Gi")
@@ -194,7 +197,9 @@ def _check_reader(cp: ControlPlane, ns: str, folder: Path, run_dir: Path) -> Non
     assert oct(folder.stat().st_mode & 0o777) == "0o755"
 
 
-def test_failed_container_and_failed_start_are_reported(control_plane: ControlPlane) -> None:
+def test_failed_container_and_failed_start_are_reported(
+    with_images: None, control_plane: ControlPlane
+) -> None:
     cp = control_plane
     ns = _namespace(cp)
     _apply(cp, _pod("exits3", ns, "import sys; print('bye'); sys.exit(3)"))
@@ -211,7 +216,7 @@ def test_failed_container_and_failed_start_are_reported(control_plane: ControlPl
     assert "no-such-program" in start["message"]
 
 
-def test_deleting_a_pod_kills_its_process(control_plane: ControlPlane) -> None:
+def test_deleting_a_pod_kills_its_process(with_images: None, control_plane: ControlPlane) -> None:
     cp = control_plane
     ns = _namespace(cp)
     _apply(cp, _pod("sleeper", ns, "import time; time.sleep(600)", terminationGracePeriodSeconds=3))
@@ -230,7 +235,9 @@ def test_deleting_a_pod_kills_its_process(control_plane: ControlPlane) -> None:
     cp.kubectl("delete", "namespace", ns, "--wait=false")
 
 
-def test_memory_limit_is_enforced_by_the_kernel(control_plane: ControlPlane) -> None:
+def test_memory_limit_is_enforced_by_the_kernel(
+    with_images: None, control_plane: ControlPlane
+) -> None:
     """A container over its memory limit is OOMKilled by the kernel (its memory cgroup)."""
     cp = control_plane
     ns = _namespace(cp)
@@ -250,7 +257,9 @@ def test_memory_limit_is_enforced_by_the_kernel(control_plane: ControlPlane) -> 
     cp.kubectl("delete", "namespace", ns, "--wait=false")
 
 
-def test_pods_reach_services_by_name_and_the_api_server(control_plane: ControlPlane) -> None:
+def test_pods_reach_services_by_name_and_the_api_server(
+    with_images: None, control_plane: ControlPlane
+) -> None:
     """The pod network, kube-proxy and CoreDNS: a pod reaches another pod through its Service's
     DNS name, and the API server through the `kubernetes` Service with its token."""
     cp = control_plane
@@ -295,7 +304,9 @@ def test_pods_reach_services_by_name_and_the_api_server(control_plane: ControlPl
     cp.kubectl("delete", "namespace", ns, "--wait=false")
 
 
-def test_a_claim_of_the_default_storage_class_is_provisioned(control_plane: ControlPlane) -> None:
+def test_a_claim_of_the_default_storage_class_is_provisioned(
+    with_images: None, control_plane: ControlPlane
+) -> None:
     """local-path-provisioner, as kind ships it: the claim binds when a pod uses it, and the pod
     writes into a folder on the node."""
     cp = control_plane
@@ -326,7 +337,7 @@ def test_a_claim_of_the_default_storage_class_is_provisioned(control_plane: Cont
     _until("the volume's folder removed", lambda: not folder.exists(), 120)
 
 
-def test_logs_and_exec_reach_the_container(control_plane: ControlPlane) -> None:
+def test_logs_and_exec_reach_the_container(with_images: None, control_plane: ControlPlane) -> None:
     cp = control_plane
     ns = _namespace(cp)
     _apply(cp, _pod("shell", ns, "import time; print('started', flush=True); time.sleep(600)"))
@@ -342,7 +353,9 @@ def test_logs_and_exec_reach_the_container(control_plane: ControlPlane) -> None:
     cp.kubectl("delete", "namespace", ns, "--wait=false")
 
 
-def test_job_pod_failure_policy_fails_the_job_on_exit_65(control_plane: ControlPlane) -> None:
+def test_job_pod_failure_policy_fails_the_job_on_exit_65(
+    with_images: None, control_plane: ControlPlane
+) -> None:
     cp = control_plane
     ns = _namespace(cp)
     job = {
@@ -452,7 +465,9 @@ def test_a_failed_build_names_the_module_and_version(
     assert not layout.binary("kube-apiserver").exists()
 
 
-def test_init_containers_run_in_order_before_the_container(control_plane: ControlPlane) -> None:
+def test_init_containers_run_in_order_before_the_container(
+    with_images: None, control_plane: ControlPlane
+) -> None:
     cp = control_plane
     ns = _namespace(cp)
     step = "import os; open('/shared/log', 'a').write(os.environ['STEP'] + ' ')"

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,11 +33,13 @@ from visionr1_operator.plan import QUEUED, StageProgress, plan
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
-NS = "kueue-e2e"
+# A namespace per session, removed at its end: a rerun never meets the names a run left.
+NS = f"kueue-e2e-{uuid.uuid4().hex[:6]}"
 LQ = "gpu"
 CQ = "visionr1-kueue-e2e"
 FLAVOR = "visionr1-kueue-e2e"
 SLEEP = ["python", "-c", "import time; time.sleep(900)"]
+IMAGE = ""  # what stage pods run (set by the kq fixture)
 NEVER = {"visionr1.io/kueue-e2e-never": "true"}  # no node has it: admitted, never scheduled
 T = TypeVar("T")
 
@@ -115,9 +118,12 @@ def is_true(obj: dict[str, Any] | None, type_: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def kq(control_plane: Any) -> Iterator[K]:
+def kq(control_plane: Any, images: dict[str, str]) -> Iterator[K]:
     """Kueue running, a ResourceFlavor, a ClusterQueue with one GPU, a LocalQueue in NS, two
-    PriorityClasses; torn down (Kueue's webhooks first) at the end of the module."""
+    PriorityClasses; torn down (Kueue's webhooks first, then NS) at the end of the module. Stage
+    pods run the operator image (a Python, and small): only their sleep matters here."""
+    global IMAGE
+    IMAGE = images["operator"]
     script = _load_script()
     try:
         script.build(echo=print)
@@ -200,6 +206,8 @@ def kq(control_plane: Any) -> Iterator[K]:
         )
         if started:
             script.down(control_plane.kubectl_bin, control_plane.kubeconfig)
+        control_plane.kubectl("delete", "namespace", NS, "--timeout=180s", check=False, timeout=200)
+        control_plane.kubectl("delete", "pv", f"pv-{NS}-data", check=False)
 
 
 @pytest.fixture(autouse=True)
@@ -225,6 +233,7 @@ def run_for(
     obj["metadata"] = {"name": name, "namespace": NS}
     spec = obj["spec"]
     spec["storage"] = {"pvc": "data"}
+    spec["images"] = {"trainer": IMAGE, "pullPolicy": "IfNotPresent"}
     spec["queueName"] = LQ
     if priority:
         spec["priorityClassName"] = priority

@@ -669,6 +669,8 @@ def _node_cleanup(layout: Layout, paths: node.NodePaths) -> list[str]:
     done += node.cgroups_down()
     done += node.network_down()
     shutil.rmtree(paths.run, ignore_errors=True)
+    if removed := node.fixed_dirs_down(paths):
+        done.append(f"{len(removed)} empty folders")
     return done
 
 

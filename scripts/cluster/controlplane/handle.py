@@ -324,6 +324,7 @@ def host_footprint() -> dict[str, list[str]]:
         "mounts": node.mounts_under(paths.run, paths.kubelet_root, paths.containerd_root),
         "cgroups": cgroups,
         "processes": sorted(procs),
+        "folders": [str(d) for d in node.FIXED_DIRS if d.exists()],
     }
 
 

@@ -91,6 +91,10 @@ class NodePaths:
         return self.data / "images"
 
     @property
+    def pod_logs(self) -> Path:
+        return self.data / "pod-logs"
+
+    @property
     def containerd_state(self) -> Path:
         return self.run / "containerd"
 
@@ -274,6 +278,38 @@ def unmount_under(*roots: Path) -> list[str]:
     return [f"{len(targets)} mounts"] if targets else []
 
 
+# Folders the kubelet and containerd use whatever they are configured with (the device-plugin
+# socket, the container-log symlinks, the shims' sockets, the netns mount point): removed at
+# down when nothing else is in them.
+FIXED_DIRS = (
+    Path("/var/lib/kubelet/device-plugins"),
+    Path("/var/lib/kubelet"),
+    Path("/var/log/containers"),
+    Path("/var/log/pods"),
+    Path("/run/containerd/s"),
+    Path("/run/containerd"),
+    Path("/run/netns"),
+)
+
+
+def fixed_dirs_down(paths: NodePaths) -> list[str]:
+    """Our entries in the fixed folders (the kubelet's socket, log symlinks into our pod logs),
+    then each folder if it is empty."""
+    removed = []
+    Path("/var/lib/kubelet/device-plugins/kubelet.sock").unlink(missing_ok=True)
+    logs = Path("/var/log/containers")
+    if logs.is_dir():
+        for link in logs.iterdir():
+            if link.is_symlink() and str(paths.pod_logs) in os.readlink(link):
+                link.unlink()
+    shutil.rmtree(paths.pod_logs, ignore_errors=True)
+    for d in FIXED_DIRS:
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only when empty: another runtime on the host may use it
+            removed.append(str(d))
+    return removed
+
+
 # -- configuration files ------------------------------------------------------------------------
 
 
@@ -313,6 +349,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
         BinaryName = "{runc}"
+        Root = "{paths.run / "runc"}"
         SystemdCgroup = false
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["{cni_bin}"]
@@ -384,6 +421,7 @@ def kubelet_config(layout: Layout, paths: NodePaths) -> dict:
         "clusterDomain": "cluster.local",
         "clusterDNS": [NODE_IP],
         "resolvConf": str(paths.config / "resolv.conf"),
+        "podLogsDir": str(paths.pod_logs),
         "staticPodPath": "",
         "serializeImagePulls": False,
         "maxPods": layout.versions.node.pods,
