@@ -7,6 +7,14 @@ WORKDIR ?= .visionr1/tiny-cpu
 IMAGE_REPO ?= ghcr.io/visionr1
 TAG ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 FLASH_ATTN ?= 0
+# make images / push (docs/images.md). GPU=1 adds the CUDA trainer image. The build steps (never
+# the images) get the host's CA folder or bundle, pip config and pip cache, when they exist; set
+# one empty to leave it out, e.g. BUILD_CA= PIP_CONF= where PyPI needs neither.
+GPU ?= 0
+BUILD_CA ?= $(wildcard /etc/ssl/certs)
+PIP_CONF ?= $(wildcard /etc/pip.conf)
+PIP_CACHE ?= $(HOME)/.cache/pip
+INSECURE ?= auto
 SEED ?= 3
 ABLATIONS ?= .visionr1/ablations
 # The toy model is far too small for two threads to help; one thread per stage avoids the
@@ -30,10 +38,15 @@ $(BIN)/.installed: pyproject.toml
 .PHONY: setup
 setup: $(BIN)/.installed ## create .venv and install visionr1 with the operator, train and dev extras
 
+.PHONY: host-deps
+host-deps: ## install the Debian packages the local cluster and the image builds need (buildah, skopeo, mmdebstrap, libseccomp-dev, ...)
+	@scripts/host-deps.sh
+
 .PHONY: test
-test: setup ## lint, then run the test suite (the cluster tests build the local control plane once when Go is installed, and skip with one line when it is not)
+test: setup ## lint, then run the test suite (with Go installed, the cluster tests build the local cluster and our images once; without it they are set aside with one line)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@if command -v go >/dev/null; then scripts/host-deps.sh; fi
 	$(BIN)/python -m pytest -q -rs
 
 .PHONY: lint
@@ -76,19 +89,18 @@ device-check-prepare: ## fetch the wheels the GPU machine lacks into .whl/ (then
 	scripts/device-check.sh prepare
 
 .PHONY: images
-images: ## build the operator and trainer images (needs docker with BuildKit)
-	docker build -f images/operator/Dockerfile -t $(IMAGE_REPO)/operator:$(TAG) .
-	docker build -f images/trainer/Dockerfile --build-arg FLASH_ATTN=$(FLASH_ATTN) -t $(IMAGE_REPO)/trainer:$(TAG) .
+images: host-deps ## build the operator, trainer-cpu and mlflow images with buildah, no daemon, on a Debian base from packages (GPU=1 adds the CUDA trainer; docs/images.md)
+	$(PYTHON) scripts/images.py --tag $(TAG) --gpu $(GPU) build --build-ca "$(BUILD_CA)" \
+	  --pip-conf "$(PIP_CONF)" --pip-cache "$(PIP_CACHE)" --flash-attn $(FLASH_ATTN)
 
 .PHONY: push
-push: images ## push both images with TAG
-	docker push $(IMAGE_REPO)/operator:$(TAG)
-	docker push $(IMAGE_REPO)/trainer:$(TAG)
+push: images ## push the images to IMAGE_REPO with TAG (skopeo; INSECURE=1 for plain HTTP, auto for local addresses) and print the pinned helm install
+	$(PYTHON) scripts/images.py --tag $(TAG) --gpu $(GPU) push --repo $(IMAGE_REPO) --insecure $(INSECURE)
 
 CLUSTER := $(BIN)/python scripts/cluster/cli.py
 
 .PHONY: cluster-up
-cluster-up: setup ## start a local control plane (etcd, API server, controllers, scheduler, one node running pods as processes); the first run builds it from Go modules
+cluster-up: setup host-deps ## start a local cluster (control plane, and a real node: kubelet, containerd, CNI, kube-proxy, CoreDNS, local-path, a registry); the first run builds it from Go modules
 	@$(CLUSTER) up
 	@# The CRD, so `kubectl get vr1 -A` answers at once; labelled as the README's helm release owns
 	@# it, so `helm install visionr1-operator -n visionr1-system` adopts it instead of refusing.
@@ -99,7 +111,7 @@ cluster-up: setup ## start a local control plane (etcd, API server, controllers,
 	  && echo "VisionR1Run CRD installed (helm install visionr1-operator -n visionr1-system adopts it)"
 
 .PHONY: cluster-down
-cluster-down: setup ## stop the local control plane and every process it started
+cluster-down: setup ## stop the local cluster: pods, processes, mounts, cgroups, its network namespace
 	@$(CLUSTER) down
 
 .PHONY: cluster-status
@@ -107,7 +119,7 @@ cluster-status: setup ## what the local control plane runs and whether it is hea
 	@$(CLUSTER) status
 
 .PHONY: e2e
-e2e: setup ## only the tests against the local control plane (pytest -m cluster)
+e2e: setup host-deps ## only the tests against the local cluster (pytest -m cluster)
 	$(BIN)/python -m pytest -q -rs -m cluster
 
 .PHONY: kueue-up

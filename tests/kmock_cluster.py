@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp.web
 import httpx
 import kmock
 
@@ -56,8 +58,14 @@ CLUSTER_RESOURCES: dict[str, str] = {
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 
 
+NAMESPACE_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)$")
+
+
 class Emulator(kmock.KubernetesEmulator):
-    """kmock plus what the API server does on create: generateName, uid, resourceVersion.
+    """kmock plus what the API server does on create: generateName, uid, resourceVersion; and
+    GET of a Namespace (kmock parses /api/v1/namespaces/NAME as a namespace, not an object):
+    ``namespaces`` maps each namespace that exists to its labels (a test sets Pod Security
+    labels there).
 
     kmock matches every request against its reactions by scanning the whole request history, so
     serving gets slower with every request (quadratic: 10 runs took 40 CPU-seconds). Only the
@@ -70,8 +78,13 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self.log: list[Logged] = []
         self._finished: set[int] = set()
+        self.namespaces: dict[str, dict[str, str]] = {NS: {}}
 
     async def _handle(self, request: Any) -> Any:
+        method = str(getattr(request.method, "value", request.method)).upper()
+        found = NAMESPACE_PATH.match(request.url.path)
+        if found and method == "GET":
+            return self._get_namespace(request, found.group(1))
         res = request.resource
         self.log.append(
             Logged(
@@ -94,6 +107,43 @@ class Emulator(kmock.KubernetesEmulator):
             return await self._handle_api(request)
         finally:
             self._finished.add(id(request))
+
+    def _get_namespace(self, request: Any, name: str) -> aiohttp.web.StreamResponse:
+        self.log.append(
+            Logged(
+                method="GET",
+                group="",
+                plural="namespaces",
+                subresource=None,
+                name=name,
+                watch=False,
+                user_agent=request.headers.get("User-Agent", ""),
+            )
+        )
+        if name not in self.namespaces:
+            status = {
+                "apiVersion": "v1",
+                "kind": "Status",
+                "status": "Failure",
+                "reason": "NotFound",
+                "message": f'namespaces "{name}" not found',
+                "code": 404,
+            }
+            return aiohttp.web.json_response(status, status=404)
+        labels = {"kubernetes.io/metadata.name": name, **self.namespaces[name]}
+        obj = {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": name,
+                "uid": str(uuid.uuid5(uuid.NAMESPACE_DNS, name)),
+                "resourceVersion": "1",
+                "labels": labels,
+            },
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"},
+        }
+        return aiohttp.web.json_response(obj)
 
     async def _handle_api(self, request: Any) -> Any:
         data = request.data

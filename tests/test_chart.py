@@ -344,19 +344,60 @@ def permissions(role: dict[str, Any]) -> set[Permission]:
     }
 
 
-def operator_permissions() -> set[Permission]:
-    """What the operator code declares it uses (operator/visionr1_operator/rbac.py)."""
+def operator_permissions(rules: str = "RULES") -> set[Permission]:
+    """What the operator code declares it uses (operator/visionr1_operator/rbac.py): the
+    namespaced ``RULES``, or the cluster-scoped ``NAMESPACE_RULES``."""
     rbac = pytest.importorskip(
         "visionr1_operator.rbac",
         reason="operator/visionr1_operator/rbac.py (RULES) not written yet",
     )
-    return {(group, resource, verb) for group, resource, verbs in rbac.RULES for verb in verbs}
+    return {
+        (group, resource, verb) for group, resource, verbs in getattr(rbac, rules) for verb in verbs
+    }
+
+
+NAMESPACES_SUFFIX = "-namespaces"  # the ClusterRole (and binding) for the namespaces' labels
+
+
+def split_cluster_rbac(docs: list[dict[str, Any]], kind: str) -> tuple[list[dict], dict]:
+    """(the operator's own objects of ``kind``, the one for reading namespaces)."""
+    found = find(docs, kind)
+    ns = [d for d in found if d["metadata"]["name"].endswith(NAMESPACES_SUFFIX)]
+    assert len(ns) == 1, f"expected one {kind} *{NAMESPACES_SUFFIX}, got {len(ns)}"
+    return [d for d in found if d is not ns[0]], ns[0]
+
+
+def check_namespace_reader(docs: list[dict[str, Any]], watched: list[str] | None) -> None:
+    """get (never list or watch) of namespaces, only the watched ones by name when listed,
+    bound to the operator's ServiceAccount: for their Pod Security labels."""
+    _, role = split_cluster_rbac(docs, "ClusterRole")
+    _, binding = split_cluster_rbac(docs, "ClusterRoleBinding")
+    (rule,) = role["rules"]
+    assert (
+        permissions(role) == operator_permissions("NAMESPACE_RULES") == {("", "namespaces", "get")}
+    )
+    if watched:
+        assert rule["resourceNames"] == watched
+    else:
+        assert "resourceNames" not in rule
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": one(docs, "ServiceAccount")["metadata"]["name"],
+            "namespace": NAMESPACE,
+        }
+    ]
 
 
 def test_cluster_wide_rbac(docs: dict[str, list[dict[str, Any]]]) -> None:
     default = docs["default"]
-    role = one(default, "ClusterRole")
-    binding = one(default, "ClusterRoleBinding")
+    (role,), _ = split_cluster_rbac(default, "ClusterRole")
+    (binding,), _ = split_cluster_rbac(default, "ClusterRoleBinding")
     sa = one(default, "ServiceAccount")
     assert find(default, "Role") == [] and find(default, "RoleBinding") == []
     assert binding["roleRef"] == {
@@ -368,7 +409,8 @@ def test_cluster_wide_rbac(docs: dict[str, list[dict[str, Any]]]) -> None:
         {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}
     ]
     perms = permissions(role)
-    # Least privilege: no wildcard, no Secrets, no RBAC objects, nothing cluster-scoped.
+    # Least privilege: no wildcard, no Secrets, no RBAC objects, nothing cluster-scoped (the
+    # namespaces' labels: a ClusterRole of its own, get only).
     assert not any("*" in p for perm in perms for p in perm)
     assert not {r for _, r, _ in perms} & {
         "secrets",
@@ -379,19 +421,23 @@ def test_cluster_wide_rbac(docs: dict[str, list[dict[str, Any]]]) -> None:
         "namespaces",
         "nodes",
     }
+    check_namespace_reader(default, None)
 
 
 def test_namespaced_rbac_grants_only_the_watched_namespaces(
     docs: dict[str, list[dict[str, Any]]],
 ) -> None:
     namespaced = docs["namespaced-rbac"]
-    assert find(namespaced, "ClusterRole") == [] and find(namespaced, "ClusterRoleBinding") == []
+    watched = VALUE_SETS["namespaced-rbac"]["watchNamespaces"]
+    # cluster-wide only: get of the watched namespaces themselves, by name
+    assert split_cluster_rbac(namespaced, "ClusterRole")[0] == []
+    assert split_cluster_rbac(namespaced, "ClusterRoleBinding")[0] == []
+    check_namespace_reader(namespaced, watched)
     roles = find(namespaced, "Role")
     bindings = find(namespaced, "RoleBinding")
-    watched = VALUE_SETS["namespaced-rbac"]["watchNamespaces"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(watched)
     assert sorted(b["metadata"]["namespace"] for b in bindings) == sorted(watched)
-    cluster_perms = permissions(one(docs["default"], "ClusterRole"))
+    cluster_perms = permissions(split_cluster_rbac(docs["default"], "ClusterRole")[0][0])
     for role in roles:
         assert permissions(role) == cluster_perms
     for binding in bindings:
@@ -410,7 +456,7 @@ def test_namespaced_rbac_grants_only_the_watched_namespaces(
 
 def test_rbac_rules_equal_what_the_operator_uses(docs: dict[str, list[dict[str, Any]]]) -> None:
     used = operator_permissions()
-    assert permissions(one(docs["default"], "ClusterRole")) == used
+    assert permissions(split_cluster_rbac(docs["default"], "ClusterRole")[0][0]) == used
     for role in find(docs["namespaced-rbac"], "Role"):
         assert permissions(role) == used
 
@@ -420,7 +466,8 @@ def test_existing_service_account_is_bound_and_not_created(
 ) -> None:
     external = docs["external-mlflow-no-crd"]
     assert find(external, "ServiceAccount") == []
-    assert one(external, "ClusterRoleBinding")["subjects"][0]["name"] == "visionr1-operator"
+    for binding in find(external, "ClusterRoleBinding"):
+        assert binding["subjects"][0]["name"] == "visionr1-operator"
     pod = one(external, "Deployment", "operator")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "visionr1-operator"
 

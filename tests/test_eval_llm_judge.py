@@ -148,7 +148,18 @@ def test_judge_verdicts_parsed_and_recorded(server: JudgeServer) -> None:
     # Greedy regardless of the teacher's sampling temperature; max tokens and seed are its own.
     assert {(b["temperature"], b["max_tokens"], b["seed"]) for b in server.bodies} == {(0, 128, 7)}
     assert {b["model"] for b in server.bodies} == {REQUESTED}
-    assert "I count 3 circles." in server.bodies[0]["messages"][0]["content"]
+    # One request per row; they are sent concurrently, so they arrive in any order: each row's
+    # request is found by its question, and carries that row's own fields (not another's).
+    assert len(server.bodies) == len(ROWS)
+    prompts = [b["messages"][-1]["content"] for b in server.bodies]
+    for row, rule in zip(ROWS, RULES, strict=True):
+        [text] = [t for t in prompts if f"### Question\n{row['question']}\n" in t]
+        assert f"### Reference answer\n{row['answer']}\n" in text
+        assert row["response"] in text
+        extracted = rule["extracted"] or "(nothing extracted)"
+        assert f"### Answer extracted by rules\n{extracted}\n" in text
+        others = [r for r in ROWS if r is not row]
+        assert not any(o["response"] in text for o in others)
 
 
 def test_unparseable_reply_is_asked_again(server: JudgeServer) -> None:

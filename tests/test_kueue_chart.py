@@ -21,7 +21,13 @@ def roles(values: dict[str, Any]) -> list[dict[str, Any]]:
         out = chart.render(values, name="vr1", namespace="visionr1-system", is_install=True)
     texts = [text for path, text in out.items() if path.endswith((".yaml", ".yml"))]
     docs = [d for text in texts for d in yaml.safe_load_all(text) if d]
-    return [d for d in docs if d["kind"] in ("ClusterRole", "Role")]
+    # the operator's own rules (not the ClusterRole that only reads namespaces' labels)
+    return [
+        d
+        for d in docs
+        if d["kind"] in ("ClusterRole", "Role")
+        and not d["metadata"]["name"].endswith("-namespaces")
+    ]
 
 
 def permissions(role: dict[str, Any]) -> set[tuple[str, str, str]]:

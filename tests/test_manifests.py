@@ -451,3 +451,249 @@ def test_a_failed_jobs_message_carries_the_failing_pods_reason_and_exit_code() -
     seen = with_pods(job, [oom])
     assert seen.exit_code == 137
     assert "OOMKilled (exit code 137)" in seen.message and "backoff limit" in seen.message
+
+
+# --------------------------------------------------------------------------- failures, explained
+
+
+def stage_pod(run: VisionR1Run, stage: str, terminated: dict[str, Any]) -> dict[str, Any]:
+    """The failed pod of attempt 0 of ``stage``, as the kubelet reports it: the Job's pod
+    template (labels, spec with its resources) and the stage container's terminated state."""
+    job = by_kind(stage_objects(run, stage, 0), "Job")
+    name = job["metadata"]["name"]
+    return {
+        "metadata": {
+            "name": f"{name}-0-abcde",
+            "labels": {
+                **job["spec"]["template"]["metadata"]["labels"],
+                "batch.kubernetes.io/job-name": name,
+            },
+        },
+        "spec": job["spec"]["template"]["spec"],
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [{"name": "stage", "state": {"terminated": terminated}}],
+        },
+    }
+
+
+def failed_job(run: VisionR1Run, stage: str, reason: str, message: str) -> dict[str, Any]:
+    """The Job of attempt 0 of ``stage``, failed as the Job controller reports it."""
+    job = by_kind(stage_objects(run, stage, 0), "Job")
+    failed = {
+        "type": "Failed",
+        "status": "True",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": "2025-01-01T12:00:00Z",
+    }
+    job["status"] = {"failed": 1, "conditions": [failed]}
+    return job
+
+
+def conditions_after_failure(
+    run: VisionR1Run, stage: str, job: dict[str, Any], pod: dict[str, Any]
+) -> dict[str, Any]:
+    """The run's conditions (type → condition) once the operator has seen the failed Job and
+    its pod, ``stage`` having been the running one."""
+    from datetime import UTC, datetime
+
+    from visionr1_operator.plan import StartRun, apply, plan
+
+    t0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
+    stages = ("synthesis", "filter", "sft", "grpo", "eval")
+    status = apply(None, [StartRun(stages, ())], t0)
+    for s in stages[: stages.index(stage)]:
+        status.stages[s].phase = "Succeeded"
+    observed = observe_job(job)
+    facts = observe_pod(pod)
+    assert observed is not None and facts is not None
+    status = apply(status, plan(run, status, [], t0), t0)  # creates attempt 0
+    seen = with_pods(observed, [facts])
+    status = apply(status, plan(run, status, [seen], t0), t0)
+    return {c.type: c for c in status.conditions}
+
+
+def test_the_stages_own_reason_for_failing_reaches_the_run() -> None:
+    """Exit 65 with the stage's one-line reason as its termination message: the Failed
+    condition (what `kubectl describe vr1` shows) carries it, after the exit code."""
+    run = load("tiny-cpu.yaml")
+    reason = "dataset /workspace/toy/train: no such file or directory"
+    pod = stage_pod(run, "filter", {"exitCode": 65, "reason": "Error", "message": reason})
+    job = failed_job(
+        run,
+        "filter",
+        "PodFailurePolicy",
+        "Container stage for pod ml/tiny-cpu-filter-0-0-abcde failed with exit code 65 "
+        "matching FailJob rule at index 0",
+    )
+    conds = conditions_after_failure(run, "filter", job, pod)
+    failed = conds["Failed"]
+    assert failed.status == "True" and failed.message.startswith("filter: ")
+    assert f"(exit code 65): {reason}" in failed.message
+
+
+def test_a_termination_message_from_the_log_is_cut_to_its_last_line() -> None:
+    """A crash before the stage could write its reason: the kubelet takes the log's tail
+    (FallbackToLogsOnError); the run shows the exception's line, not the traceback, not the
+    progress lines after it, and never more than 300 characters."""
+    run = load("tiny-cpu.yaml")
+    tail = (
+        "Traceback (most recent call last):\n"
+        '  File "/usr/lib/python3.12/site-packages/visionr1_jobs/__main__.py", line 9\n'
+        "ImportError: libcuda.so.1: cannot open shared object file\n"
+        'VISIONR1_PROGRESS {"stage": "sft", "done": 3}\r\n'
+    )
+    pod = stage_pod(run, "sft", {"exitCode": 1, "reason": "Error", "message": tail})
+    facts = observe_pod(pod)
+    assert facts is not None and facts.problem is not None
+    assert facts.problem[1].endswith(
+        "Error (exit code 1): ImportError: libcuda.so.1: cannot open shared object file"
+    )
+    long = observe_pod(stage_pod(run, "sft", {"exitCode": 1, "message": "x" * 5000}))
+    assert long is not None and long.problem is not None
+    said = long.problem[1].split("(exit code 1): ", 1)[1]
+    assert len(said) == 300 and "\n" not in said
+
+
+def test_the_stage_container_hands_its_reason_to_kubernetes() -> None:
+    """The stage writes its reason to the file Kubernetes reads: the same path, from env."""
+    job = by_kind(stage_objects(load("qwen25vl-7b.yaml"), "grpo", 0), "Job")
+    pod = job["spec"]["template"]["spec"]
+    for c in [*pod["initContainers"], *pod["containers"]]:
+        assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    [c] = pod["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["VISIONR1_TERMINATION_LOG"] == c["terminationMessagePath"]
+
+
+@pytest.mark.parametrize("memory", ["8Gi", None])
+def test_an_oomkilled_stage_names_its_limit_and_the_field_to_raise(memory: str | None) -> None:
+    obj = yaml.safe_load((EXAMPLES[0].parent / "tiny-cpu.yaml").read_text())
+    obj["spec"]["storage"] = {"pvc": "visionr1-data"}
+    sft = obj["spec"]["stages"].setdefault("sft", {})
+    sft["backoffLimit"] = 0
+    sft.setdefault("resources", {}).pop("memory", None)
+    if memory:
+        sft["resources"]["memory"] = memory
+    run = VisionR1Run.model_validate(obj)
+    # the log's tail (FallbackToLogsOnError) is no reason for an OOM kill
+    tail = 'VISIONR1_PROGRESS {"stage": "sft", "done": 40}'
+    pod = stage_pod(run, "sft", {"exitCode": 137, "reason": "OOMKilled", "message": tail})
+    job = failed_job(
+        run, "sft", "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+    )
+    failed = conditions_after_failure(run, "sft", job, pod)["Failed"]
+    text = failed.message
+    assert text.startswith("sft: ") and "OOMKilled (exit code 137)" in text
+    assert "VISIONR1_PROGRESS" not in text
+    if memory:
+        assert f"memory limit of {memory}" in text
+        assert "raise spec.stages.sft.resources.memory" in text
+    else:
+        assert "no memory limit" in text and "set spec.stages.sft.resources.memory" in text
+
+
+# --------------------------------------------------------------------------- Pod Security
+
+
+@pytest.mark.parametrize("example", CLUSTER_EXAMPLES, ids=[p.name for p in CLUSTER_EXAMPLES])
+def test_pods_for_a_restricted_namespace_meet_the_restricted_profile(
+    example: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a namespace labelled pod-security.kubernetes.io/enforce=restricted admits: every
+    container, init containers included, against every control of the profile."""
+    from pod_security import restricted_violations
+
+    args = ["render", str(example), "--pod-security", "restricted"]
+    assert cli_main([*args, "--mlflow-uri", "http://mlflow:5000"]) == 0
+    docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    jobs = [d for d in docs if d["kind"] == "Job"]
+    assert jobs
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    for job in jobs:
+        template = job["spec"]["template"]
+        assert restricted_violations(template["spec"], template["metadata"]) == []
+        # the folder is made writable by the pod's fsGroup, not by a root init container
+        assert "initContainers" not in template["spec"]
+        sc = template["spec"]["securityContext"]
+        assert (sc["fsGroup"], sc["fsGroupChangePolicy"]) == (1000, "OnRootMismatch")
+
+
+def test_the_restricted_checks_catch_what_the_profile_forbids() -> None:
+    """The checks themselves: the default pod (root init container) breaks the profile exactly
+    where that container is root; each other forbidden setting is named too."""
+    from pod_security import restricted_violations
+
+    run = load("qwen25vl-7b.yaml")
+    default = by_kind(stage_objects(run, "sft", 0), "Job")["spec"]["template"]["spec"]
+    found = restricted_violations(default)
+    init = "spec.initContainers[0](workspace-init).securityContext"
+    assert sorted(found) == sorted(
+        [
+            f"{init}.runAsNonRoot: must be true (here or on the pod)",
+            f"{init}.runAsUser: must not be 0",
+            f"{init}.capabilities.add: only NET_BIND_SERVICE",
+        ]
+    )
+    admitted = by_kind(stage_objects(run, "sft", 0, pod_security="restricted"), "Job")
+    pod = admitted["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+    bad = json.loads(json.dumps(pod))
+    c = bad["containers"][0]
+    c["securityContext"].update(privileged=True, allowPrivilegeEscalation=True)
+    c["securityContext"]["capabilities"] = {"add": ["SYS_ADMIN"]}
+    c["ports"] = [{"containerPort": 29500, "hostPort": 29500}]
+    bad["hostNetwork"] = True
+    bad["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    bad["securityContext"]["seccompProfile"] = {"type": "Unconfined"}
+    problems = "\n".join(restricted_violations(bad))
+    for field in (
+        "privileged",
+        "allowPrivilegeEscalation",
+        "capabilities.add",
+        "capabilities.drop",
+        "hostPort",
+        "hostNetwork",
+        "hostPath",
+        "seccompProfile",
+    ):
+        assert field in problems, field
+
+
+def test_workspace_init_follows_the_namespace_unless_the_run_says() -> None:
+    from visionr1_operator.manifests import pod_security_problem, uses_root_init
+
+    def run_with(mode: str | None) -> VisionR1Run:
+        run = load("qwen25vl-7b.yaml")
+        if mode:
+            run.spec.storage.workspace_init = mode  # type: ignore[assignment]
+        return run
+
+    auto = run_with(None)
+    assert auto.spec.storage.workspace_init == "Auto"
+    assert uses_root_init(auto, None) and uses_root_init(auto, "baseline")
+    assert not uses_root_init(auto, "restricted")
+    fs = run_with("FSGroup")
+    assert not uses_root_init(fs, None)
+    pod = by_kind(stage_objects(fs, "eval", 0), "Job")["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    insist = run_with("RootInitContainer")
+    assert pod_security_problem(insist, "baseline") is None
+    problem = pod_security_problem(insist, "restricted")
+    assert problem is not None and problem.startswith("spec.storage.workspaceInit: ")
+    assert "FSGroup" in problem and "restricted" in problem
+    assert pod_security_problem(auto, "restricted") is None
+
+
+def test_render_refuses_a_root_init_container_for_a_restricted_namespace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    obj = yaml.safe_load((EXAMPLES[0].parent / "qwen25vl-7b.yaml").read_text())
+    obj["spec"]["storage"]["workspaceInit"] = "RootInitContainer"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(obj))
+    assert cli_main(["render", str(path), "--pod-security", "restricted"]) == 1
+    assert "spec.storage.workspaceInit" in capsys.readouterr().err
+    assert cli_main(["render", str(path), "--pod-security", "baseline"]) == 0

@@ -36,6 +36,9 @@ class RefusingKube:
     def __init__(self) -> None:
         self.created: list[str] = []
 
+    async def namespace(self, name: str) -> dict[str, Any]:
+        return {"metadata": {"name": name, "labels": {}}}  # no Pod Security level enforced
+
     async def create(self, obj: dict[str, Any]) -> None:
         if obj["kind"] == "Job":
             raise ApiError(
@@ -184,3 +187,101 @@ def test_a_run_may_not_reach_outside_its_namespaces_folder() -> None:
     run.metadata.namespace = "shared"  # its folder would be the read-only shared data folder
     [problem] = cluster_problems(run, ClusterPolicy())
     assert "shared data folder" in problem
+
+
+class RecordingKube:
+    """Creates whatever it is given; the namespace is read as ``namespace_answer`` says (its
+    labels, or an ApiError to raise); pods are listed from ``pods``."""
+
+    def __init__(self, namespace_answer: Any, pods: list[dict[str, Any]] | None = None) -> None:
+        self.namespace_answer = namespace_answer
+        self.pods = pods or []
+        self.created: list[dict[str, Any]] = []
+        self.listed: list[tuple[str, str | None]] = []
+
+    async def namespace(self, name: str) -> dict[str, Any]:
+        if isinstance(self.namespace_answer, Exception):
+            raise self.namespace_answer
+        return {"metadata": {"name": name, "labels": self.namespace_answer}}
+
+    async def create(self, obj: dict[str, Any]) -> None:
+        self.created.append(obj)
+
+    async def list(
+        self, api_version: str, plural: str, namespace: str, label_selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        self.listed.append((plural, label_selector))
+        return self.pods
+
+
+async def created_pod_spec(answer: Any) -> dict[str, Any]:
+    run, obj = run_and_object()
+    rec = Reconciler(OperatorConfig())
+    kube = RecordingKube(answer)
+    rec.kube = kube  # type: ignore[assignment]
+    create = CreateStage("synthesis", 0, "tiny-cpu-synthesis-0")
+    await rec._execute(run, obj, VisionR1RunStatus(), [create], NOW)
+    [job] = [o for o in kube.created if o["kind"] == "Job"]
+    return job["spec"]["template"]["spec"]
+
+
+async def test_the_namespaces_pod_security_label_decides_the_init_container() -> None:
+    restricted = await created_pod_spec({"pod-security.kubernetes.io/enforce": "restricted"})
+    assert "initContainers" not in restricted
+    baseline = await created_pod_spec({"pod-security.kubernetes.io/enforce": "baseline"})
+    assert [c["name"] for c in baseline["initContainers"]] == ["workspace-init"]
+    # RBAC without namespaces get: as before (the run can still say FSGroup)
+    forbidden = ApiError(403, "GET", "namespaces ml", 'namespaces "ml" is forbidden', "Forbidden")
+    unknown = await created_pod_spec(forbidden)
+    assert [c["name"] for c in unknown["initContainers"]] == ["workspace-init"]
+    # the API server itself failing is not "unknown": the reconcile is retried
+    with pytest.raises(ApiError):
+        await created_pod_spec(ApiError(503, "GET", "namespaces ml", "busy", ""))
+
+
+async def test_a_failed_jobs_pods_are_listed_when_their_event_is_late() -> None:
+    """The Job's Failed condition came in before its pod's terminated state (two watches, any
+    order): the operator lists the Job's pods once, so the stage's own reason is not lost."""
+    from visionr1_operator import manifests
+    from visionr1_operator.plan import apply, plan
+
+    run, _ = run_and_object()
+    name = "tiny-cpu-synthesis-0"
+    job = manifests.job(run, "synthesis", 0)
+    reason = "raw/llava-cot: no such file or directory"
+    pod = {
+        "metadata": {
+            "name": f"{name}-0-abcde",
+            "labels": {**job["spec"]["template"]["metadata"]["labels"], "job-name": name},
+        },
+        "spec": job["spec"]["template"]["spec"],
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "name": "stage",
+                    "state": {"terminated": {"exitCode": 65, "reason": "Error", "message": reason}},
+                }
+            ],
+        },
+    }
+    rec = Reconciler(OperatorConfig())
+    kube = RecordingKube({}, pods=[pod])
+    rec.kube = kube  # type: ignore[assignment]
+    status = apply(None, plan(run, None, [], NOW), NOW)  # attempt 0 of synthesis created
+    failed = ObservedJob(
+        name,
+        "synthesis",
+        0,
+        failed=1,
+        failed_reason="PodFailurePolicy",
+        message="Container stage for pod ml/x failed with exit code 65 matching FailJob rule",
+    )
+    [seen] = await rec._failed_pods("ml", status, [failed])
+    assert kube.listed == [("pods", f"batch.kubernetes.io/job-name={name}")]
+    assert f"(exit code 65): {reason}" in seen.message and seen.exit_code == 65
+    # once the failure is recorded, nothing is listed again
+    status = apply(status, plan(run, status, [seen], NOW), NOW)
+    assert status.phase == "Failed" and reason in status.stages["synthesis"].message
+    await rec._failed_pods("ml", status, [failed])
+    assert len(kube.listed) == 1

@@ -35,7 +35,7 @@ from mlflow_server import free_port, mlflow_server
 from visionr1_operator.handlers import OperatorConfig, make_registry
 from visionr1_operator.plan import RetryPolicy
 from visionr1_operator.policy import ClusterPolicy
-from visionr1_operator.rbac import RULES, covers
+from visionr1_operator.rbac import NAMESPACE_RULES, RULES, covers
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TEST_AGENT = "visionr1-tests"
@@ -69,13 +69,19 @@ async def client(k8s: Any) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-@contextlib.contextmanager
-def operator(
+@contextlib.asynccontextmanager
+async def operator(
     k8s: Any,
     mlflow_uri: str | None,
     retry: RetryPolicy | None = None,
     policy: ClusterPolicy | None = None,
-) -> Iterator[Any]:
+) -> AsyncIterator[Any]:
+    """The operator under kopf's KopfRunner (a thread with its own event loop), stopped without
+    blocking this test's event loop, which is the one kmock serves the API from: kopf stops
+    only after the requests it has in flight (a patch, an Event) are answered. A plain ``with``
+    joined the operator's thread on this loop, so a test that ended while the operator was
+    mid-request (a busy machine) held both until KopfRunner's timeout: "The operator didn't
+    stop, still running"."""
     from kopf.testing import KopfRunner
 
     config = OperatorConfig(
@@ -87,10 +93,16 @@ def operator(
         mlflow_timeout_s=5.0,
         mlflow_retry_s=0.5,
     )
-    with KopfRunner(
+    runner = KopfRunner(
         ["run", "--standalone", "-n", NS, "--verbose"], registry=make_registry(config), timeout=30
-    ) as runner:
+    )
+    runner.__enter__()
+    try:
         yield runner
+    except BaseException as exc:
+        await asyncio.to_thread(runner.__exit__, type(exc), exc, exc.__traceback__)
+        raise
+    await asyncio.to_thread(runner.__exit__, None, None, None)
 
 
 def tiny(**spec: Any) -> dict[str, Any]:
@@ -123,7 +135,7 @@ async def test_five_stage_run_succeeds_with_status_events_and_mlflow(
     from mlflow.tracking import MlflowClient
 
     run = tiny()
-    with operator(k8s, mlflow_uri):
+    async with operator(k8s, mlflow_uri):
         await create_run(client, run)
         for stage in FIVE:
             job = await next_job(k8s, stage)
@@ -189,7 +201,7 @@ async def test_retryable_failure_is_retried_up_to_the_limit_then_the_run_fails(
 ) -> None:
     run = tiny()
     run["spec"]["stages"]["sft"]["backoffLimit"] = 1
-    with operator(k8s, mlflow_uri):
+    async with operator(k8s, mlflow_uri):
         await create_run(client, run)
         await pass_stages(k8s, client, ["synthesis", "filter"])
         for attempt in (0, 1):
@@ -216,10 +228,23 @@ async def test_retryable_failure_is_retried_up_to_the_limit_then_the_run_fails(
 async def test_invalid_input_exit_code_fails_the_run_at_once(
     k8s: Any, client: httpx.AsyncClient, mlflow_uri: str
 ) -> None:
-    with operator(k8s, mlflow_uri):
+    from kmock_cluster import put_pod
+
+    reason = "dataset /workspace/toy/train: no such file or directory"
+    async with operator(k8s, mlflow_uri):
         await create_run(client, tiny())
         await pass_stages(k8s, client, ["synthesis"])
         job = await next_job(k8s, "filter")
+        # the stage's own reason, as its termination message (the kubelet reads the file)
+        terminated = {"exitCode": 65, "reason": "Error", "message": reason}
+        await put_pod(
+            client,
+            job,
+            {
+                "phase": "Failed",
+                "containerStatuses": [{"name": "stage", "state": {"terminated": terminated}}],
+            },
+        )
         await job_failed(client, job["metadata"]["name"], exit_code=65)
         await wait_for(lambda: status(k8s).get("phase") == "Failed", what="Failed")
         await wait_for(lambda: "InvalidInput" in [r for r, _ in events(k8s)], what="event")
@@ -229,6 +254,10 @@ async def test_invalid_input_exit_code_fails_the_run_at_once(
     assert st["stages"]["filter"]["attempts"] == 1
     assert "exit code 65" in st["stages"]["filter"]["message"]
     assert "InvalidInput" in [r for r, _ in events(k8s)]
+    # what `kubectl describe vr1` shows: the exit code and the stage's own reason
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["message"].startswith("filter: ")
+    assert f"(exit code 65): {reason}" in failed["message"]
 
 
 async def test_invalid_spec_fails_naming_the_field_and_creates_nothing(
@@ -236,7 +265,7 @@ async def test_invalid_spec_fails_naming_the_field_and_creates_nothing(
 ) -> None:
     run = tiny()
     run["spec"]["stages"]["sft"]["nodes"] = 0  # kmock enforces no schema, the operator must
-    with operator(k8s, None):
+    async with operator(k8s, None):
         await create_run(client, run)
         await wait_for(lambda: status(k8s).get("phase") == "Failed", what="Failed")
     failed = next(c for c in status(k8s)["conditions"] if c["type"] == "Failed")
@@ -244,10 +273,43 @@ async def test_invalid_spec_fails_naming_the_field_and_creates_nothing(
     assert jobs(k8s) == {} and objects(k8s, "v1/configmaps") == {}
 
 
+async def test_a_restricted_namespace_gets_pods_it_admits(
+    k8s: Any, client: httpx.AsyncClient
+) -> None:
+    """The namespace enforces the restricted Pod Security Standard: the operator reads its label
+    and gives the pods no root init container; a run that insists on one waits, saying why,
+    instead of creating a Job whose pods the API server would refuse."""
+    from pod_security import restricted_violations
+
+    k8s.namespaces[NS] = {"pod-security.kubernetes.io/enforce": "restricted"}
+    insists = tiny()
+    insists["metadata"]["name"] = "insists"
+    insists["spec"]["storage"]["workspaceInit"] = "RootInitContainer"
+
+    def progressing(name: str) -> dict[str, Any]:
+        conds = status(k8s, name).get("conditions", [])
+        return next((c for c in conds if c["type"] == "Progressing"), {})
+
+    async with operator(k8s, None):
+        await create_run(client, tiny())
+        await create_run(client, insists)
+        job = await next_job(k8s, "synthesis")
+        await wait_for(lambda: progressing("insists").get("reason") == "PodSecurity", what="wait")
+        await wait_for(lambda: "PodSecurity" in [r for r, _ in events(k8s, "insists")], what="ev")
+    pod = job["spec"]["template"]["spec"]
+    assert restricted_violations(pod, job["spec"]["template"]["metadata"]) == []
+    assert "initContainers" not in pod
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    cond = progressing("insists")
+    assert cond["status"] == "False" and "spec.storage.workspaceInit" in cond["message"]
+    assert "restricted" in cond["message"]
+    assert jobs(k8s, "insists") == {} and "insists-synthesis-0" not in objects(k8s, "v1/configmaps")
+
+
 async def test_operator_restarted_mid_stage_continues_without_duplicates(
     k8s: Any, client: httpx.AsyncClient, mlflow_uri: str
 ) -> None:
-    with operator(k8s, mlflow_uri):
+    async with operator(k8s, mlflow_uri):
         await create_run(client, tiny())
         await pass_stages(k8s, client, ["synthesis"])
         job = await next_job(k8s, "filter")
@@ -256,7 +318,7 @@ async def test_operator_restarted_mid_stage_continues_without_duplicates(
     before = status(k8s)
     # while the operator is down, the filter Job finishes
     await job_succeeded(client, "tiny-cpu-filter-0")
-    with operator(k8s, mlflow_uri):
+    async with operator(k8s, mlflow_uri):
         await next_job(k8s, "sft")
         await pass_stages(k8s, client, ["sft", "grpo", "eval"])
         await wait_for(lambda: status(k8s).get("phase") == "Succeeded", what="Succeeded")
@@ -271,7 +333,7 @@ async def test_deleting_a_running_run_removes_children_and_kills_its_mlflow_run(
     k8s: Any, client: httpx.AsyncClient, mlflow_uri: str
 ) -> None:
     run = tiny()
-    with operator(k8s, mlflow_uri):
+    async with operator(k8s, mlflow_uri):
         await create_run(client, run)
         await pass_stages(k8s, client, ["synthesis"])
         await next_job(k8s, "filter")
@@ -387,7 +449,7 @@ async def test_create_conflicts_adopt_only_owned_objects_and_rbac_rules_are_exac
         r.raise_for_status()
     r = await client.post(JOBS.format(ns=NS), json=leftover("Job", "tiny-cpu-sft-0"))
     r.raise_for_status()
-    with operator(k8s, None):
+    async with operator(k8s, None):
         await create_run(client, run)
         cond = await in_the_way_then_gone(k8s, client, "ConfigMap", "tiny-cpu-synthesis-0")
         assert cond["status"] == "False" and "0000-deleted-run" in cond["message"]
@@ -430,7 +492,7 @@ async def test_create_conflicts_adopt_only_owned_objects_and_rbac_rules_are_exac
     made = operator_requests(k8s)
     for group, resource, verb in sorted(made):
         assert covers(group, resource, verb), f"no RBAC rule allows {verb} {group}/{resource}"
-    granted = {(r.api_group, r.resource, v) for r in RULES for v in r.verbs}
+    granted = {(r.api_group, r.resource, v) for r in (*RULES, *NAMESPACE_RULES) for v in r.verbs}
     assert granted - made == set(), "rules granting more than the operator uses"
 
 
@@ -446,7 +508,7 @@ async def test_runs_a_cluster_cannot_or_may_not_run_are_refused_naming_the_field
     policy = ClusterPolicy(
         allowed_images=("ghcr.io/visionr1/*",), allowed_service_accounts=("default",)
     )
-    with operator(k8s, None, policy=policy):
+    async with operator(k8s, None, policy=policy):
         await create_run(client, laptop)
         await create_run(client, foreign)
         for name in ("tiny-cpu", "foreign"):
@@ -466,7 +528,7 @@ async def test_mlflow_unreachable_never_blocks_jobs_and_is_shown(
     k8s: Any, client: httpx.AsyncClient
 ) -> None:
     dead = "http://127.0.0.1:9"  # discard port: nothing answers
-    with operator(k8s, dead):
+    async with operator(k8s, dead):
         await create_run(client, tiny())
         job = await next_job(k8s, "synthesis")
         cond = await wait_for(
@@ -491,7 +553,7 @@ async def test_pod_trouble_and_the_failing_pods_exit_code_are_shown(
     run = tiny()
     run["spec"]["stages"]["synthesis"]["backoffLimit"] = 1
     slow = RetryPolicy(base_s=30.0, max_s=30.0)  # the retry waits: look at it
-    with operator(k8s, None, retry=slow):
+    async with operator(k8s, None, retry=slow):
         await create_run(client, run)
         job = await next_job(k8s, "synthesis")
         await put_pod(
@@ -579,7 +641,7 @@ async def test_mlflow_coming_back_is_picked_up_on_its_own(
         conds = status(k8s).get("conditions", [])
         return next((c for c in conds if c["type"] == "Tracking"), {})
 
-    with operator(k8s, uri):
+    async with operator(k8s, uri):
         await create_run(client, tiny())
         first = await next_job(k8s, "synthesis")
         await wait_for(lambda: tracking().get("status") == "False", what="MLflow down")

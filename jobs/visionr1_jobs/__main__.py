@@ -7,7 +7,7 @@ import importlib
 import sys
 
 from visionr1_jobs.config import STAGES
-from visionr1_jobs.contract import run_stage
+from visionr1_jobs.contract import exception_line, run_stage, write_termination_message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,9 +15,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=STAGES, help="stage program to run")
     parser.add_argument("--config", required=True, help="resolved stage config (JSON)")
     args = parser.parse_args(argv)
-    # Imported only now: each stage pulls its own heavy dependencies (torch, TRL, vLLM).
-    module = importlib.import_module(f"visionr1_jobs.stages.{args.stage}")
-    return run_stage(module.run, args.config)
+    try:
+        # Imported only now: each stage pulls its own heavy dependencies (torch, TRL, vLLM).
+        module = importlib.import_module(f"visionr1_jobs.stages.{args.stage}")
+        return run_stage(module.run, args.config)
+    except Exception as exc:
+        # An unexpected error: the traceback goes to the log as always, and its last line
+        # becomes the container's termination message, which the operator shows on the run.
+        write_termination_message(exception_line(exc))
+        raise
 
 
 if __name__ == "__main__":

@@ -31,6 +31,12 @@ EXIT_INPUT_MISSING = 66
 BASE_MODEL_ENV = "VISIONR1_BASE_MODEL"
 BASE_MODEL_REVISION_ENV = "VISIONR1_BASE_MODEL_REVISION"
 
+#: Where a stage writes the one-line reason it failed: Kubernetes reads the file at the
+#: container's terminationMessagePath and shows it as the container's termination message (the
+#: operator passes that path in this variable; in a pod without it, the default path is used).
+TERMINATION_LOG_ENV = "VISIONR1_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+
 
 def model_revision(model: Any) -> str | None:
     """The hub revision (commit or tag) to load ``model`` at: ``spec.baseModel.revision`` when

@@ -8,19 +8,28 @@ killed pod never leaves a half-written file under its final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from pydantic import Field
 
-from visionr1_jobs.config import EXIT_INPUT_MISSING, EXIT_INVALID_INPUT, Model, ResolvedStageConfig
+from visionr1_jobs.config import (
+    DEFAULT_TERMINATION_LOG,
+    EXIT_INPUT_MISSING,
+    EXIT_INVALID_INPUT,
+    TERMINATION_LOG_ENV,
+    Model,
+    ResolvedStageConfig,
+)
 
 MANIFEST = "_manifest.json"
 # Written by a torchrun child that hit invalid input: torchrun reports any failing child as exit
@@ -234,6 +243,94 @@ def parse_progress(line: str) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
+# --------------------------------------------------------------------------- termination message
+
+# The kubelet keeps at most 4096 bytes of a container's termination message.
+TERMINATION_MESSAGE_BYTES = 4000
+
+
+def termination_log_path() -> Path | None:
+    """Where this process's termination message goes: $VISIONR1_TERMINATION_LOG (the pod's
+    terminationMessagePath, set by the operator), else the default path only if it exists (the
+    kubelet creates it in every container; nothing is created in /dev on a laptop)."""
+    explicit = os.environ.get(TERMINATION_LOG_ENV)
+    if explicit:
+        return Path(explicit)
+    default = Path(DEFAULT_TERMINATION_LOG)
+    return default if default.exists() else None
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line (every run of whitespace, newlines included, becomes one space)."""
+    return " ".join(str(text).split())
+
+
+def write_termination_message(text: str) -> None:
+    """Write ``text``, on one line, as the container's termination message (``kubectl describe
+    pod`` shows it and the operator puts it in the run's conditions). Best effort: a path that
+    cannot be written (a laptop, a read-only /dev) is skipped, never an error of the stage."""
+    path = termination_log_path()
+    if path is None:
+        return
+    if text and "LOCAL_RANK" in os.environ and read_termination_message():
+        return  # a torchrun child: the first failing rank's reason stays (the others follow it)
+    data = one_line(text).encode()[:TERMINATION_MESSAGE_BYTES].decode(errors="ignore")
+    with contextlib.suppress(OSError):
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(data)
+
+
+def read_termination_message() -> str:
+    """What this container's termination message says so far ("" when none or unreadable)."""
+    path = termination_log_path()
+    if path is None:
+        return ""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def exception_line(exc: BaseException) -> str:
+    """The last line a traceback of ``exc`` prints ("Type: message"), on one line."""
+    return one_line("".join(traceback.format_exception_only(type(exc), exc)))
+
+
+# --------------------------------------------------------------------------- workspace
+
+
+def check_workspace_writable(workspace: str | os.PathLike[str]) -> None:
+    """InvalidInput, saying what to do, when this process cannot write to the workspace.
+
+    On a cluster the run's folder of the PVC is made the stage user's either by the operator's
+    root init container or, where Pod Security forbids one, by the pod's fsGroup, which only
+    volumes whose driver applies fsGroup honour. Without this check the stage would fail
+    later with a bare PermissionError deep inside a library. A workspace that does not exist
+    yet (a laptop: the stage creates it) is not checked here.
+    """
+    folder = Path(workspace)
+    if not folder.is_dir():
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".visionr1-write-check.", dir=folder)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        groups = ",".join(str(g) for g in sorted({os.getgid(), *os.getgroups()}))
+        raise InvalidInput(
+            f"workspace {folder} is not writable by uid {os.getuid()} (groups {groups}): "
+            f"{exc.strerror}. Make the run's folder of the PVC writable by the stage user: use "
+            "a StorageClass whose driver applies the pod's fsGroup 1000 (CSIDriver "
+            "fsGroupPolicy File; not hostPath, local or most NFS volumes), or chown/chmod the "
+            "folder for uid or gid 1000 once, or set spec.storage.workspaceInit: "
+            "RootInitContainer (a root init container prepares the folder) in a namespace whose "
+            "Pod Security level allows it (baseline, not restricted)"
+        ) from exc
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -259,6 +356,8 @@ def run_stage(
 
     ``fn`` returns the stage's manifest, or None when this process finished only its own shard of
     an Indexed Job and another shard will write the manifest (the last one to finish merges).
+    The one-line reason of an exit 65 or 66 is also the container's termination message
+    (:func:`write_termination_message`), which the operator shows on the run.
     """
     out = out or sys.stderr
     cfg: ResolvedStageConfig | None = None
@@ -270,16 +369,19 @@ def run_stage(
                 f"[{cfg.stage}] already done ({cfg.output_dir}/{MANIFEST}); nothing to do", file=out
             )
             return 0
+        check_workspace_writable(cfg.workspace)
         manifest = fn(cfg)
         if manifest is not None and read_manifest(cfg.workspace, cfg.output_dir) is None:
             write_manifest(cfg, manifest)
         return 0
     except InputNotReady as exc:
         print(f"error: {exc}", file=out)
+        write_termination_message(str(exc))
         print(f"(exit {EXIT_INPUT_MISSING}: input not there yet; retried)", file=out)
         return EXIT_INPUT_MISSING
     except InvalidInput as exc:
         print(f"error: {exc}", file=out)
+        write_termination_message(str(exc))
         if cfg is not None and "LOCAL_RANK" in os.environ:
             atomic_write(Path(cfg.workspace) / cfg.output_dir / INVALID_MARKER, f"{exc}\n")
         print(

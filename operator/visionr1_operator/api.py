@@ -103,6 +103,18 @@ class Storage(Model):
         "where stage pods download models (HF_HOME), shared by the namespace's runs and pods so a "
         "model downloads once per namespace; mounted read-write at /cache/huggingface.",
     )
+    workspace_init: Literal["Auto", "RootInitContainer", "FSGroup"] = Field(
+        "Auto",
+        description="How the run's folder and the model cache on the PVC are made writable by "
+        "the stage user (uid and gid 1000). RootInitContainer: an init container running as "
+        "root (only CHOWN, DAC_OVERRIDE and FOWNER) creates them and hands them to uid 1000; "
+        "works on any volume, but a namespace enforcing the restricted Pod Security Standard "
+        "refuses it. FSGroup: no init container; the pod's fsGroup 1000 (fsGroupChangePolicy "
+        "OnRootMismatch) makes the volume group-writable, which needs a volume whose driver "
+        "applies fsGroup (not hostPath, local or most NFS volumes); a stage that finds its "
+        "workspace not writable fails saying so. Auto: FSGroup in a namespace labelled "
+        "pod-security.kubernetes.io/enforce=restricted, RootInitContainer elsewhere.",
+    )
     local_dir: str | None = Field(
         None, max_length=4096, description="Workspace directory for `visionr1 run-local`."
     )

@@ -11,10 +11,17 @@ kopf's worker_limit is left unset: a low limit turns millisecond transitions int
 What goes wrong is shown to people, never swallowed: a create refused (403, 422, quota) or an
 object of the same name that this run does not own (a deleted run's children still being
 collected) makes the run wait with a condition and an Event naming it; a pod that cannot be
-scheduled, cannot pull its image or was OOMKilled is named in the stage's message, the
-``Progressing`` condition and an Event. MLflow is never in the way: when it does not answer, the
-``Tracking`` condition says so, Jobs are created all the same, and the MLflow side is retried on
-its own (opening runs on later reconciles, ending runs in the background).
+scheduled, cannot pull its image or was OOMKilled (with its memory limit and the field to
+raise) is named in the stage's message, the ``Progressing`` condition and an Event, and so is a
+failed container's own termination message (the stage program's one-line reason). MLflow is
+never in the way: when it does not answer, the ``Tracking`` condition says so, Jobs are created
+all the same, and the MLflow side is retried on its own (opening runs on later reconciles,
+ending runs in the background).
+
+Pod Security: before creating a stage's Job the operator reads the namespace's
+``pod-security.kubernetes.io/enforce`` label; where it is ``restricted`` the pods get no root
+init container (``spec.storage.workspaceInit`` Auto), and a run that insists on one waits with
+a ``PodSecurity`` condition naming the field instead of creating pods the API server refuses.
 
 No finalizer: deleting a run (or uninstalling the chart with runs present) is never blocked by
 the operator. Children go by owner reference (the garbage collector); the MLflow runs of a run
@@ -233,7 +240,7 @@ class Reconciler:
         if problems:
             await self._finish(obj, status, status, [invalid_spec("; ".join(problems))], now)
             return
-        jobs = self._observe(namespace, name, obj)
+        jobs = await self._failed_pods(namespace, status, self._observe(namespace, name, obj))
         actions = plan(run, status, jobs, now, self.config.retry)
         new, extra = await self._execute(run, obj, status, actions, now)
         await self._finish(obj, status, new, [*actions, *extra], now, executed=True)
@@ -258,6 +265,60 @@ class Reconciler:
             pods = self.pod_index.get((namespace, job.name), []) if self.pod_index else []
             out.append(manifests.with_pods(job, list(pods)))
         return out
+
+    async def _failed_pods(
+        self, namespace: str, status: VisionR1RunStatus, jobs: list[ObservedJob]
+    ) -> list[ObservedJob]:
+        """Each failed Job whose failure the status has not recorded yet, and whose pods the
+        watch has not reported as failed, with its pods listed once: the Job's and the pods'
+        watch events come in either order, and only a pod says why its container failed (its
+        termination message, OOMKilled and its memory limit, the exit code)."""
+        assert self.kube is not None
+        out = []
+        for job in jobs:
+            st = status.stages.get(job.stage)
+            fresh = (
+                job.outcome == "failed"
+                and st is not None
+                and st.attempts == job.attempt + 1
+                and st.next_retry_time is None
+                and st.phase not in ("Failed", "Succeeded")
+            )
+            known = self.pod_index.get((namespace, job.name), []) if self.pod_index else []
+            if fresh and not any(p.problem is not None for p in known):
+                try:
+                    pods = await self.kube.list(
+                        "v1",
+                        "pods",
+                        namespace,
+                        label_selector=f"{manifests.JOB_NAME_LABEL}={job.name}",
+                    )
+                except ApiError as exc:  # the Job's own message is still there
+                    log.info("%s/%s: listing pods of %s: %s", namespace, job.stage, job.name, exc)
+                    pods = []
+                facts = [f for f in map(manifests.observe_pod, pods) if f and f.job == job.name]
+                job = manifests.with_pods(job, facts)
+            out.append(job)
+        return out
+
+    async def _pod_security(self, namespace: str) -> str | None:
+        """The Pod Security level the namespace enforces (its label), None when it enforces
+        none or cannot be read (RBAC without namespaces get: the run's own setting decides)."""
+        assert self.kube is not None
+        try:
+            ns = await self.kube.namespace(namespace)
+        except ApiError as exc:
+            if exc.status == 0 or exc.status >= 500:
+                raise  # the API server itself: retry the whole reconcile
+            log.warning(
+                "cannot read namespace %s's Pod Security labels (%s); spec.storage.workspaceInit "
+                "Auto uses the root init container",
+                namespace,
+                exc,
+            )
+            return None
+        labels = (ns.get("metadata") or {}).get("labels") or {}
+        return labels.get(manifests.POD_SECURITY_ENFORCE)
 
     async def _finish(
         self,
@@ -420,6 +481,12 @@ class Reconciler:
             nonlocal tracking_error
             tracking_error = tracking_error or error
 
+        pod_security: str | None = None
+        if run.spec.storage.workspace_init != "FSGroup" and any(
+            isinstance(a, CreateStage) for a in actions
+        ):
+            pod_security = await self._pod_security(namespace)
+
         if uri and not status.mlflow_run_id and status.phase not in ("Succeeded", "Failed"):
             # Opened at the start, or on a later reconcile if MLflow was down then.
             wants = any(isinstance(a, StartRun | CreateStage) for a in actions)
@@ -452,16 +519,21 @@ class Reconciler:
                         name=name,
                     )
                     note(error)
-                children = manifests.stage_objects(
-                    run,
-                    a.stage,
-                    a.attempt,
-                    mlflow_uri=uri,
-                    parent_run_id=status.mlflow_run_id,
-                    stage_run_id=stage_run,
-                    policy=self.config.policy,
-                )
-                blocked = await self._create_stage(run, a, uid, children)
+                refused = manifests.pod_security_problem(run, pod_security)
+                if refused is not None:  # its pods would never be created: wait, say why
+                    blocked: StageBlocked | None = StageBlocked(a.stage, "PodSecurity", refused)
+                else:
+                    children = manifests.stage_objects(
+                        run,
+                        a.stage,
+                        a.attempt,
+                        mlflow_uri=uri,
+                        parent_run_id=status.mlflow_run_id,
+                        stage_run_id=stage_run,
+                        policy=self.config.policy,
+                        pod_security=pod_security,
+                    )
+                    blocked = await self._create_stage(run, a, uid, children)
                 if blocked is not None:
                     # The stage is not created: the next reconcile plans it again.
                     key = (namespace, name)

@@ -10,7 +10,8 @@ re-reads a rotated service-account token on 401. It does not retry throttled or 
 requests, so :class:`Kube` does that: 429 and 5xx (and connection errors) are retried with a
 capped exponential backoff that honours ``Retry-After``; every request has a timeout.
 
-The operator needs only create / get / list / merge-patch, so that is all this offers.
+The operator needs only create / get / list / merge-patch, so that is all this offers (and a
+get of its namespaces, cluster-scoped, for their Pod Security labels).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from lightkube import AsyncClient, KubeConfig
 from lightkube.config.models import Cluster, User
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.batch_v1 import Job
-from lightkube.resources.core_v1 import ConfigMap, Service
+from lightkube.resources.core_v1 import ConfigMap, Namespace, Service
 from lightkube.types import PatchType
 
 from visionr1_operator.api import GROUP, KIND, PLURAL, VERSION
@@ -203,14 +204,29 @@ class Kube:
         )
         return got.to_dict() if hasattr(got, "to_dict") else dict(got)
 
+    async def namespace(self, name: str) -> dict[str, Any]:
+        """The Namespace ``name`` (cluster-scoped): its labels say which Pod Security level the
+        API server enforces on pods created in it."""
+        got = await self._call(
+            "GET", f"namespaces {name}", lambda: self._client.get(Namespace, name)
+        )
+        return got.to_dict() if hasattr(got, "to_dict") else dict(got)
+
     async def list(
         self, api_version: str, plural: str, namespace: str, label_selector: str | None = None
     ) -> list[dict[str, Any]]:
-        """Every object of a kind in ``namespace`` (optionally by label selector), as dicts."""
+        """Every object of a kind in ``namespace`` (optionally by an equality label selector,
+        ``key=value,key2``), as dicts."""
         res = resource(api_version, plural)
+        labels: dict[str, str | None] | None = None
+        if label_selector:
+            labels = {}
+            for term in label_selector.split(","):
+                key, eq, value = term.partition("=")
+                labels[key.strip()] = value.strip() if eq else None
 
         async def collect() -> list[dict[str, Any]]:
-            items = self._client.list(res, namespace=namespace, labels=label_selector)
+            items = self._client.list(res, namespace=namespace, labels=labels)
             return [i.to_dict() if hasattr(i, "to_dict") else dict(i) async for i in items]
 
         return await self._call("LIST", f"{plural} {namespace}", collect)

@@ -11,7 +11,15 @@ mounted, read-only, at /data; never the PVC's root, which holds every run of eve
 The kubelet creates a missing subPath folder as root 0755, and fsGroup does not reach into it
 on hostPath, local, NFS and many CSI volumes (the driver's fsGroupPolicy decides), so a small
 init container (root, with only CHOWN/DAC_OVERRIDE/FOWNER) creates the run's folder and hands it
-to the stage user first. It mounts only the folder above the run's, not the PVC's root.
+to the stage user first. It mounts only the folder above the run's, not the PVC's root. A
+namespace that enforces the restricted Pod Security Standard refuses a root container, so there
+(``spec.storage.workspaceInit``: Auto in such a namespace, or FSGroup) the pod has no init
+container and relies on its fsGroup (fsGroupChangePolicy OnRootMismatch); a stage that then
+finds its workspace not writable fails (exit 65) saying what to do.
+
+Failures explain themselves: the stage container's termination message (``FallbackToLogsOnError``;
+the stage program writes its one-line reason to the file) and an OOMKilled container's memory
+limit go into the stage's message, and from there into the run's conditions and Events.
 
 Retries belong to the plan (one Job per attempt, with the operator's backoff), so every Job has
 ``backoffLimit: 0``; its podFailurePolicy still matters: exit code 65 fails the Job with reason
@@ -32,8 +40,10 @@ from typing import Any
 from visionr1_jobs.config import (
     BASE_MODEL_ENV,
     BASE_MODEL_REVISION_ENV,
+    DEFAULT_TERMINATION_LOG,
     EXIT_INPUT_MISSING,
     EXIT_INVALID_INPUT,
+    TERMINATION_LOG_ENV,
 )
 from visionr1_operator.api import API_VERSION, GROUP, KIND, VisionR1Run
 from visionr1_operator.plan import ObservedJob, job_name, parse_time
@@ -66,6 +76,13 @@ SHARDED = ("synthesis", "filter", "eval")
 DISTRIBUTED = ("sft", "grpo")
 # The stage images run as this user (images/trainer/Dockerfile creates it).
 RUN_AS_USER = 1000
+# The container's terminationMessagePath (the Kubernetes default), also passed to the stage
+# program in TERMINATION_LOG_ENV: it writes its one-line reason for failing there.
+TERMINATION_LOG = DEFAULT_TERMINATION_LOG
+# The namespace label that makes the API server refuse pods above a Pod Security level.
+POD_SECURITY_ENFORCE = "pod-security.kubernetes.io/enforce"
+# How much of a container's termination message goes into the run's status.
+MESSAGE_CHARS = 300
 
 
 def service_name(run_name: str, stage: str) -> str:
@@ -244,6 +261,30 @@ def _resources(run: VisionR1Run, stage: str) -> dict[str, Any]:
     return out
 
 
+def uses_root_init(run: VisionR1Run, pod_security: str | None = None) -> bool:
+    """Whether the pods get the root init container that prepares the workspace.
+
+    ``pod_security``: the namespace's ``pod-security.kubernetes.io/enforce`` level, when known.
+    """
+    mode = run.spec.storage.workspace_init
+    if mode == "Auto":
+        return pod_security != "restricted"
+    return mode == "RootInitContainer"
+
+
+def pod_security_problem(run: VisionR1Run, pod_security: str | None) -> str | None:
+    """Why the run's pods would be refused in a namespace enforcing ``pod_security``, if so."""
+    if pod_security == "restricted" and uses_root_init(run, pod_security):
+        namespace = run.metadata.namespace or "default"
+        return (
+            "spec.storage.workspaceInit: RootInitContainer runs an init container as root, which "
+            f"namespace {namespace} refuses ({POD_SECURITY_ENFORCE}=restricted); set it to Auto "
+            "or FSGroup (the PVC must then be writable through the pod's fsGroup 1000), or run "
+            "in a namespace whose Pod Security level allows it (baseline)"
+        )
+    return None
+
+
 def _workspace_init(run: VisionR1Run, image: str, pull_policy: str) -> dict[str, Any]:
     """Creates the run's folder and gives it to the stage user (see the module docstring)."""
     sub = posixpath.normpath(workspace_sub_path(run)).strip("/")
@@ -271,6 +312,8 @@ def _workspace_init(run: VisionR1Run, image: str, pull_policy: str) -> dict[str,
         ],
         "args": [INIT_CONTAINER, owner, *targets],
         "volumeMounts": [mount],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",  # e.g. chown's own error
         "resources": {
             "requests": {"cpu": "10m", "memory": "16Mi"},
             "limits": {"cpu": "100m", "memory": "64Mi"},
@@ -296,8 +339,13 @@ def job(
     parent_run_id: str | None = None,
     stage_run_id: str | None = None,
     policy: ClusterPolicy | None = None,
+    pod_security: str | None = None,
 ) -> dict[str, Any]:
-    """The Job of one attempt of ``stage``; :class:`NoClusterStorage` without a PVC."""
+    """The Job of one attempt of ``stage``; :class:`NoClusterStorage` without a PVC.
+
+    ``pod_security``: the namespace's enforced Pod Security level, when known (restricted: no
+    root init container unless the run asks for one, see :func:`pod_security_problem`).
+    """
     policy = policy or ClusterPolicy()
     spec = run.spec
     if not spec.storage.pvc:
@@ -317,6 +365,7 @@ def job(
     )
     if stage in DISTRIBUTED:
         env += _torchrun_env(run, stage, attempt)
+    env.append({"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG})
     image = stage_spec.image or spec.images.trainer
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -337,6 +386,10 @@ def job(
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
+        # The stage writes its one-line reason for failing there; a crash before it could (an
+        # import error, a segfault) leaves the file empty and the log's tail is shown instead.
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "privileged": False,
@@ -361,12 +414,16 @@ def job(
             "runAsUser": RUN_AS_USER,
             "runAsGroup": RUN_AS_USER,
             "fsGroup": RUN_AS_USER,
+            # Only when the volume's root is not the group's yet: never a recursive chown of a
+            # PVC full of checkpoints at every pod start (the default, Always, does that).
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "initContainers": [_workspace_init(run, image, spec.images.pull_policy)],
         "containers": [container],
         "volumes": volumes,
     }
+    if uses_root_init(run, pod_security):
+        pod_spec["initContainers"] = [_workspace_init(run, image, spec.images.pull_policy)]
     if stage_spec.node_selector:
         pod_spec["nodeSelector"] = dict(stage_spec.node_selector)
     if stage_spec.tolerations:
@@ -425,10 +482,12 @@ def stage_objects(
     parent_run_id: str | None = None,
     stage_run_id: str | None = None,
     policy: ClusterPolicy | None = None,
+    pod_security: str | None = None,
 ) -> list[dict[str, Any]]:
     """Everything one attempt needs, in creation order (the Job last: it mounts the rest)."""
     ids = {"mlflow_uri": mlflow_uri, "parent_run_id": parent_run_id, "stage_run_id": stage_run_id}
-    the_job = job(run, stage, attempt, policy=policy, **ids)  # first: it refuses a run w/o PVC
+    # first: it refuses a run without a PVC
+    the_job = job(run, stage, attempt, policy=policy, pod_security=pod_security, **ids)
     out = [config_map(run, stage, attempt, **ids)]
     if is_multi_node(run, stage):
         out.append(headless_service(run, stage))
@@ -522,7 +581,55 @@ class PodFacts:
     exit_code: int | None = None  # of the stage container, when it terminated with an error
 
 
-def _container_trouble(pod: str, statuses: list[Mapping[str, Any]]) -> PodFacts | None:
+_PROGRESS_TAG = "VISIONR1_PROGRESS"
+_EXIT_HINT = re.compile(r"^\(exit \d+: ")
+
+
+def termination_line(message: str | None) -> str:
+    """The one line of a container's termination message worth showing, at most
+    MESSAGE_CHARS long. The stage writes one line; a message the kubelet took from the log's
+    tail (FallbackToLogsOnError) ends in the traceback's last line, after which only progress
+    lines or the stage's own exit-code hint can follow."""
+    lines = [
+        " ".join(line.split())
+        for line in re.split(r"[\r\n]+", message or "")
+        if line.strip() and _PROGRESS_TAG not in line and not _EXIT_HINT.match(line.strip())
+    ]
+    if not lines:
+        return ""
+    line = lines[-1]
+    return line if len(line) <= MESSAGE_CHARS else line[: MESSAGE_CHARS - 1] + "…"
+
+
+def _memory_limit(spec: Mapping[str, Any], container: str) -> str | None:
+    for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
+        if c.get("name") == container:
+            return ((c.get("resources") or {}).get("limits") or {}).get("memory")
+    return None
+
+
+def _oom_advice(container: str, stage: str | None, limit: str | None) -> str:
+    """What an OOMKilled container's message adds: its limit, and which field to raise."""
+    if container != CONTAINER or not stage:
+        return f"memory limit {limit}" if limit else "no memory limit"
+    field = f"spec.stages.{stage}.resources.memory"
+    if limit:
+        return (
+            f"the {stage} stage ran out of its memory limit of {limit}; raise {field} (request "
+            f"and limit; the /dev/shm of spec.stages.{stage}.resources.shm counts against it)"
+        )
+    return (
+        f"the {stage} stage has no memory limit and its node ran out of memory; set {field} "
+        "to what the stage needs (request and limit), so it is scheduled where that fits"
+    )
+
+
+def _container_trouble(
+    pod: str,
+    statuses: list[Mapping[str, Any]],
+    spec: Mapping[str, Any] | None = None,
+    stage: str | None = None,
+) -> PodFacts | None:
     for cs in statuses:
         state = cs.get("state") or {}
         waiting = state.get("waiting") or {}
@@ -536,9 +643,13 @@ def _container_trouble(pod: str, statuses: list[Mapping[str, Any]]) -> PodFacts 
         code = done.get("exitCode")
         if done and code not in (None, 0):
             why = done.get("reason") or "Error"
-            text = f"pod {pod}: container {cs.get('name')} {why} (exit code {code})"
-            if done.get("message"):
-                text += f": {str(done['message'])[:300]}"
+            name = str(cs.get("name") or "")
+            text = f"pod {pod}: container {name} {why} (exit code {code})"
+            if why == "OOMKilled":
+                # the log's tail (FallbackToLogsOnError) says nothing about memory: the limit does
+                text += f": {_oom_advice(name, stage, _memory_limit(spec or {}, name))}"
+            elif said := termination_line(done.get("message")):
+                text += f": {said}"
             return PodFacts(
                 pod, "", "", ("OOMKilled" if why == "OOMKilled" else "PodFailed", text), int(code)
             )
@@ -563,6 +674,8 @@ def observe_pod(obj: Mapping[str, Any]) -> PodFacts | None:
     trouble = _container_trouble(
         name,
         [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])],
+        obj.get("spec") or {},
+        lab.get(LABEL_STAGE),
     )
     if trouble is not None:
         return PodFacts(name, job, phase, trouble.problem, trouble.exit_code)

@@ -71,7 +71,8 @@ action is folded into the status (and described) like everything else:
 
 =================  ======================================================================
 StageBlocked       creating a stage's objects failed (refused: 403, 422, quota; or an object
-                   of the same name that this run does not own is in the way): it waits
+                   of the same name that this run does not own is in the way; or the
+                   namespace's Pod Security level would refuse the pods): it waits
 TrackingState      MLflow reachable or not (the ``Tracking`` condition); Jobs never wait
 =================  ======================================================================
 
@@ -265,7 +266,8 @@ class RemergeStage:
 
 @dataclass(frozen=True)
 class StageBlocked:
-    """Creating ``stage``'s objects failed; ``reason``: CreateRefused or ObjectInTheWay."""
+    """Creating ``stage``'s objects failed; ``reason``: CreateRefused, ObjectInTheWay, or
+    PodSecurity (the namespace would refuse the pods, so nothing is created)."""
 
     stage: str
     reason: str

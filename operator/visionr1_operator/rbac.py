@@ -3,7 +3,8 @@
 The Helm chart's ClusterRole (or Role) must grant exactly these; a chart test asserts that, and
 the kmock test asserts that every request the operator makes is covered by a rule and every rule
 is used. Standalone mode (one replica) needs no kopf peering objects; disabled scanning needs no
-namespace or CRD listing.
+namespace or CRD listing. One cluster-scoped right, kept apart (:data:`NAMESPACE_RULES`): get of
+a watched namespace, for its Pod Security labels.
 """
 
 from __future__ import annotations
@@ -38,10 +39,16 @@ RULES: tuple[Rule, ...] = (
 # RULES: a cluster without Kueue has no Workload API and the operator never calls it.
 KUEUE_RULES: tuple[Rule, ...] = (Rule("kueue.x-k8s.io", "workloads", frozenset({"list", "patch"})),)
 
+# Cluster-scoped, so never in a namespace's Role: before creating a stage's Job the operator
+# reads its namespace's pod-security.kubernetes.io/enforce label (a restricted namespace gets
+# pods without the root init container). The chart grants it in a ClusterRole of its own,
+# limited by resourceNames to the watched namespaces when it watches a list of them.
+NAMESPACE_RULES: tuple[Rule, ...] = (Rule("", "namespaces", frozenset({"get"})),)
+
 
 def covers(api_group: str, resource: str, verb: str) -> Rule | None:
     """The rule that allows ``verb`` on ``resource`` of ``api_group``, if any."""
-    for rule in RULES:
+    for rule in (*RULES, *NAMESPACE_RULES):
         if rule.api_group == api_group and rule.resource == resource and verb in rule.verbs:
             return rule
     return None

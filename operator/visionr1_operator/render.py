@@ -3,7 +3,8 @@
 The first attempt of each enabled stage: its ConfigMap, its headless Service (multi-node
 training), its Job. MLflow run ids are only known once the operator runs, so they are left out
 unless given; owner references need the uid the API server assigns, so they appear only when the
-file carries one.
+file carries one. The operator reads the namespace's Pod Security level before it creates a
+Job; ``--pod-security`` says which one to render for (restricted: no root init container).
 """
 
 from __future__ import annotations
@@ -17,17 +18,36 @@ from visionr1_operator.api import VisionR1Run, enabled_stages
 
 
 def render_run(
-    run: VisionR1Run, *, mlflow_uri: str | None = None, parent_run_id: str | None = None
+    run: VisionR1Run,
+    *,
+    mlflow_uri: str | None = None,
+    parent_run_id: str | None = None,
+    pod_security: str | None = None,
 ) -> list[dict[str, Any]]:
-    from visionr1_operator.manifests import stage_objects
+    """ValueError when the namespace's Pod Security level would refuse the run's pods."""
+    from visionr1_operator.manifests import pod_security_problem, stage_objects
 
+    refused = pod_security_problem(run, pod_security)
+    if refused:
+        raise ValueError(refused)
     out: list[dict[str, Any]] = []
     for stage in enabled_stages(run.spec):
-        out.extend(stage_objects(run, stage, 0, mlflow_uri=mlflow_uri, parent_run_id=parent_run_id))
+        out.extend(
+            stage_objects(
+                run,
+                stage,
+                0,
+                mlflow_uri=mlflow_uri,
+                parent_run_id=parent_run_id,
+                pod_security=pod_security,
+            )
+        )
     return out
 
 
-def render_file(path: str, *, mlflow_uri: str | None = None) -> list[dict[str, Any]]:
+def render_file(
+    path: str, *, mlflow_uri: str | None = None, pod_security: str | None = None
+) -> list[dict[str, Any]]:
     """Objects for every VisionR1Run in ``path``; ValueError naming the field when invalid."""
     from visionr1_operator.validate import validate_file
 
@@ -38,7 +58,8 @@ def render_file(path: str, *, mlflow_uri: str | None = None) -> list[dict[str, A
         docs = [d for d in yaml.safe_load_all(fh) if d is not None]
     out: list[dict[str, Any]] = []
     for doc in docs:
-        out.extend(render_run(VisionR1Run.model_validate(doc), mlflow_uri=mlflow_uri))
+        run = VisionR1Run.model_validate(doc)
+        out.extend(render_run(run, mlflow_uri=mlflow_uri, pod_security=pod_security))
     return out
 
 
@@ -55,11 +76,19 @@ def add_arguments(parser: Any) -> None:
         help="MLflow tracking URI for runs that do not set spec.mlflow.trackingUri "
         "(the operator's --mlflow-uri)",
     )
+    parser.add_argument(
+        "--pod-security",
+        choices=("privileged", "baseline", "restricted"),
+        default=None,
+        help="render for a namespace that enforces this Pod Security level (its label "
+        "pod-security.kubernetes.io/enforce, which the operator reads): with restricted, "
+        "spec.storage.workspaceInit Auto gives pods no root init container",
+    )
 
 
 def main(args: Any) -> int:
     try:
-        objects = render_file(args.file, mlflow_uri=args.mlflow_uri)
+        objects = render_file(args.file, mlflow_uri=args.mlflow_uri, pod_security=args.pod_security)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -116,13 +116,26 @@ def images(control_plane: ControlPlane, request: pytest.FixtureRequest) -> dict[
     """Our images, built (cached layers: seconds when nothing changed) and pushed to the node's
     registry; name → ``host:port/visionr1/<name>:e2e@sha256:...``."""
     script = [sys.executable, str(REPO / "scripts" / "images.py"), "--tag", IMAGES_TAG]
-    for args in (["build"], ["push", "--repo", f"{control_plane.registry}/visionr1"]):
+    # What `make images` mounts into the build steps: the host's CA bundle and pip config when
+    # it has them (a proxy's CA), and its pip cache (torch is downloaded once).
+    build = ["build", "--pip-cache", str(Path.home() / ".cache" / "pip")]
+    if Path("/etc/ssl/certs").is_dir():
+        build += ["--build-ca", "/etc/ssl/certs"]
+    if Path("/etc/pip.conf").is_file():
+        build += ["--pip-conf", "/etc/pip.conf"]
+    for args in (build, ["push", "--repo", f"{control_plane.registry}/visionr1"]):
         start = time.monotonic()
         _say(request.config, f"images {args[0]} ...")
-        proc = subprocess.run([*script, *args], capture_output=True, text=True, timeout=3600)
-        if proc.returncode != 0:
-            pytest.fail(
-                f"scripts/images.py {args[0]} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
-            )
+        proc = subprocess.Popen(
+            [*script, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:  # one line per image: say it as it comes
+            lines.append(line)
+            if line.strip() and not line.startswith(" "):
+                _say(request.config, f"  {line.rstrip()}")
+        if proc.wait() != 0:
+            pytest.fail(f"scripts/images.py {args[0]} failed:\n{''.join(lines)[-5000:]}")
         _say(request.config, f"images {args[0]}: {time.monotonic() - start:.0f} s")
     return json.loads((REPO / ".visionr1" / "images" / "pushed.json").read_text())

@@ -159,6 +159,10 @@ def _toy_world(pv: Path) -> None:
             os.chmod(os.path.join(d, f), 0o644)
 
 
+def installed_ok(cp: Any) -> bool:
+    return cp.helm("status", RELEASE, "-n", RELEASE_NS, check=False).returncode == 0
+
+
 def _image_values(ref: str) -> dict[str, str]:
     """``host:port/path/name:tag@sha256:...`` as the chart's image values (pinned by digest)."""
     name, digest = ref.split("@")
@@ -176,56 +180,59 @@ def world(
     tmp = tmp_path_factory.mktemp("operator")
     ensure_crd(cp)
     create_namespace(cp, NS)
-    # The chart, as a user installs it, for this namespace only (a Role, nothing cluster-wide);
-    # the CRD is already there. Its operator and MLflow run from our images on the node.
-    values = tmp / "values.yaml"
-    values.write_text(
-        yaml.safe_dump(
-            {
-                "crds": {"install": False},
-                "watchNamespaces": [NS],
-                "image": {**_image_values(images["operator"]), "pullPolicy": "IfNotPresent"},
-                "operator": {
-                    "retryBackoffSeconds": 1,
-                    "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
-                },
-                "mlflow": {
-                    "image": _image_values(images["mlflow"]),
-                    "workers": 1,
-                    "persistence": {"size": "1Gi", "keep": False},
-                    "resources": {"requests": {"cpu": "50m", "memory": "256Mi"}},
-                },
-            }
-        )
-    )
-    cp.helm(
-        "upgrade", "--install", RELEASE, str(CHART), "-n", RELEASE_NS, "--create-namespace",
-        "-f", str(values), "--wait", "--timeout=300s", timeout=360,
-    )  # fmt: skip
     operator = ChartOperator(cp, RELEASE_NS, FULLNAME)
-    pv = Path(cp.make_pvc(NS, PVC, "10Gi"))
-    # A fresh volume for each session: outputs left by an earlier session would make the
-    # stages find themselves "already done".
-    for child in pv.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
-    # Root-owned 0755, as a fresh volume usually is: the kubelet creates the missing subPath
-    # folders as root, and the operator's init container must give the run its folder.
-    pv.chmod(0o755)
-    os.chown(pv, 0, 0)
-    _toy_world(pv / "shared")  # the operator's default --shared-data-path
     try:
+        # The chart, as a user installs it, for this namespace only (a Role, nothing cluster-wide);
+        # the CRD is already there. Its operator and MLflow run from our images on the node.
+        values = tmp / "values.yaml"
+        values.write_text(
+            yaml.safe_dump(
+                {
+                    "crds": {"install": False},
+                    "watchNamespaces": [NS],
+                    "image": {**_image_values(images["operator"]), "pullPolicy": "IfNotPresent"},
+                    "operator": {
+                        "retryBackoffSeconds": 1,
+                        "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
+                    },
+                    "mlflow": {
+                        "image": _image_values(images["mlflow"]),
+                        "workers": 1,
+                        "persistence": {"size": "1Gi", "keep": False},
+                        "resources": {"requests": {"cpu": "50m", "memory": "256Mi"}},
+                    },
+                }
+            )
+        )
+        installed = cp.helm(
+            "upgrade", "--install", RELEASE, str(CHART), "-n", RELEASE_NS, "--create-namespace",
+            "-f", str(values), "--wait", "--timeout=300s", timeout=360, check=False,
+        )  # fmt: skip
+        if installed.returncode != 0:  # what a user would look at: the pods and their events
+            pods = cp.kubectl("describe", "pods", "-n", RELEASE_NS, check=False).stdout
+            pytest.fail(f"helm install failed: {installed.stderr.strip()}\n{pods[-6000:]}")
+        pv = Path(cp.make_pvc(NS, PVC, "10Gi"))
+        # A fresh volume for each session: outputs left by an earlier session would make the
+        # stages find themselves "already done".
+        for child in pv.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        # Root-owned 0755, as a fresh volume usually is: the kubelet creates the missing subPath
+        # folders as root, and the operator's init container must give the run its folder.
+        pv.chmod(0o755)
+        os.chown(pv, 0, 0)
+        _toy_world(pv / "shared")  # the operator's default --shared-data-path
         with PortForward(cp, RELEASE_NS, f"svc/{FULLNAME}-mlflow", 5000) as mlflow:
             yield World(cp, pv, mlflow.url, operator, tmp)
     finally:
         # Runs carry the operator's finalizer: delete them while it still runs.
-        if not operator.pods():
+        if installed_ok(cp) and not operator.pods():
             operator.start()
         cp.kubectl("delete", "vr1", "--all", "-n", NS, "--timeout=120s", check=False)
         cp.helm("uninstall", RELEASE, "-n", RELEASE_NS, "--wait", check=False)
         for ns in (NS, RELEASE_NS):
             cp.kubectl("delete", "namespace", ns, "--timeout=180s", check=False, timeout=200)
         cp.kubectl("delete", "pv", f"pv-{NS}-{PVC}", check=False)
-        shutil.rmtree(pv, ignore_errors=True)
+        shutil.rmtree(cp.pv_root / f"{NS}-{PVC}", ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the tiny run
@@ -327,7 +334,7 @@ def test_tiny_run_end_to_end(world: World) -> None:
     w.assert_no_forbidden()
     # `kubectl logs deploy/...` of the chart's operator shows it reconciling this run.
     deploy_log = w.cp.kubectl("logs", f"deploy/{FULLNAME}", "-n", RELEASE_NS).stdout
-    assert f"{NS}/{name}" in deploy_log, deploy_log[-3000:]
+    assert f"namespaces/{NS}/visionr1runs/{name}/status" in deploy_log, deploy_log[-3000:]
 
     describe = w.cp.kubectl("describe", "vr1", name, "-n", NS).stdout
     assert "AllStagesSucceeded" in describe
@@ -687,3 +694,37 @@ def test_a_bad_manifest_is_refused_and_creates_nothing(world: World) -> None:
     assert kget_or_none(w.cp, "vr1", name, "-n", NS) is None
     assert items(w.cp, "jobs,configmaps", "-n", NS, "-l", f"visionr1.io/run={name}") == []
     w.assert_no_forbidden()
+
+
+def test_sft_on_two_pods_follows_the_one_pod_loss_curve(world: World, cold_start: str) -> None:
+    """Multi-pod training for real: SFT as an Indexed Job of 2 pods, torchrun's rendezvous at
+    index 0 through the stage's headless Service (DNS on the pod network), gloo between the
+    pods. The same global batch (4 rows a step: 4 on one pod, or 2 on each of two) gives the same
+    loss per step as one pod, within 2% (the ranks pad their halves separately and sum in
+    another order)."""
+    w = world
+    losses: dict[int, list[float]] = {}
+    for nodes in (1, 2):
+        name = f"sft-{nodes}pod"
+        run = _sft_only(
+            name, cold_start, maxSteps=6, saveSteps=100, globalBatchSize=4,
+            perDeviceBatchSize=4 // nodes, learningRate=1.0e-3,
+        )  # fmt: skip
+        run["spec"]["stages"]["sft"]["nodes"] = nodes
+        apply(w.cp, run)
+        obj = w.wait_phase(name, ("Succeeded", "Failed"), 600)
+        assert obj["status"]["phase"] == "Succeeded", w.diagnose(name)
+        pods = [p for p in w.pods(name) if p["metadata"]["labels"]["visionr1.io/stage"] == "sft"]
+        assert len(pods) == nodes and {p["status"]["phase"] for p in pods} == {"Succeeded"}
+        run_id = obj["status"]["stages"]["sft"]["mlflowRunId"]
+        history = w.mlflow().get_metric_history(run_id, "loss")
+        losses[nodes] = [m.value for m in sorted(history, key=lambda m: m.step)]
+    # The pods really met: index 1 launched torchrun against index 0's pod by its DNS name.
+    log = w.cp.kubectl(
+            "logs", "-n", NS, "-l", "visionr1.io/run=sft-2pod,batch.kubernetes.io/job-completion-index=1",
+        "-c", "stage", "--tail=-1",
+    ).stdout  # fmt: skip
+    assert "sft-2pod-sft" in log, log[-2000:]
+    assert len(losses[1]) == len(losses[2]) == 6, losses
+    for step, (one, two) in enumerate(zip(losses[1], losses[2], strict=True), 1):
+        assert abs(one - two) <= 0.02 * abs(one), (step, losses)

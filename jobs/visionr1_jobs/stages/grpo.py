@@ -38,7 +38,7 @@ def run(cfg: ResolvedStageConfig) -> StageManifest | None:
     assert isinstance(params, GRPOParams)
     folder = stage_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    from visionr1_jobs.training.launch import planned_world_size, relaunch
+    from visionr1_jobs.training.launch import launch_failed, planned_world_size, relaunch
 
     world_size = planned_world_size()
     for row in params.ptst:  # refuse impossible batch splits before spawning processes
@@ -53,7 +53,7 @@ def run(cfg: ResolvedStageConfig) -> StageManifest | None:
     if rc is not None:
         manifest = read_manifest(cfg.workspace, cfg.output_dir)
         if rc != 0 or manifest is None:
-            raise RuntimeError(f"grpo: torchrun exited with status {rc}; see the ranks' logs above")
+            raise RuntimeError(launch_failed("grpo", rc))
         return manifest
     return train(cfg, params, folder)
 

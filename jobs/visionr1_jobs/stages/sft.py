@@ -29,7 +29,7 @@ def run(cfg: ResolvedStageConfig) -> StageManifest | None:
     assert isinstance(params, SFTParams)
     folder = stage_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    from visionr1_jobs.training.launch import planned_world_size, relaunch
+    from visionr1_jobs.training.launch import launch_failed, planned_world_size, relaunch
 
     # Refuse bad batch arithmetic before spawning processes (their exit 65 would be lost).
     runtime.sft_batches(
@@ -39,7 +39,7 @@ def run(cfg: ResolvedStageConfig) -> StageManifest | None:
     if rc is not None:
         manifest = read_manifest(cfg.workspace, cfg.output_dir)
         if rc != 0 or manifest is None:
-            raise RuntimeError(f"sft: torchrun exited with status {rc}; see the ranks' logs above")
+            raise RuntimeError(launch_failed("sft", rc))
         return manifest
     return train(cfg, params, folder)
 

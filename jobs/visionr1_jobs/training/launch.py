@@ -115,10 +115,13 @@ def relaunch(stage: str, config_json: str, folder: Path) -> int | None:
     cmd = torchrun_command(stage, str(path))
     if cmd is None:
         return None
-    from visionr1_jobs.contract import INVALID_MARKER
+    from visionr1_jobs.contract import INVALID_MARKER, write_termination_message
 
     marker = folder / INVALID_MARKER
     marker.unlink(missing_ok=True)
+    # A failing rank writes its reason there (the container's file, shared by every process of
+    # the pod): start empty, so that what is there afterwards is this launch's.
+    write_termination_message("")
     atomic_write(path, config_json)
     print(f"[{stage}] launching {' '.join(cmd)}", file=sys.stderr, flush=True)
     rc = subprocess.call(cmd)
@@ -126,3 +129,14 @@ def relaunch(stage: str, config_json: str, folder: Path) -> int | None:
         # A rank refused its input: permanent, whatever exit code torchrun chose.
         raise InvalidInput(marker.read_text().strip())
     return rc
+
+
+def launch_failed(stage: str, rc: int) -> str:
+    """Why a torchrun launch failed, with the failing rank's own reason when it wrote one (a
+    rank's last error line, as its termination message), for the stage's error."""
+    from visionr1_jobs.contract import read_termination_message
+
+    said = read_termination_message()
+    if rc != 0 and said:
+        return f"{stage}: torchrun exited with status {rc}; a rank failed with: {said}"
+    return f"{stage}: torchrun exited with status {rc}; see the ranks' logs above"

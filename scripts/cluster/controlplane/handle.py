@@ -30,17 +30,20 @@ class Unavailable(Exception):
     """The control plane cannot run here (no Go and no cached build); the message says how."""
 
 
+class CommandFailed(subprocess.CalledProcessError):
+    """A CLI call that failed; its text (what pytest reports) carries the tool's own message."""
+
+    def __str__(self) -> str:
+        args = " ".join(a for a in self.cmd if not a.startswith("--kubeconfig="))
+        return f"`{args}` exited {self.returncode}: {(self.stderr or self.output or '').strip()}"
+
+
 def _run(
     argv: list[str], *, check: bool, input: str | None, timeout: float
 ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise subprocess.CalledProcessError(
-            proc.returncode,
-            argv,
-            output=proc.stdout,
-            stderr=f"{' '.join(argv[:6])}... exited {proc.returncode}: {proc.stderr.strip()}",
-        )
+        raise CommandFailed(proc.returncode, argv, output=proc.stdout, stderr=proc.stderr)
     return proc
 
 
