@@ -684,7 +684,10 @@ def push(names: Sequence[str], repo: str, tag: str, insecure: str, log: Log) -> 
             digest = digestfile.read_text().strip()
         pushed[name] = f"{dest}@{digest}"
         log.line(f"{name:<12} {dest}@{digest} ({time.monotonic() - started:.0f} s)")
-    write_json(RECORD_DIR / "pushed.json", pushed)
+    # An --only push updates its images' entries; those of the same repository stay.
+    earlier = read_json(RECORD_DIR / "pushed.json")
+    kept = {k: v for k, v in earlier.items() if k not in pushed and v.startswith(f"{repo}/")}
+    write_json(RECORD_DIR / "pushed.json", {**kept, **pushed})
     log.line("")
     log.line("Install the chart with these images, pinned by digest:")
     log.line("    " + helm_install_line(pushed))

@@ -6,6 +6,7 @@ updating the CRD and switching between ClusterRole and per-namespace Roles."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,9 @@ RELEASE = "vr1-chart"
 NS = "vr1-chart-system"
 FULLNAME = f"{RELEASE}-visionr1-operator"  # <release>-<chart> (README: fullnameOverride)
 WATCHED = ["vr1-chart-team-a", "vr1-chart-team-b"]
-# There is no operator image and no container runtime here: the chart's pods are kept off the
-# node (unschedulable), so only the API objects are under test. tests/cluster/test_cluster_operator
-# runs the operator itself, with this chart's ServiceAccount.
+# Only the API objects are under test here: the chart's pods are kept off the node (an operator
+# watching every namespace would reconcile the other tests' runs). test_cluster_operator and the
+# README walkthrough run the chart's operator and MLflow from our images on the node.
 OFF_NODE = {"nodeSelector": {"visionr1.io/test-no-such-node": "true"}}
 VALUES = {"operator": OFF_NODE, "mlflow": OFF_NODE}
 
@@ -93,7 +94,17 @@ def _resource(rule_group: str, resource: str) -> str:
     return f"{resource}.{rule_group}" if rule_group else resource
 
 
-def test_install_upgrade_uninstall_as_the_readme_says(control_plane: Any, tmp_path: Path) -> None:
+@pytest.fixture
+def namespaces(control_plane: Any) -> Iterator[None]:
+    """The release's and the watched namespaces, removed after the test (a rerun starts clean)."""
+    yield
+    for ns in (NS, *WATCHED):
+        control_plane.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_install_upgrade_uninstall_as_the_readme_says(
+    control_plane: Any, namespaces: None, tmp_path: Path
+) -> None:
     cp = control_plane
     for ns in WATCHED:
         create_namespace(cp, ns)

@@ -484,9 +484,34 @@ def test_invalid_input_exit_65_fails_the_job_by_pod_failure_policy(world: World)
     assert syn["phase"] == "Failed" and syn["attempts"] == 1
     cond = condition(obj, "Failed")
     assert cond["status"] == "True" and "exit code 65" in cond["message"]
+    # ...in the stage's own words (its termination message), not only the exit code.
+    assert "/data/toy/no-such-dataset" in cond["message"], cond["message"]
+    assert "/data/toy/no-such-dataset" in w.cp.kubectl("describe", "vr1", name, "-n", NS).stdout
     reasons = [e["reason"] for e in w.events(name)]
     assert "InvalidInput" in reasons, reasons
     assert w.mlflow().get_run(obj["status"]["mlflowRunId"]).info.status == "FAILED"
+    w.assert_no_forbidden()
+
+
+def test_a_stage_over_its_memory_limit_is_oomkilled_and_named(world: World) -> None:
+    """The kernel enforces the stage's memory limit (its cgroup): the run's condition names the
+    stage, OOMKilled, the limit, and the field to raise."""
+    w, name = world, "oom"
+    run = _small(name, ["synthesis"])
+    syn = run["spec"]["stages"]["synthesis"]
+    syn["resources"] = {"memory": "40Mi"}
+    syn["backoffLimit"] = 0
+    apply(w.cp, run)
+    obj = w.wait_phase(name, ("Succeeded", "Failed"), 300)
+    assert obj["status"]["phase"] == "Failed", w.diagnose(name)
+    (pod,) = [
+        p for p in w.pods(name) if p["metadata"]["labels"]["visionr1.io/stage"] == "synthesis"
+    ]
+    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (term["reason"], term["exitCode"]) == ("OOMKilled", 137)
+    message = condition(obj, "Failed")["message"]
+    for needle in ("synthesis", "OOMKilled", "40Mi", "spec.stages.synthesis.resources.memory"):
+        assert needle in message, message
     w.assert_no_forbidden()
 
 
@@ -641,7 +666,10 @@ def test_deleting_a_run_collects_its_children_and_ends_its_mlflow_run(
 
 def test_suspend_and_resume_a_running_stage(world: World, cold_start: str) -> None:
     w, name = world, "pausable"
-    apply(w.cp, _sft_only(name, cold_start, maxSteps=STEPS, **SLOW_SFT))
+    # Long enough that the pod is still training when the Job controller removes it (a pod on
+    # the node's free cores does a step of the tiny model in a fraction of a second).
+    steps = 8 * STEPS
+    apply(w.cp, _sft_only(name, cold_start, maxSteps=steps, **SLOW_SFT))
     reached = _wait_checkpoint(w, name, 2)
     w.cp.kubectl("patch", "vr1", name, "-n", NS, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     wait_for(
@@ -675,7 +703,7 @@ def test_suspend_and_resume_a_running_stage(world: World, cold_start: str) -> No
     assert condition(obj, "Suspended")["status"] == "False"
     manifest = w.stage_manifest(name, "sft")
     assert manifest["metrics"]["resumed_from_step"] >= reached
-    assert manifest["metrics"]["global_step"] == STEPS
+    assert manifest["metrics"]["global_step"] == steps
     assert _jobs_by_attempt(w, name)[("sft", "0")] == [f"{name}-sft-0"]
     assert ("sft", "1") not in _jobs_by_attempt(w, name)  # a pause is not a failed attempt
     reasons = [e["reason"] for e in w.events(name)]

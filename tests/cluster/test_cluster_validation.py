@@ -5,6 +5,7 @@ the server's cost budget, both estimated (CRD create) and at run time (a maximal
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,11 @@ NS = "vr1-validation"
 
 
 @pytest.fixture(scope="module")
-def cp(control_plane: Any) -> Any:
+def cp(control_plane: Any) -> Iterator[Any]:
     ensure_crd(control_plane)
     create_namespace(control_plane, NS)
-    return control_plane
+    yield control_plane
+    control_plane.kubectl("delete", "namespace", NS, "--wait=false", check=False)
 
 
 def _in_ns(obj: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,22 @@ def _apply(cp: ControlPlane, *docs: dict[str, Any]) -> None:
     cp.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
 
 
+_CREATED: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _remove_namespaces(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test's namespaces go when it ends, passed or failed (a rerun starts clean)."""
+    yield
+    if _CREATED:
+        cp = request.getfixturevalue("control_plane")
+        cp.kubectl("delete", "namespace", *_CREATED, "--wait=false", check=False)
+        _CREATED.clear()
+
+
 def _namespace(cp: ControlPlane) -> str:
     name = f"cp-{uuid.uuid4().hex[:8]}"
+    _CREATED.append(name)
     cp.kubectl("create", "namespace", name)
     _until(
         "the default ServiceAccount",
