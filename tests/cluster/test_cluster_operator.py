@@ -739,6 +739,9 @@ def test_sft_on_two_pods_follows_the_one_pod_loss_curve(world: World, cold_start
             perDeviceBatchSize=4 // nodes, learningRate=1.0e-3,
         )  # fmt: skip
         run["spec"]["stages"]["sft"]["nodes"] = nodes
+        # torchrun's launcher and its worker each import torch: 1Gi is OOMKilled (the operator
+        # says so, naming the limit).
+        run["spec"]["stages"]["sft"]["resources"] = {"memory": "3Gi"}
         apply(w.cp, run)
         obj = w.wait_phase(name, ("Succeeded", "Failed"), 600)
         assert obj["status"]["phase"] == "Succeeded", w.diagnose(name)

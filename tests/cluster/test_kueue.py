@@ -38,7 +38,14 @@ NS = f"kueue-e2e-{uuid.uuid4().hex[:6]}"
 LQ = "gpu"
 CQ = "visionr1-kueue-e2e"
 FLAVOR = "visionr1-kueue-e2e"
-SLEEP = ["python", "-c", "import time; time.sleep(900)"]
+# PID 1 of a container ignores SIGTERM unless it handles it: end at once when the pod is deleted
+# or evicted, with the status of a process killed by SIGTERM (128 + 15), not a success.
+SLEEP = [
+    "python",
+    "-c",
+    "import signal, os, time; signal.signal(signal.SIGTERM, lambda *a: os._exit(143)); "
+    "time.sleep(900)",
+]
 IMAGE = ""  # what stage pods run (set by the kq fixture)
 NEVER = {"visionr1.io/kueue-e2e-never": "true"}  # no node has it: admitted, never scheduled
 T = TypeVar("T")
@@ -264,7 +271,17 @@ def admitted(k: K, job: str) -> bool:
 
 
 def running_pod(k: K, job: str) -> dict[str, Any] | None:
-    return next((p for p in k.pods(job) if (p.get("status") or {}).get("phase") == "Running"), None)
+    """A Running pod of ``job`` that is not on its way out (a real kubelet keeps a deleted pod
+    Running through its termination grace period)."""
+    return next(
+        (
+            p
+            for p in k.pods(job)
+            if (p.get("status") or {}).get("phase") == "Running"
+            and not p["metadata"].get("deletionTimestamp")
+        ),
+        None,
+    )
 
 
 def observed_plan(k: K, name: str, job: str) -> list[Any]:

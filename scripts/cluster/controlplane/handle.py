@@ -253,6 +253,11 @@ class ControlPlane:
 
 def unavailable_reason(layout: Layout) -> str | None:
     """Why the control plane cannot run here, in one line, or None."""
+    if os.geteuid() != 0:
+        return (
+            "they run a real kubelet and containerd, which need root: run `make test` or "
+            "`make e2e` as root (a VM or a disposable machine)"
+        )
     if build.is_built(layout):
         return None
     if shutil.which("go") is None:
