@@ -95,6 +95,7 @@ def _say(config: pytest.Config, line: str) -> None:
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(f"[cluster] {line}")
+        reporter.flush()  # a log file (CI) is block-buffered: show each line as it comes
     else:
         print(line, flush=True)
 

@@ -61,6 +61,7 @@ RELEASE = "vr1-operator"
 RELEASE_NS = f"vr1-operator-{SUFFIX}"
 FULLNAME = f"{RELEASE}-visionr1-operator"  # the chart's <release>-<chart> fullname
 CHART = Path(__file__).resolve().parents[2] / "charts" / "visionr1-operator"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 TRAINER = ""  # the trainer-cpu image, pinned by digest (set by the world fixture)
 
 
@@ -759,3 +760,51 @@ def test_sft_on_two_pods_follows_the_one_pod_loss_curve(world: World, cold_start
     assert len(losses[1]) == len(losses[2]) == 6, losses
     for step, (one, two) in enumerate(zip(losses[1], losses[2], strict=True), 1):
         assert abs(one - two) <= 0.02 * abs(one), (step, losses)
+
+
+def test_a_restricted_namespace_runs_the_tiny_example(world: World) -> None:
+    """Pod Security "restricted" enforced on the runs' namespace (last in this module: it changes
+    the namespace). On a PVC of the default StorageClass (local-path: a folder the pods' user may
+    write) the tiny example runs with no root init container, its data written by the
+    restricted toy-data Job of the README; on a volume whose root only root may write (a
+    pre-bound hostPath folder, 0755: the kubelet applies no fsGroup there) the first stage says
+    so and what to do."""
+    w = world
+    label = "pod-security.kubernetes.io/enforce"
+    w.cp.kubectl("label", "namespace", NS, f"{label}=restricted", "--overwrite")
+    try:
+        docs = list(
+            yaml.safe_load_all((EXAMPLES_DIR / "local-cluster" / "toy-data.yaml").read_text())
+        )
+        for doc in docs:
+            doc["metadata"]["namespace"] = NS
+            doc["metadata"]["name"] = (
+                "pss-data" if doc["kind"] == "PersistentVolumeClaim" else "pss-toy"
+            )
+        job = docs[1]["spec"]["template"]["spec"]
+        job["volumes"][0]["persistentVolumeClaim"]["claimName"] = "pss-data"
+        job["containers"][0]["image"] = TRAINER
+        job["containers"][0]["imagePullPolicy"] = "IfNotPresent"
+        apply(w.cp, docs)
+        w.cp.kubectl(
+            "wait", "--for=condition=Complete", "job/pss-toy", "-n", NS, "--timeout=600s",
+            timeout=620,
+        )  # fmt: skip
+        run = tiny_cluster_run("restricted", NS, "pss-data", image=TRAINER)
+        apply(w.cp, run)
+        obj = w.wait_phase("restricted", ("Succeeded", "Failed"), 900)
+        assert obj["status"]["phase"] == "Succeeded", w.diagnose("restricted")
+        for pod in w.pods("restricted"):
+            assert not pod["spec"].get("initContainers"), pod["metadata"]["name"]
+            assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+        # The hostPath volume of the other tests: root's 0755, not writable by uid 1000.
+        run = _small("unwritable", ["synthesis"])
+        run["spec"]["stages"]["synthesis"]["backoffLimit"] = 0
+        apply(w.cp, run)
+        obj = w.wait_phase("unwritable", ("Succeeded", "Failed"), 300)
+        assert obj["status"]["phase"] == "Failed", w.diagnose("unwritable")
+        message = condition(obj, "Failed")["message"]
+        assert "not writable by uid 1000" in message and "fsGroup 1000" in message, message
+    finally:
+        w.cp.kubectl("label", "namespace", NS, f"{label}-")
