@@ -190,3 +190,25 @@ def test_observed_job_carries_the_queue_label() -> None:
     assert seen is not None and seen.queue == QUEUE and seen.suspended
     plain = manifests.observe_job(manifests.job(load(storage={"pvc": "data"}), "sft", 0))
     assert plain is not None and plain.queue is None
+
+
+def test_a_job_kueue_suspended_without_a_queue_name_is_not_resumed() -> None:
+    """Kueue's manageJobsWithoutQueueName suspends every Job it manages: the plan must not undo
+    it (Kueue would suspend it again, and so on); it waits for Kueue's admission instead."""
+    run = load()
+    status = running_sft(run)
+    kueues = replace(sft(), queue=None, suspended=True, held=False)
+    actions = plan(run, status, [kueues], T0)
+    assert writes_job_suspend(actions) == []
+    (progress,) = actions
+    assert isinstance(progress, StageProgress) and progress.progress == QUEUED
+    assert "waiting for Kueue" in progress.message and "queue name" in progress.message
+    # Kueue's own reason for waiting is shown, and a new one updates the status without an Event
+    status = apply(status, actions, T0)
+    why = "couldn't assign flavors to pod set main: insufficient quota for nvidia.com/gpu"
+    (progress,) = plan(run, status, [replace(kueues, admission=why)], T0)
+    assert progress.message.endswith(why) and describe(progress) is None
+    # admitted: Kueue un-suspends it and it runs
+    admitted = replace(kueues, suspended=False, active=1, running_pods=1)
+    (running,) = plan(run, apply(status, [progress], T0), [admitted], T0)
+    assert running.phase == "Running"

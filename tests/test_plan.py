@@ -526,3 +526,66 @@ def test_a_missing_input_of_a_non_sharded_producer_is_an_ordinary_retry() -> Non
 def test_invalid_input_through_the_failjob_rule_stays_permanent() -> None:
     bad = job("filter", failed=1, failed_reason="PodFailurePolicy", exit_code=65)
     assert bad.permanent
+
+
+def test_a_lost_merge_is_re_merged_even_with_backoff_limit_zero() -> None:
+    run = load()
+    run.spec.stages.filter.backoff_limit = 0
+    status = status_after(run, running="filter")
+    synthesis_done = job("synthesis", succeeded=1, complete=True)
+    missing = job("filter", failed=1, failed_reason="PodFailurePolicy", exit_code=66, finished_at=T0)
+    actions = plan(run, status, [synthesis_done, missing], T0)
+    assert [type(a).__name__ for a in actions] == ["RemergeStage", "CreateStage"]
+    status = apply(status, actions, T0)
+    assert status.phase == "Running"
+    remerged = job("synthesis", 1, succeeded=1, complete=True)
+    actions = plan(run, status, [synthesis_done, remerged, missing], T0)
+    assert actions[-1] == CreateStage("filter", 1, "tiny-cpu-filter-1", reason="StageRetried")
+    status = apply(status, actions, T0)
+    # the retried filter still finds no input: now its attempts are spent, the run fails
+    again = job("filter", 1, failed=1, failed_reason="PodFailurePolicy", exit_code=66)
+    actions = plan(run, status, [synthesis_done, remerged, again], T0)
+    assert [type(a).__name__ for a in actions] == ["StageFailed", "FinishRun"]
+    assert actions[0].reason == "RetriesExhausted"
+
+
+def test_a_new_message_for_the_same_pod_trouble_updates_the_status_without_an_event() -> None:
+    run = load()
+    status = status_after(run, running="sft")
+    first = ("Unschedulable", "pod x cannot be scheduled: 0/3 nodes: Insufficient memory")
+    stuck = job("sft", active=1, running_pods=0, pod_problem=first)
+    actions = plan(run, status, [stuck], T0)
+    assert [describe(a) for a in actions] == [("Warning", "Unschedulable", f"sft: {first[1]}")]
+    status = apply(status, actions, T0)
+    assert plan(run, status, [stuck], T0) == []  # the same message: nothing to write
+    second = ("Unschedulable", "pod x cannot be scheduled: 0/4 nodes: Insufficient memory")
+    actions = plan(run, status, [replace(stuck, pod_problem=second)], T0)
+    assert len(actions) == 1 and actions[0].repeat and describe(actions[0]) is None
+    status = apply(status, actions, T0)
+    progressing = next(c for c in status.conditions if c.type == "Progressing")
+    assert progressing.reason == "Unschedulable" and "0/4 nodes" in progressing.message
+    # another reason is news again: a Warning
+    pulled = ("ErrImagePull", "pod x: container stage: not found")
+    actions = plan(run, status, [replace(stuck, pod_problem=pulled)], T0)
+    assert describe(actions[0]) == ("Warning", "ErrImagePull", f"sft: {pulled[1]}")
+
+
+def test_a_pod_creation_refusal_is_named_then_cleared_when_pods_exist() -> None:
+    run = load()
+    status = status_after(run, running="sft")
+    quota = (
+        "QuotaExceeded",
+        "ResourceQuota gpu refused the pods: requested requests.nvidia.com/gpu=2, "
+        "used requests.nvidia.com/gpu=0, limited requests.nvidia.com/gpu=1",
+    )
+    refused = job("sft", running_pods=0, pod_problem=quota)
+    status = apply(status, plan(run, status, [refused], T0), T0)
+    progressing = next(c for c in status.conditions if c.type == "Progressing")
+    assert progressing.reason == "QuotaExceeded" and "limited requests.nvidia.com/gpu=1" in (
+        progressing.message
+    )
+    assert status.stages["sft"].progress == "0 pods running"
+    created = job("sft", active=1, running_pods=1)
+    status = apply(status, plan(run, status, [created], T0), T0)
+    progressing = next(c for c in status.conditions if c.type == "Progressing")
+    assert progressing.reason == "StageRunning" and "gpu" not in progressing.message

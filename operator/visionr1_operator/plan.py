@@ -37,7 +37,9 @@ locally, the test in the kmock tests. An attempt ends in one of:
 * input missing (exit code ``EXIT_INPUT_MISSING``, 66): the stage it reads from has no
   ``_manifest.json`` although its Job succeeded (a merge lost on a weakly consistent
   filesystem). A sharded producer is run again (:class:`RemergeStage`: its pods skip the work
-  already done and the last one merges), then the consumer is retried; other producers: a retry;
+  already done and the last one merges), then the consumer is retried, before and beyond its
+  ``backoffLimit`` (one more attempt per lost merge: ``backoffLimit: 0`` re-merges once);
+  other producers: a retry;
 * retryable failure (anything else): a new attempt after an exponential backoff
   (:class:`RetryPolicy`), until ``spec.stages.<stage>.backoffLimit`` retries are spent; then the
   run fails.
@@ -82,7 +84,7 @@ TrackingState      MLflow reachable or not (the ``Tracking`` condition); Jobs ne
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -149,8 +151,14 @@ class ObservedJob:
     finished_at: datetime | None = None
     # From the Job's pods (None = not observed, e.g. the local executor: ``active`` counts):
     running_pods: int | None = None  # pods in phase Running (``active`` counts pending ones too)
-    # Why a pod is stuck or died: (reason, message), e.g. ("Unschedulable", "0/3 nodes ...").
+    # Why a pod is stuck or died: (reason, message), e.g. ("Unschedulable", "0/3 nodes ...");
+    # also why the Job's pods cannot be created at all (a FailedCreate refusal: QuotaExceeded,
+    # PodSecurity, LimitRange), which only the Job's Events say.
     pod_problem: tuple[str, str] | None = None
+    uid: str = ""  # the Job's metadata.uid ("" before the watch reported it)
+    # A Job suspended by Kueue: why Kueue has not admitted it yet (its Workload's QuotaReserved
+    # message), when the caller could read it.
+    admission: str | None = None
 
     @classmethod
     def running(cls, name: str, stage: str, attempt: int) -> ObservedJob:
@@ -238,6 +246,9 @@ class StageProgress:
     progress: str
     message: str = ""
     problem: str | None = None  # a pod's trouble (Unschedulable, ImagePullBackOff, ...): warn
+    # The run already shows this reason (only the message changed, e.g. a new scheduler
+    # message on the same Pending pod): the status is updated, no new Event is posted.
+    repeat: bool = False
 
 
 @dataclass(frozen=True)
@@ -688,6 +699,27 @@ def plan(
                 emit(FinishRun("Failed", "StageFailed", f"{stage}: {detail}"))
                 return actions
             retries = st.attempts - 1
+            producer = _producer(run, stage)
+            # A lost merge is not the consumer's failure: the re-merge comes before the retries
+            # check, and each attempt lost this way gets one more (so backoffLimit 0 re-merges
+            # once; a consumer that still finds no input then fails with its retries spent).
+            if (
+                job.input_missing
+                and producer in SHARDED_STAGES
+                and (s.stages.get(producer) or StageStatus()).phase == "Succeeded"
+                and retries <= backoff_limit
+            ):
+                emit(
+                    RemergeStage(
+                        producer,
+                        stage,
+                        f"attempt {st.attempts} found no {producer}/_manifest.json although "
+                        f"{producer}'s Job succeeded; running {producer} again to merge its "
+                        f"shards, then attempt {st.attempts + 1} (backoffLimit {backoff_limit}, "
+                        "plus one per lost merge)",
+                    )
+                )
+                return plan(run, s, jobs, now, policy, _actions=actions)
             if retries >= backoff_limit:
                 emit(
                     StageFailed(
@@ -703,22 +735,6 @@ def plan(
                     )
                 )
                 return actions
-            producer = _producer(run, stage)
-            if (
-                job.input_missing
-                and producer in SHARDED_STAGES
-                and (s.stages.get(producer) or StageStatus()).phase == "Succeeded"
-            ):
-                emit(
-                    RemergeStage(
-                        producer,
-                        stage,
-                        f"attempt {st.attempts} found no {producer}/_manifest.json although "
-                        f"{producer}'s Job succeeded; running {producer} again to merge its "
-                        f"shards, then retry {retries + 1}/{backoff_limit}",
-                    )
-                )
-                return plan(run, s, jobs, now, policy, _actions=actions)
             delay = policy.delay(retries + 1)
             failed_at = job.finished_at or now
             not_before = failed_at + timedelta(seconds=delay)
@@ -759,16 +775,25 @@ def plan(
         if queue and job.held:
             emit(ResumeWorkload(stage, job.name))
             return actions
-        if not queue and job.suspended:
+        if not queue and job.suspended and job.held:
+            # Only our own suspend is undone: a Job suspended by someone else (Kueue managing
+            # Jobs without a queue name) waits for them, or the two would fight over it.
             emit(ResumeStage(stage, job.name))
             return actions
         if st.phase == "Suspended" or s.phase == "Suspended":
             emit(ResumeStage(stage, None))
         if outcome == "suspended":
             # Created suspended for Kueue, or evicted by it (preempted): waiting for quota.
-            want = StageProgress(
-                stage, "Pending", QUEUED, f"waiting for Kueue to admit it (LocalQueue {queue})"
+            where = (
+                f"LocalQueue {queue}"
+                if queue
+                else "suspended by Kueue, which manages Jobs without a queue name; "
+                "spec.queueName picks the queue"
             )
+            text = f"waiting for Kueue to admit it ({where})"
+            if job.admission:
+                text += f": {job.admission}"
+            want = StageProgress(stage, "Pending", QUEUED, text)
         elif job.pod_problem is not None:
             reason, message = job.pod_problem
             phase: Literal["Pending", "Running"] = "Running" if job.running_pods else "Pending"
@@ -777,7 +802,10 @@ def plan(
             want = StageProgress(stage, "Running", _job_progress(job))
         st = s.stages[stage]
         if (st.phase, st.progress, st.message) != (want.phase, want.progress, want.message or None):
-            emit(want)
+            shown = next((c.reason for c in s.conditions if c.type == "Progressing"), None)
+            reason = want.problem or ("StageQueued" if want.progress == QUEUED else None)
+            same = reason is not None and shown == reason and st.phase == want.phase
+            emit(replace(want, repeat=same))
         return actions
 
     emit(
@@ -808,6 +836,8 @@ def describe(a: Action) -> tuple[Literal["Normal", "Warning"], str, str] | None:
         return "Warning", "StageRemerging", f"{a.consumer}: {a.message}"
     if isinstance(a, StageBlocked):
         return "Warning", a.reason, f"{a.stage}: {a.message}"
+    if isinstance(a, StageProgress) and a.repeat:
+        return None  # the same reason, said already: no Event per new message
     if isinstance(a, StageProgress) and a.problem is not None:
         return "Warning", a.problem, f"{a.stage}: {a.message}"
     if isinstance(a, TrackingState):
