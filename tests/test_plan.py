@@ -533,7 +533,9 @@ def test_a_lost_merge_is_re_merged_even_with_backoff_limit_zero() -> None:
     run.spec.stages.filter.backoff_limit = 0
     status = status_after(run, running="filter")
     synthesis_done = job("synthesis", succeeded=1, complete=True)
-    missing = job("filter", failed=1, failed_reason="PodFailurePolicy", exit_code=66, finished_at=T0)
+    missing = job(
+        "filter", failed=1, failed_reason="PodFailurePolicy", exit_code=66, finished_at=T0
+    )
     actions = plan(run, status, [synthesis_done, missing], T0)
     assert [type(a).__name__ for a in actions] == ["RemergeStage", "CreateStage"]
     status = apply(status, actions, T0)
