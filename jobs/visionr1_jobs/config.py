@@ -11,7 +11,8 @@ Field names are snake_case in Python and camelCase in manifests and in the resol
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal
+from importlib import metadata
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -25,6 +26,21 @@ EXIT_INVALID_INPUT = 65
 #: Exit status of a stage program whose input stage has no ``_manifest.json`` (yet): retryable.
 #: The operator re-merges a sharded producer whose Job succeeded, then retries the consumer.
 EXIT_INPUT_MISSING = 66
+
+#: Version of the resolved stage config's schema (``ResolvedStageConfig.schemaVersion``). Raise it
+#: with every field added to a stage's parameters: a stage program reading a config of a newer
+#: schema ignores the fields it does not know while they are at their defaults (which the writer
+#: sends along, ``paramDefaults``) and refuses, naming them, those set to anything else.
+CONFIG_SCHEMA = 1
+
+
+def package_version() -> str:
+    """The installed visionr1's version (what a config's ``writtenBy`` and a refusal name)."""
+    try:
+        return metadata.version("visionr1")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
 
 #: spec.baseModel and its revision, as the operator and the local executor pass them to every
 #: stage process; :func:`model_revision` tells a loader which revision to load.
@@ -646,7 +662,132 @@ class ResolvedStageConfig(Model):
     inputs: dict[str, InputLocation] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict)
     mlflow: MlflowRef = Field(default_factory=MlflowRef)
+    schema_version: int = Field(
+        1, ge=1, description="CONFIG_SCHEMA of the writer (1: written before it was recorded)."
+    )
+    written_by: str | None = Field(None, description="visionr1 version of the writer.")
+    param_defaults: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The writer's defaults of the stage's parameters (param_defaults()): lets an "
+        "older stage program ignore a newer field left at its default.",
+    )
 
     def stage_params(self) -> Model:
         """The stage's parameter model, validated."""
         return PARAMS_BY_STAGE[self.stage].model_validate(self.params)
+
+
+# --------------------------------------------------------------------------- newer writers
+
+_DEFAULT = "default"
+_FIELDS = "fields"
+
+
+def _nested(annotation: Any) -> tuple[str, type[BaseModel]] | None:
+    """("model" | "list" | "dict", the model) when values of ``annotation`` hold a model."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "model", annotation
+    origin = get_origin(annotation)
+    args = get_args(annotation)
+    if origin in (list, tuple) and args:
+        inner = _nested(args[0])
+        return ("list", inner[1]) if inner else None
+    if origin is dict and len(args) == 2:
+        inner = _nested(args[1])
+        return ("dict", inner[1]) if inner else None
+    for arg in args:  # Optional[...], Annotated[...], unions
+        inner = _nested(arg)
+        if inner is not None:
+            return inner
+    return None
+
+
+def param_defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """Per field (by its camelCase name): ``{"default": <JSON>}`` when it has a default, and
+    ``{"fields": {...}}`` (the same, recursively) when its values are or hold a model."""
+    from pydantic_core import to_jsonable_python
+
+    out: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        entry: dict[str, Any] = {}
+        if not info.is_required():
+            value = info.get_default(call_default_factory=True, validated_data={})
+            if value is not None:  # None is never written (Model.dump excludes it)
+                entry[_DEFAULT] = to_jsonable_python(value, by_alias=True, exclude_none=True)
+        nested = _nested(info.annotation)
+        if nested is not None and nested[1] is not model:
+            entry[_FIELDS] = param_defaults(nested[1])
+        if entry:
+            out[info.alias or name] = entry
+    return out
+
+
+def _check_unknown(
+    model: type[BaseModel], data: Any, defaults: dict[str, Any], path: str
+) -> tuple[Any, list[str], list[str]]:
+    """``data`` without the fields ``model`` does not know that are at the writer's default;
+    (cleaned data, ignored "path = value", refused "path = value (default ...)")."""
+    if not isinstance(data, dict):
+        return data, [], []
+    ignored: list[str] = []
+    refused: list[str] = []
+    fields = {(info.alias or name): info for name, info in model.model_fields.items()}
+    fields.update({name: info for name, info in model.model_fields.items()})
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{path}.{key}"
+        info = fields.get(key)
+        entry = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
+        if info is None:
+            if _DEFAULT in entry and entry[_DEFAULT] == value:
+                ignored.append(f"{where} = {value!r}")
+            else:
+                known = f" (its default: {entry[_DEFAULT]!r})" if _DEFAULT in entry else ""
+                refused.append(f"{where} = {value!r}{known}")
+            continue
+        nested = _nested(info.annotation)
+        sub = entry.get(_FIELDS) if isinstance(entry.get(_FIELDS), dict) else {}
+        if nested is not None:
+            kind, inner = nested
+            if kind == "list" and isinstance(value, list):
+                checked = [_check_unknown(inner, v, sub, f"{where}[{i}]") for i, v in enumerate(value)]
+                value = [c[0] for c in checked]
+            elif kind == "dict" and isinstance(value, dict):
+                checked = [_check_unknown(inner, v, sub, f"{where}.{k}") for k, v in value.items()]
+                value = dict(zip(value, (c[0] for c in checked), strict=True))
+            else:
+                checked = [_check_unknown(inner, value, sub, where)]
+                value = checked[0][0]
+            for _, i, r in checked:
+                ignored += i
+                refused += r
+        out[key] = value
+    return out, ignored, refused
+
+
+def compatible_params(cfg: ResolvedStageConfig) -> tuple[dict[str, Any], list[str]]:
+    """The stage's parameters as this program knows them, and a warning per field of a newer
+    writer that was left at its default and is ignored. Raises ValueError naming every newer
+    field set to anything else, and the trainer image that knows it."""
+    model = PARAMS_BY_STAGE[cfg.stage]
+    where = f"spec.stages.{cfg.stage}.params"
+    params, ignored, refused = _check_unknown(model, cfg.params, cfg.param_defaults, where)
+    mine = f"visionr1 {package_version()}, config schema {CONFIG_SCHEMA}"
+    writer = f"visionr1 {cfg.written_by or 'unknown'}, config schema {cfg.schema_version}"
+    if refused:
+        newer = cfg.schema_version > CONFIG_SCHEMA
+        fix = (
+            f"use a trainer image >= {cfg.written_by or 'the operator'} (the config was written "
+            f"by {writer}), or leave these fields at their defaults"
+            if newer
+            else "remove these fields"
+        )
+        raise ValueError(
+            f"{'; '.join(refused)}: not known to this trainer image ({mine}); {fix}"
+        )
+    warnings = [
+        f"{field}: not known to this trainer image ({mine}); ignored, it is at the default of "
+        f"its writer ({writer})"
+        for field in ignored
+    ]
+    return params, warnings

@@ -29,6 +29,7 @@ from visionr1_jobs.config import (
     TERMINATION_LOG_ENV,
     Model,
     ResolvedStageConfig,
+    compatible_params,
 )
 
 MANIFEST = "_manifest.json"
@@ -341,9 +342,14 @@ def load_config(path: str | os.PathLike[str]) -> ResolvedStageConfig:
         raise InvalidInput(f"--config {path}: cannot read ({exc})") from exc
     try:
         cfg = ResolvedStageConfig.model_validate_json(raw)
+        # A newer operator's fields at their defaults are dropped here (with a warning each), so
+        # an upgrade of the operator does not fail runs on an older trainer image.
+        cfg.params, warnings = compatible_params(cfg)
         cfg.stage_params()
     except ValueError as exc:
         raise InvalidInput(f"--config {path}: invalid stage config:\n{exc}") from exc
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     return cfg
 
 

@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 import kopf
 from pydantic import ValidationError
 
-from visionr1_operator import kueue, manifests, mlflow_runs
+from visionr1_operator import compat, kueue, manifests, mlflow_runs
 from visionr1_operator.api import (
     API_VERSION,
     GROUP,
@@ -77,7 +77,7 @@ from visionr1_operator.plan import (
     plan,
 )
 from visionr1_operator.policy import ClusterPolicy, cluster_problems
-from visionr1_operator.validate import validate_object
+from visionr1_operator.validate import accepted_run, validate_object
 
 # Recorded in kopf's settings; no handler needs it, so kopf adds none and removes a stale one.
 FINALIZER = f"{GROUP}/finalizer"
@@ -231,19 +231,48 @@ class Reconciler:
         if status.phase in ("Succeeded", "Failed"):
             return  # a finished run is never run again
         now = datetime.now(UTC)
-        spec_only = {k: v for k, v in obj.items() if k != "status"}
-        problems = [str(p) for p in validate_object(spec_only)]
-        if not problems:
-            run = VisionR1Run.model_validate(spec_only)
-            run.metadata.namespace = namespace
-            problems = cluster_problems(run, self.config.policy)
-        if problems:
-            await self._finish(obj, status, status, [invalid_spec("; ".join(problems))], now)
+        run, refusal = self._admit(namespace, name, obj, status)
+        if run is None:
+            assert refusal is not None
+            await self._finish(obj, status, status, [refusal], now)
             return
         jobs = await self._failed_pods(namespace, status, self._observe(namespace, name, obj))
         actions = plan(run, status, jobs, now, self.config.retry)
         new, extra = await self._execute(run, obj, status, actions, now)
         await self._finish(obj, status, new, [*actions, *extra], now, executed=True)
+
+    def _admit(
+        self, namespace: str, name: str, obj: Mapping[str, Any], status: VisionR1RunStatus
+    ) -> tuple[VisionR1Run | None, FinishRun | None]:
+        """The run, or None and the refusal of its spec.
+
+        A spec is validated in full (the model, the cluster's policy, the trainer image's
+        version) when its generation is new; a generation accepted before (the status says it
+        observed it) is only parsed, without the rules applied at admission. So an operator
+        upgraded to stricter rules keeps running the runs an earlier one accepted, and an edit
+        of the spec is judged by the rules of its day."""
+        spec_only = {k: v for k, v in obj.items() if k != "status"}
+        generation = (obj.get("metadata") or {}).get("generation")
+        if generation is not None and status.observed_generation == generation:
+            run, dropped = accepted_run(spec_only)
+            if run is not None:
+                if dropped:
+                    log.warning("%s/%s: accepted spec read without %s", namespace, name, dropped)
+                run.metadata.namespace = namespace
+                return run, None
+            return None, invalid_spec("; ".join(map(str, dropped)))
+        problems = [str(p) for p in validate_object(spec_only)]
+        if problems:
+            return None, invalid_spec("; ".join(problems))
+        run = VisionR1Run.model_validate(spec_only)
+        run.metadata.namespace = namespace
+        problems = cluster_problems(run, self.config.policy)
+        if problems:
+            return None, invalid_spec("; ".join(problems))
+        too_old = compat.trainer_problems(run)
+        if too_old:
+            return None, FinishRun("Failed", compat.REASON, "; ".join(too_old))
+        return run, None
 
     def _observe(self, namespace: str, name: str, obj: Mapping[str, Any]) -> list[ObservedJob]:
         """The run's Jobs from kopf's in-memory index (filled from the watch before any handler

@@ -6,7 +6,17 @@ to a file), so both run the same pipeline. No I/O here.
 
 from __future__ import annotations
 
-from visionr1_jobs.config import STAGES, InputLocation, MlflowRef, ResolvedStageConfig, RunRef
+from visionr1_jobs.config import (
+    CONFIG_SCHEMA,
+    PARAMS_BY_STAGE,
+    STAGES,
+    InputLocation,
+    MlflowRef,
+    ResolvedStageConfig,
+    RunRef,
+    package_version,
+    param_defaults,
+)
 from visionr1_operator.api import UPSTREAM, InputRef, VisionR1Run
 
 # Workspace layout: each stage writes under its own folder.
@@ -100,6 +110,9 @@ def resolve_stage_config(
         base_model=run.spec.base_model.name,
         inputs=inputs,
         params=spec.params.dump(),  # type: ignore[attr-defined]
+        schema_version=CONFIG_SCHEMA,
+        written_by=package_version(),
+        param_defaults=param_defaults(PARAMS_BY_STAGE[stage]),
         mlflow=MlflowRef(
             tracking_uri=mlflow_tracking_uri or run.spec.mlflow.tracking_uri,
             experiment=run.spec.mlflow.experiment,

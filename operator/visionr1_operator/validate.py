@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from visionr1_operator.api import KIND, VisionR1Run
+from visionr1_operator.api import ADMITTED, KIND, VisionR1Run
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,46 @@ def validate_object(obj: Any) -> list[Problem]:
     except ValidationError as exc:
         return problems_from_validation(exc)
     return []
+
+
+def accepted_run(obj: dict[str, Any]) -> tuple[VisionR1Run | None, list[Problem]]:
+    """Parse a spec whose generation was accepted before (status.observedGeneration ==
+    metadata.generation), possibly by an earlier operator: admission-only rules are skipped
+    (api.ADMITTED) and fields this operator no longer knows are dropped. Returns the run and
+    what was dropped (for a warning), or None and the problems when it cannot be read at all."""
+    data = dict(obj)
+    dropped: list[Problem] = []
+    for _ in range(2):
+        try:
+            return VisionR1Run.model_validate(data, context={ADMITTED: True}), dropped
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            extra = [tuple(e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
+            if len(extra) != len(errors) or dropped:
+                return None, problems_from_validation(exc)
+            for loc in extra:
+                data = _without(data, loc)
+                dropped.append(Problem(field_path(loc), "unknown to this operator; ignored"))
+    return None, dropped  # not reached: the second try returns
+
+
+def _without(data: Any, loc: tuple[Any, ...]) -> Any:
+    """``data`` (nested dicts and lists) without the item at ``loc``, copied along the path."""
+    if not loc:
+        return data
+    head, rest = loc[0], loc[1:]
+    if isinstance(data, dict) and head in data:
+        copy = dict(data)
+        if rest:
+            copy[head] = _without(data[head], rest)
+        else:
+            del copy[head]
+        return copy
+    if isinstance(data, list) and isinstance(head, int) and 0 <= head < len(data):
+        copy_list = list(data)
+        copy_list[head] = _without(data[head], rest)
+        return copy_list
+    return data
 
 
 def validate_file(path: str | Path) -> list[Problem]:
