@@ -35,7 +35,9 @@ class NewerSFTParams(SFTParams):
 
     label_smoothing: float = Field(0.0, description="A field a newer operator added.")
     schedule: list[NewerPTSTStage] = Field(
-        default_factory=lambda: [NewerPTSTStage(max_completion_length=8, num_generations=2, steps=1)]
+        default_factory=lambda: [
+            NewerPTSTStage(max_completion_length=8, num_generations=2, steps=1)
+        ]
     )
 
 

@@ -750,7 +750,9 @@ def _check_unknown(
         if nested is not None:
             kind, inner = nested
             if kind == "list" and isinstance(value, list):
-                checked = [_check_unknown(inner, v, sub, f"{where}[{i}]") for i, v in enumerate(value)]
+                checked = [
+                    _check_unknown(inner, v, sub, f"{where}[{i}]") for i, v in enumerate(value)
+                ]
                 value = [c[0] for c in checked]
             elif kind == "dict" and isinstance(value, dict):
                 checked = [_check_unknown(inner, v, sub, f"{where}.{k}") for k, v in value.items()]
@@ -782,9 +784,7 @@ def compatible_params(cfg: ResolvedStageConfig) -> tuple[dict[str, Any], list[st
             if newer
             else "remove these fields"
         )
-        raise ValueError(
-            f"{'; '.join(refused)}: not known to this trainer image ({mine}); {fix}"
-        )
+        raise ValueError(f"{'; '.join(refused)}: not known to this trainer image ({mine}); {fix}")
     warnings = [
         f"{field}: not known to this trainer image ({mine}); ignored, it is at the default of "
         f"its writer ({writer})"
