@@ -418,7 +418,14 @@ class SFTParams(TrainCommon):
         1, ge=1, le=1024, description="Sequences per GPU per micro-step."
     )
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
-    max_length: int = Field(16384, ge=16, le=262144, description="Max sequence length (tokens).")
+    max_length: int = Field(
+        16384,
+        ge=16,
+        le=262144,
+        description="Max sequence length (tokens): a row longer than this (prompt + answer, "
+        "image tokens included, as the trainer's processor counts them) is dropped before "
+        "training and counted (rows_dropped_too_long), never truncated.",
+    )
 
 
 class PTSTStage(Model):

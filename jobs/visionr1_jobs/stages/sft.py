@@ -2,7 +2,10 @@
 
 Input ``data``: the filter's output (``<think>…</think><answer> Final Answer:X </answer>``
 responses, no system prompt) or a dataset; input ``model``: the base model. Trains on the
-completion only, with images; writes ``sft/checkpoints/checkpoint-N`` every ``saveSteps`` and
+completion only, with images; rows longer than ``maxLength`` tokens (text + image tokens, as the
+trainer's processor counts them) are dropped before training and counted (log line, MLflow
+metric ``rows_dropped_too_long``, the manifest's ``rows`` and ``extra.dropped_too_long``),
+never truncated; writes ``sft/checkpoints/checkpoint-N`` every ``saveSteps`` and
 resumes from the newest complete one after a restart; saves ``sft/final`` (model + processor, HF
 format) atomically and logs/registers it in MLflow. Several processes or nodes: see
 :mod:`visionr1_jobs.training.launch`.
@@ -45,7 +48,7 @@ def run(cfg: ResolvedStageConfig) -> StageManifest | None:
 
 
 def train(cfg: ResolvedStageConfig, params: SFTParams, folder: Path) -> StageManifest | None:
-    from visionr1_jobs.training.mlflow_log import log_model, log_params, resumable_run
+    from visionr1_jobs.training.mlflow_log import log_metrics, log_model, log_params, resumable_run
 
     started = time.time()
     world = runtime.world_from_env()
@@ -53,10 +56,13 @@ def train(cfg: ResolvedStageConfig, params: SFTParams, folder: Path) -> StageMan
     checkpoints_dir = folder / "checkpoints"
     base = model_input(cfg)
     samples, skipped = load_samples(cfg, folder / "image-cache")
-    from visionr1_jobs.training.data import sft_rows, to_dataset
+    from visionr1_jobs.training.data import drop_long_sft_rows, sft_rows, to_dataset
 
     # Validated before anything is started: a row without a response is exit 65, not a crash.
-    dataset = to_dataset(sft_rows(samples))
+    rows = sft_rows(samples)
+    processor = runtime.load_processor(base, params.min_pixels, params.max_pixels)
+    rows, dropped = drop_long_sft_rows(rows, [s.id for s in samples], processor, params.max_length)
+    dataset = to_dataset(rows)
     batches = runtime.sft_batches(
         params.global_batch_size, params.per_device_batch_size, world.world_size
     )
@@ -64,6 +70,8 @@ def train(cfg: ResolvedStageConfig, params: SFTParams, folder: Path) -> StageMan
     metrics: dict[str, float] = {
         "rows": float(len(samples)),
         "rows_skipped": float(sum(skipped.values())),
+        "rows_dropped_too_long": float(len(dropped)),
+        "rows_trained": float(len(rows)),
     }
     extra: dict[str, Any] = {
         "world_size": world.world_size,
@@ -73,17 +81,39 @@ def train(cfg: ResolvedStageConfig, params: SFTParams, folder: Path) -> StageMan
         "deepspeed": params.deepspeed,
         "base_model": base,
     }
+    if dropped:
+        # Every dropped row with its length, so a user can see what maxLength cost them.
+        extra["dropped_too_long"] = dropped
     with resumable_run(cfg, folder) as run:
         run_id = run.info.run_id if run is not None else None
         if run_id:
-            log_params(run_id, cfg, {f"derived.{k}": v for k, v in extra.items()})
+            log_params(
+                run_id,
+                cfg,
+                {f"derived.{k}": v for k, v in extra.items() if k != "dropped_too_long"},
+            )
+            log_metrics(
+                run_id,
+                cfg,
+                {k: metrics[k] for k in ("rows_dropped_too_long", "rows_trained")},
+            )
         if ckpt.is_complete_model(final):
             log.warning(
                 "sft: %s is already complete (a previous attempt died after saving it)", final
             )
         else:
             result = _fit(
-                cfg, params, dataset, base, checkpoints_dir, final, batches, bf16, world, run_id
+                cfg,
+                params,
+                dataset,
+                base,
+                processor,
+                checkpoints_dir,
+                final,
+                batches,
+                bf16,
+                world,
+                run_id,
             )
             metrics.update(result)
         if run_id:
@@ -91,7 +121,7 @@ def train(cfg: ResolvedStageConfig, params: SFTParams, folder: Path) -> StageMan
     manifest = StageManifest(
         stage="sft",
         outputs={"model": f"{cfg.output_dir}/final"},
-        rows={"train": len(samples)},
+        rows={"train": len(rows), "dropped_too_long": len(dropped)},
         metrics=metrics,
         mlflow_run_id=run_id,
         started_at=started,
@@ -105,6 +135,7 @@ def _fit(
     params: SFTParams,
     dataset: Any,
     base: str,
+    processor: Any,
     checkpoints_dir: Path,
     final: Path,
     batches: runtime.Batches,
@@ -129,10 +160,11 @@ def _fit(
         per_device_train_batch_size=batches.per_device,
         gradient_accumulation_steps=batches.grad_accum,
         weight_decay=params.weight_decay,
-        max_length=params.max_length,
+        # Rows over params.maxLength were dropped above; None means TRL never cuts a sequence,
+        # so no answer can be lost to truncation even if a count were off.
+        max_length=None,
         completion_only_loss=True,
     )
-    processor = runtime.load_processor(base, params.min_pixels, params.max_pixels)
     resume = ckpt.resume_point(checkpoints_dir, world.is_main, "sft")
     model = runtime.load_model(ckpt.starting_weights(base, resume), bf16)
     if params.freeze_vision_tower:

@@ -114,3 +114,91 @@ def drop_long_prompts(
             max(lengths),
         )
     return kept, dropped
+
+
+def sft_lengths(rows: Sequence[dict[str, Any]], processor: Any) -> list[int]:
+    """Tokens of each SFT row as TRL's SFTTrainer feeds it to the model: prompt (chat template,
+    image placeholders expanded to the processor's image tokens) plus completion, untruncated.
+
+    The text goes through TRL's own ``prepare_multimodal_messages`` and ``apply_chat_template``
+    and the real tokenizer, exactly as TRL's vision collator prepares a batch; each image counts
+    the tokens the processor gives an image of its size (``_get_num_multimodal_tokens``, the
+    method vLLM sizes prompts with), read from the file header without decoding the pixels, so a
+    200K-row set is measured in minutes. A processor without that method is measured by running
+    TRL's collator itself on every row (slower, same numbers).
+    """
+    from PIL import Image
+    from trl.data_utils import apply_chat_template, prepare_multimodal_messages
+
+    count = getattr(processor, "_get_num_multimodal_tokens", None)
+    image_token = getattr(processor, "image_token", None)
+    if count is None or image_token is None:
+        return _sft_lengths_by_collator(rows, processor)
+    tok = getattr(processor, "tokenizer", processor)
+    prompts, completions, extra = [], [], []
+    for row in rows:
+        sizes = []
+        for path in row["images"]:
+            with Image.open(path) as im:
+                sizes.append((im.height, im.width))
+        example = {
+            "prompt": prepare_multimodal_messages(row["prompt"], images=list(row["images"])),
+            "completion": prepare_multimodal_messages(row["completion"]),
+        }
+        text = apply_chat_template(example, processor)
+        prompts.append(text["prompt"])
+        completions.append(text["completion"])
+        per_image = count(image_sizes=sizes).num_image_tokens if sizes else []
+        # The template writes one placeholder token per image; the processor repeats it.
+        extra.append(sum(per_image) - len(sizes))
+    enc_p = tok(prompts, add_special_tokens=False)["input_ids"]
+    enc_c = tok(completions, add_special_tokens=False)["input_ids"]
+    return [len(p) + len(c) + e for p, c, e in zip(enc_p, enc_c, extra, strict=True)]
+
+
+def _sft_lengths_by_collator(rows: Sequence[dict[str, Any]], processor: Any) -> list[int]:
+    from PIL import Image
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    collate = DataCollatorForVisionLanguageModeling(processor, max_length=None)
+    lengths = []
+    for row in rows:
+        example = dict(row)
+        example["images"] = [Image.open(p).convert("RGB") for p in row["images"]]
+        batch = collate([example])
+        lengths.append(int(batch["attention_mask"].sum()))
+    return lengths
+
+
+def drop_long_sft_rows(
+    rows: list[dict[str, Any]], ids: Sequence[str], processor: Any, max_length: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows whose whole sequence fits ``max_length`` tokens, and one record per dropped row
+    (id, tokens, reason).
+
+    Truncating would cut the answer off the end of the completion (the part SFT trains on) and
+    teach the model to stop mid-thought, so a row that does not fit is left out, never cut.
+    """
+    lengths = sft_lengths(rows, processor)
+    kept, dropped = [], []
+    reason = f"longer than params.maxLength={max_length} tokens (text + image tokens)"
+    for row, row_id, n in zip(rows, ids, lengths, strict=True):
+        if n <= max_length:
+            kept.append(row)
+        else:
+            dropped.append({"id": row_id, "tokens": n, "reason": reason})
+    if dropped:
+        log.warning(
+            "sft: dropped %d of %d rows %s (longest: %d tokens); raise params.maxLength to keep "
+            "them",
+            len(dropped),
+            len(rows),
+            reason,
+            max(lengths),
+        )
+    if not kept:
+        raise InvalidInput(
+            f"every one of the {len(rows)} SFT rows is {reason} (shortest: {min(lengths)} "
+            "tokens); raise params.maxLength"
+        )
+    return kept, dropped
