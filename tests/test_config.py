@@ -37,7 +37,13 @@ def test_defaults_reproduce_the_paper() -> None:
     )
     assert [(r.max_completion_length * r.num_generations) for r in grpo.ptst] == [65536, 65536]
     ev = EvalParams()
-    assert (ev.temperature, ev.top_p, ev.max_new_tokens, ev.retries_missing_answer, ev.judge) == (
+    assert (
+        ev.temperature,
+        ev.top_p,
+        ev.max_new_tokens,
+        ev.retries_missing_answer,
+        ev.judge_mode(),
+    ) == (
         0.6,
         0.95,
         16000,

@@ -47,6 +47,8 @@ class JudgeServer:
 
     def __init__(self, answer: Callable[[str], str] = naive_judge) -> None:
         self.answer = answer
+        # fail(user prompt, requests served so far) -> an HTTP error status, or None to answer
+        self.fail: Callable[[str, int], int | None] = lambda prompt, served: None
         self.script: list[str] = []
         self.bodies: list[dict[str, Any]] = []
         self.lock = threading.Lock()
@@ -56,7 +58,11 @@ class JudgeServer:
     def respond(self, path: str, headers: Mapping[str, str], body: dict[str, Any]) -> Reply:
         prompt = body["messages"][-1]["content"]
         with self.lock:
+            status = self.fail(prompt, len(self.bodies))
             self.bodies.append(body)
+            if status is not None:
+                error = {"message": f"refused by the test ({status})", "type": "invalid_request"}
+                return status, {"error": error}, {}
             text = self.script.pop(0) if self.script else self.answer(prompt)
         usage = {"prompt_tokens": 50, "completion_tokens": 8}
         return 200, chat_completion(SERVED, text, usage), {}
@@ -312,3 +318,191 @@ def test_llm_judge_config_error_stops_before_generating(tmp_path: Path) -> None:
     )
     with pytest.raises(InvalidInput, match="NO_KEY_X"):
         eval_stage.run(cfg, lambda m, p: pytest.fail("must not generate"))
+
+
+# --------------------------------------------------------------------------- judge per benchmark
+
+
+def test_the_judge_is_chosen_per_benchmark_and_defaults_to_the_papers_choice() -> None:
+    from pydantic import ValidationError
+
+    teacher = Teacher(backend=Backend(kind="openai", base_url="http://127.0.0.1:9/v1", model="m"))
+    names = ("mathvista", "mathverse", "mmmath", "dynamath")
+
+    def judged(benches: list[Benchmark] | None = None, **kw: object) -> list[str]:
+        p = EvalParams(benchmarks=benches or [Benchmark(name=n, path=n) for n in names], **kw)
+        return [b.name for b in p.benchmarks if p.judged(b)]
+
+    assert judged() == []  # no judge configured: every benchmark by rules
+    # A judge configured: only where the paper used one (MM-Math and DynaMath by rules).
+    assert judged(llm_judge=teacher) == ["mathvista", "mathverse"]
+    assert judged(llm_judge=teacher, judge="paper") == ["mathvista", "mathverse"]
+    assert judged(llm_judge=teacher, judge="rule") == []
+    assert judged(llm_judge=teacher, judge="llm") == list(names)  # the field's old meaning
+    own = [
+        Benchmark(name="mathvista", path="a"),
+        Benchmark(name="mathverse", path="b", judge="rule"),
+        Benchmark(name="mmmath", path="c", judge="llm"),
+        Benchmark(name="dynamath", path="d"),
+    ]
+    assert judged(own, llm_judge=teacher) == ["mathvista", "mmmath"]
+    with pytest.raises(ValidationError, match="judge 'paper' needs llmJudge"):
+        EvalParams(judge="paper")
+    with pytest.raises(ValidationError, match=r"benchmarks\[2\]\.judge 'llm' \(mmmath\) needs"):
+        EvalParams(benchmarks=own)
+
+
+def test_a_failed_judge_request_is_that_rows_alone(server: JudgeServer) -> None:
+    server.fail = lambda prompt, served: 400 if "Sum?" in prompt else None
+    out = _judge(server, ROWS, RULES)
+    assert [o["judge_status"] for o in out] == ["ok", "error"]
+    assert out[0]["llm_correct"] is True
+    # The failed row keeps its rule verdict, with the server's error on it; not asked again.
+    assert out[1]["llm_correct"] is None and out[1]["correct"] is True
+    assert "400" in out[1]["judge_error"] and "refused by the test" in out[1]["judge_error"]
+    assert len(server.bodies) == 2
+
+
+def test_a_refused_key_still_stops_the_judge(server: JudgeServer) -> None:
+    server.fail = lambda prompt, served: 401
+    with pytest.raises(Exception, match="401"):
+        _judge(server, ROWS, RULES)
+
+
+def _png(path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 4), "white").save(path, format="PNG")
+
+
+def _real_benchmarks(realdata: Path, root: Path) -> None:
+    """MathVista testmini and DynaMath rows from tests/data/realdata in their released layouts."""
+    vista = json.loads((realdata / "mathvista_testmini_sample.json").read_text())
+    for pid in vista:
+        _png(root / "mathvista" / "images" / f"{pid}.jpg")
+    (root / "mathvista" / "testmini.json").write_text(json.dumps(vista))
+    for row in json.loads((realdata / "dynamath_sample.json").read_text()):
+        name = row["version"].split(" ")[0]
+        folder = root / "dynamath" / ("" if name == "seed" else f"10trials/{name}")
+        path = folder / "dataset.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[row["qid"]] = {k: v for k, v in row.items() if k not in ("qid", "version")}
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data))
+        if not (folder / row["image"]).exists():
+            _png(folder / row["image"])
+
+
+class Answers(GenerationBackend):
+    """Answers every problem with 'Final Answer:1' after some thinking."""
+
+    kind = "answers"
+
+    def _generate(self, requests, sampling):  # type: ignore[no-untyped-def]
+        text = "<think> so it is 1 </think><answer> Final Answer:1 </answer>"
+        return [Generation(text=text, completion_tokens=9) for _ in requests]
+
+
+def test_eval_judges_only_the_papers_benchmarks_and_scores_a_failed_row_by_rules(
+    tmp_path: Path, server: JudgeServer, realdata: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from visionr1_jobs.eval.readers import read_benchmark
+
+    _real_benchmarks(realdata, tmp_path)
+    monkeypatch.delenv("VISIONR1_SHARDS", raising=False)
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    vista = read_benchmark("mathvista", tmp_path / "mathvista", limit=4).rows
+    failing = vista[1]["question"]  # the judge refuses this row's request with a 400
+    server.fail = lambda prompt, served: 400 if failing in prompt else None
+    params = EvalParams(
+        benchmarks=[
+            Benchmark(name="mathvista", path="mathvista", limit=4),
+            Benchmark(name="dynamath", path="dynamath", limit=4),
+        ],
+        checkpoints=["base"],
+        max_new_tokens=64,
+        retries_missing_answer=0,
+        llm_judge=_teacher(server),  # judge unset: the paper's choice
+    )
+    cfg = ResolvedStageConfig(
+        stage="eval",
+        workspace=str(tmp_path),
+        output_dir="eval",
+        base_model="models/base",
+        inputs={"checkpoint:base": InputLocation(path="models/base", format="model")},
+        params=params.dump(),
+    )
+    man = eval_stage.run(cfg, lambda model, p: Answers())
+    assert man is not None
+    # The judge saw the four MathVista rows and no DynaMath row (the paper scored it by rules).
+    prompts = [b["messages"][-1]["content"] for b in server.bodies]
+    assert len(prompts) == 4
+    assert all(any(r["question"] in p for r in vista) for p in prompts)
+    out = tmp_path / "eval"
+    vs = json.loads((out / "base" / "mathvista.json").read_text())
+    dyn = json.loads((out / "base" / "dynamath.json").read_text())
+    assert (vs["n"], vs["judge_errors"], vs["judge_unparsed"]) == (4, 1, 0)
+    assert "llm_accuracy" not in dyn and "judge_errors" not in dyn
+    rows = [
+        json.loads(x) for x in (out / "base" / "mathvista.verdicts.jsonl").read_text().splitlines()
+    ]
+    [bad] = [r for r in rows if r["question"] == failing]
+    assert bad["verdict"]["judge_status"] == "error" and "400" in bad["verdict"]["judge_error"]
+    assert bad["verdict"]["correct"] == bad["verdict"]["rule_correct"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["judge"] == "paper"
+    assert report["settings"]["judged_benchmarks"] == ["mathvista"]
+    md = (out / "report.md").read_text()
+    assert "ours (dynamath: rule, mathvista: llm judge)" in md
+    assert "| errors |" in md and "| base | mathvista | 4 |" in md
+    assert man.metrics["base.mathvista.judge_errors"] == 1.0
+
+
+def test_judged_parts_are_saved_as_they_finish_and_a_rerun_skips_them(
+    tmp_path: Path, server: JudgeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from visionr1_jobs.eval.readers import read_benchmark
+    from visionr1_jobs.toy.dataset import write_toy_dataset
+
+    write_toy_dataset(tmp_path / "toy", n=2, n_bench=6, seed=3)
+    rows = read_benchmark("toy", tmp_path / "toy" / "bench").rows
+    answers = {(r["question"], r["images"][0]): r["answer"] for r in rows}
+    monkeypatch.delenv("VISIONR1_SHARDS", raising=False)
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    params = EvalParams(
+        benchmarks=[Benchmark(name="toy", path="toy/bench")],
+        checkpoints=["base"],
+        max_new_tokens=64,
+        retries_missing_answer=0,
+        batch_size=2,  # judged two rows a part
+        judge="llm",
+        llm_judge=_teacher(server),
+    )
+    cfg = ResolvedStageConfig(
+        stage="eval",
+        workspace=str(tmp_path),
+        output_dir="eval",
+        base_model="models/base",
+        inputs={"checkpoint:base": InputLocation(path="models/base", format="model")},
+        params=params.dump(),
+    )
+    # The judge's key is refused after four requests: the merge stops in its third part.
+    server.fail = lambda prompt, served: 401 if served >= 4 else None
+    with pytest.raises(Exception, match="401"):
+        eval_stage.run(cfg, lambda model, p: Scripted(model, answers))
+    parts = sorted((tmp_path / "eval" / "_judge" / "base").glob("toy.part-*.jsonl"))
+    assert [len(p.read_text().splitlines()) for p in parts] == [2, 2]
+    assert not (tmp_path / "eval" / "_manifest.json").exists()
+    asked = {b["messages"][-1]["content"] for b in server.bodies[:4]}
+
+    server.fail = lambda prompt, served: None
+    server.bodies.clear()
+    man = eval_stage.merge(cfg)
+    # Only the two rows without a saved verdict are asked again.
+    assert len(server.bodies) == 2
+    assert not asked & {b["messages"][-1]["content"] for b in server.bodies}
+    summary = json.loads((tmp_path / "eval" / "base" / "toy.json").read_text())
+    assert (summary["n"], summary["judge_reused"], summary["judge_errors"]) == (6, 4, 0)
+    assert (summary["rule_accuracy"], summary["llm_accuracy"]) == (0.0, 1.0)
+    assert man.metrics["base.toy.llm_accuracy"] == 1.0

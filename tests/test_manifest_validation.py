@@ -200,7 +200,19 @@ CASES: list[tuple[str, dict[str, Any], str, bool]] = [
     (
         "llm-judge-without-model",
         {f"{S}.eval.params.judge": "llm"},
-        "judge 'llm' needs llmJudge",
+        "needs llmJudge",
+        True,
+    ),
+    (
+        "paper-judge-without-model",
+        {f"{S}.eval.params.judge": "paper"},
+        "needs llmJudge",
+        True,
+    ),
+    (
+        "benchmark-judge-without-model",
+        {f"{S}.eval.params.benchmarks": [{"name": "mmmath", "path": "b/mm", "judge": "llm"}]},
+        "needs llmJudge",
         True,
     ),
     (

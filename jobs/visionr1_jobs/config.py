@@ -558,6 +558,15 @@ class Benchmark(Model):
     versions: list[str] | None = Field(
         None, max_length=16, description="MathVerse problem versions to include (unset = all)."
     )
+    judge: Literal["rule", "llm"] | None = Field(
+        None,
+        description="How this benchmark is scored: rule, or llm (the stage's llmJudge, rules "
+        "kept beside). Unset = the stage's judge setting.",
+    )
+
+
+#: Benchmarks the paper scored with an LLM judge (gpt-4o-mini); MM-Math and DynaMath by rules.
+PAPER_JUDGED_BENCHMARKS: frozenset[str] = frozenset({"mathvista", "mathverse"})
 
 
 class EvalParams(Model):
@@ -566,9 +575,14 @@ class EvalParams(Model):
     model_config = ConfigDict(
         json_schema_extra=_cel(
             (
-                "!has(self.judge) || self.judge != 'llm' || has(self.llmJudge)",
-                "judge 'llm' needs llmJudge",
-            )
+                "!has(self.judge) || self.judge == 'rule' || has(self.llmJudge)",
+                "judge 'paper' or 'llm' needs llmJudge",
+            ),
+            (
+                "has(self.llmJudge) || !has(self.benchmarks) || "
+                "self.benchmarks.all(b, !has(b.judge) || b.judge != 'llm')",
+                "benchmarks[].judge 'llm' needs llmJudge",
+            ),
         )
     )
 
@@ -605,20 +619,71 @@ class EvalParams(Model):
         description="Prompts generated together; each batch's predictions are saved when done, "
         "so a restarted pod resumes after the last saved batch.",
     )
-    judge: Literal["rule", "llm"] = Field("rule", description="rule = reproducible default.")
+    judge: Literal["rule", "paper", "llm"] | None = Field(
+        None,
+        description="Which benchmarks the llmJudge scores (a benchmark's own judge overrides): "
+        "rule = none, every benchmark by rules (the reproducible default); paper = MathVista and "
+        "MathVerse, as the paper judged them (gpt-4o-mini), the others by rules; llm = every "
+        "benchmark. Unset = paper when llmJudge is set, else rule. Judged benchmarks keep the "
+        "rule verdict and accuracy beside the judge's.",
+    )
     llm_judge: Teacher | None = Field(
         None,
-        description="Judge model for judge=llm, usually backend kind openai (the served model id, "
-        "prompt version and sha256 are recorded). The judge runs greedy (temperature 0); "
-        "sampling.maxTokens and sampling.seed apply.",
+        description="Judge model for the judged benchmarks, usually backend kind openai (the "
+        "served model id, prompt version and sha256 are recorded). The judge runs greedy "
+        "(temperature 0); sampling.maxTokens and sampling.seed apply.",
+    )
+    system_prompts: dict[str, Annotated[str, Field(max_length=16384)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="System prompt per checkpoint name (a key of checkpoints); the others get "
+        "none, as the paper evaluates. The operator fills in a GRPO checkpoint's training "
+        "systemPrompt (the Vision-R1-Zero ablation's format instruction) unless set here.",
     )
     seed: int = Field(0, ge=0, description="Sampling seed.")
 
     @model_validator(mode="after")
     def _llm_judge(self) -> EvalParams:
-        if self.judge == "llm" and self.llm_judge is None:
-            raise ValueError("judge 'llm' needs llmJudge")
+        if self.llm_judge is None:
+            if self.judge in ("paper", "llm"):
+                raise ValueError(
+                    f"judge {self.judge!r} needs llmJudge (the judge model); set llmJudge, or "
+                    "judge 'rule'"
+                )
+            for i, b in enumerate(self.benchmarks):
+                if b.judge == "llm":
+                    raise ValueError(
+                        f"benchmarks[{i}].judge 'llm' ({b.name}) needs llmJudge (the judge "
+                        "model); set llmJudge, or remove that benchmark's judge"
+                    )
         return self
+
+    @model_validator(mode="after")
+    def _system_prompt_keys(self) -> EvalParams:
+        unknown = sorted(set(self.system_prompts) - set(self.checkpoints))
+        if unknown:
+            raise ValueError(
+                f"systemPrompts has key(s) {unknown} that are not in checkpoints "
+                f"{self.checkpoints}; key each system prompt by a checkpoint name"
+            )
+        return self
+
+    def judge_mode(self) -> Literal["rule", "paper", "llm"]:
+        """The stage-wide judge setting with its default resolved."""
+        if self.judge is not None:
+            return self.judge
+        return "paper" if self.llm_judge is not None else "rule"
+
+    def judged(self, bench: Benchmark) -> bool:
+        """Whether the llmJudge scores ``bench`` (its own setting, else the stage's)."""
+        if bench.judge is not None:
+            return bench.judge == "llm"
+        mode = self.judge_mode()
+        return mode == "llm" or (mode == "paper" and bench.name in PAPER_JUDGED_BENCHMARKS)
+
+    def system_prompt(self, checkpoint: str) -> str | None:
+        """The system prompt ``checkpoint`` is evaluated with (None: no system turn)."""
+        return self.system_prompts.get(checkpoint) or None
 
 
 PARAMS_BY_STAGE: dict[str, type[Model]] = {

@@ -68,6 +68,22 @@ def eval_checkpoints(run: VisionR1Run) -> dict[str, InputLocation]:
     return out
 
 
+def eval_system_prompts(run: VisionR1Run) -> dict[str, str]:
+    """The system prompt of each evaluated checkpoint: the eval stage's own ``systemPrompts``,
+    and for each GRPO checkpoint (``grpo``, ``grpo/stage-N``) of a run whose rollouts had a
+    ``systemPrompt`` (the Vision-R1-Zero ablation: RL from the base model with a format
+    instruction and the 0.5·format + 0.5·accuracy reward) that prompt, so the model is evaluated
+    as it was trained. Every other checkpoint gets none, as the paper evaluates."""
+    stages = run.spec.stages
+    out = dict(stages.eval.params.system_prompts)
+    trained_with = stages.grpo.params.system_prompt if stages.grpo.enabled else None
+    if trained_with:
+        for name in eval_checkpoints(run):
+            if name.split("/", 1)[0] == "grpo":
+                out.setdefault(name, trained_with)
+    return out
+
+
 def resolve_stage_config(
     run: VisionR1Run,
     stage: str,
@@ -97,6 +113,11 @@ def resolve_stage_config(
     elif stage == "eval":
         for name, loc in eval_checkpoints(run).items():
             inputs[f"checkpoint:{name}"] = loc
+    params = spec.params.dump()  # type: ignore[attr-defined]
+    if stage == "eval":
+        system_prompts = eval_system_prompts(run)
+        if system_prompts:
+            params["systemPrompts"] = system_prompts
     meta = run.metadata
     return ResolvedStageConfig(
         stage=stage,  # type: ignore[arg-type]
@@ -109,7 +130,7 @@ def resolve_stage_config(
         output_dir=OUTPUT_DIRS[stage],
         base_model=run.spec.base_model.name,
         inputs=inputs,
-        params=spec.params.dump(),  # type: ignore[attr-defined]
+        params=params,
         schema_version=CONFIG_SCHEMA,
         written_by=package_version(),
         param_defaults=param_defaults(PARAMS_BY_STAGE[stage]),

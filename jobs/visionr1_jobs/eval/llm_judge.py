@@ -8,7 +8,11 @@ the raw replies.
 
 The judge must answer with a line ``Verdict: 1`` or ``Verdict: 0``. A reply without exactly one
 such verdict is asked again (up to ``retries`` times); when every reply is unparseable the row
-keeps the rule-based verdict and is marked ``judge_status: "unparsed"`` and counted.
+keeps the rule-based verdict and is marked ``judge_status: "unparsed"`` and counted. A request
+that fails for good (a 4xx such as a content filter, retries spent, a local engine rejecting the
+row) is that row's alone: the row keeps the rule-based verdict, is marked ``judge_status:
+"error"`` with ``judge_error``, and is counted; only an error that would fail every row the same
+way (a refused key, an unknown model, a dead engine) stops the judging.
 
 The judge runs greedy (temperature 0) so a rerun gives the same verdicts as far as the server
 is deterministic; ``llmJudge.sampling`` supplies ``maxTokens`` and ``seed`` only.
@@ -123,6 +127,23 @@ def judge_identity(cfg: Teacher, prompt: JudgePrompt) -> dict[str, Any]:
     }
 
 
+def judge_texts(
+    prompt: JudgePrompt, rows: list[dict[str, Any]], rule_verdicts: list[dict[str, Any]]
+) -> list[str]:
+    """The judge's user turn for each (row, rule verdict)."""
+    return [
+        build_prompt(
+            prompt,
+            question=str(r.get("prompt") or r.get("question") or ""),
+            gold=r.get("answer"),
+            choices=r.get("choices"),
+            response=str(r.get("response") or ""),
+            extracted=v.get("extracted"),
+        )
+        for r, v in zip(rows, rule_verdicts, strict=True)
+    ]
+
+
 def judge_rows(
     backend: GenerationBackend,
     rows: list[dict[str, Any]],
@@ -134,55 +155,56 @@ def judge_rows(
     retries: int = RETRIES,
     model_name: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One judge record per row: ``llm_correct`` (None when unparsed), ``correct`` (the LLM
-    verdict, or the rule verdict when unparsed), ``judge_status`` (``ok``/``unparsed``),
-    ``judge_raw`` (the last reply), ``judge_raws`` (every reply), ``judge_model`` (served id),
-    ``judge_prompt_version``, ``judge_prompt_sha256``, ``judge_temperature``."""
-    texts = [
-        build_prompt(
-            prompt,
-            question=str(r.get("prompt") or r.get("question") or ""),
-            gold=r.get("answer"),
-            choices=r.get("choices"),
-            response=str(r.get("response") or ""),
-            extracted=v.get("extracted"),
-        )
-        for r, v in zip(rows, rule_verdicts, strict=True)
-    ]
+    """One judge record per row: ``llm_correct`` (None when unparsed or failed), ``correct``
+    (the LLM verdict, else the rule verdict), ``judge_status`` (``ok``/``unparsed``/``error``),
+    ``judge_error`` (what failed, for ``error``), ``judge_raw`` (the last reply), ``judge_raws``
+    (every reply), ``judge_model`` (served id), ``judge_prompt_version``,
+    ``judge_prompt_sha256``, ``judge_temperature``."""
+    from visionr1_jobs.synthesis.failures import RowFailure, classify_any, generate_rows
+
+    texts = judge_texts(prompt, rows, rule_verdicts)
     replies: list[list[str]] = [[] for _ in rows]
     served: list[str | None] = [None] * len(rows)
     parsed: list[bool | None] = [None] * len(rows)
+    errors: list[str | None] = [None] * len(rows)
     todo = list(range(len(rows)))
     for attempt in range(retries + 1):
         if not todo:
             break
-        gens = backend.generate(
+        gens = generate_rows(
+            backend,
             [{"messages": [{"role": "user", "content": texts[i]}]} for i in todo],
+            classify_error=classify_any,
             temperature=TEMPERATURE,
             max_tokens=max_tokens,
             # A re-ask with the first ask's seed would get the first reply back from a seeded server.
             seed=None if seed is None else seed + attempt,
         )
         for i, g in zip(todo, gens, strict=True):
+            if isinstance(g, RowFailure):
+                errors[i] = f"{g.reason}: {g.detail}"
+                continue
             replies[i].append(g.text)
             served[i] = g.model or served[i]
             parsed[i] = parse_verdict(g.text)
-        todo = [i for i in todo if parsed[i] is None]
+        todo = [i for i in todo if parsed[i] is None and errors[i] is None]
     out = []
     for i, v in enumerate(rule_verdicts):
         ok = parsed[i] is not None
-        out.append(
-            {
-                "llm_correct": parsed[i],
-                "correct": bool(parsed[i]) if ok else bool(v["correct"]),
-                "judge_status": "ok" if ok else "unparsed",
-                "judge_raw": replies[i][-1] if replies[i] else None,
-                "judge_raws": replies[i],
-                "judge_attempts": len(replies[i]),
-                "judge_model": served[i] or model_name,
-                "judge_prompt_version": prompt.version,
-                "judge_prompt_sha256": prompt.sha256,
-                "judge_temperature": TEMPERATURE,
-            }
-        )
+        status = "ok" if ok else "error" if errors[i] is not None else "unparsed"
+        record = {
+            "llm_correct": parsed[i],
+            "correct": bool(parsed[i]) if ok else bool(v["correct"]),
+            "judge_status": status,
+            "judge_raw": replies[i][-1] if replies[i] else None,
+            "judge_raws": replies[i],
+            "judge_attempts": len(replies[i]) + (errors[i] is not None),
+            "judge_model": served[i] or model_name,
+            "judge_prompt_version": prompt.version,
+            "judge_prompt_sha256": prompt.sha256,
+            "judge_temperature": TEMPERATURE,
+        }
+        if errors[i] is not None:
+            record["judge_error"] = errors[i]
+        out.append(record)
     return out

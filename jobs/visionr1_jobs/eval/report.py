@@ -92,6 +92,15 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], settings: dict[str, 
     benches = sorted({b for per in results.values() for b in per})
     lines = ["# Vision-R1 evaluation", ""]
     lines.append("Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())))
+    systems = {
+        ckpt: next((s.get("system_prompt") for s in per.values()), None)
+        for ckpt, per in results.items()
+    }
+    if any(systems.values()):
+        lines += ["", "## System prompts", ""]
+        lines += ["Evaluated as trained: the paper's protocol has no system prompt.", ""]
+        for ckpt, text in systems.items():
+            lines.append(f"- {ckpt}: " + (f"`{' '.join(text.split())}`" if text else "none"))
     lines += ["", "## Accuracy (%)", ""]
     lines.append("| checkpoint | " + " | ".join(benches) + " | what it is |")
     lines.append("|---" * (len(benches) + 2) + "|")
@@ -104,7 +113,9 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], settings: dict[str, 
             cells = [f"{nums[b]:.1f}" if b in nums else "–" for b in benches]
             lines.append(f"| paper: {name} | " + " | ".join(cells) + " | the paper's number |")
         judges = ", ".join(f"{b}: {PAPER_JUDGE[b]}" for b in paper_benches)
-        lines += ["", f"Paper judges ({judges}); ours: {settings.get('judge', 'rule')}."]
+        judged = set(settings.get("judged_benchmarks") or ())
+        ours = ", ".join(f"{b}: {'llm judge' if b in judged else 'rule'}" for b in paper_benches)
+        lines += ["", f"Paper judges ({judges}); ours ({ours})."]
     lines += _judge_section(results, settings)
     lines += ["", "## Format and length", ""]
     lines.append(
@@ -160,21 +171,23 @@ def _judge_section(
     results: dict[str, dict[str, dict[str, Any]]], settings: dict[str, Any]
 ) -> list[str]:
     """With the LLM judge: who judged, and rule vs LLM accuracy side by side per benchmark."""
-    if settings.get("judge") != "llm":
+    if not settings.get("judged_benchmarks"):
         return []
     sha = str(settings.get("judge_prompt_sha256", ""))[:12]
     lines = [
         "",
         "## Judge",
         "",
-        f"Headline accuracy uses the LLM judge: model {settings.get('judge_model_served')} "
+        f"Headline accuracy on {', '.join(settings['judged_benchmarks'])} uses the LLM judge "
+        f"(the other benchmarks are scored by rules): model {settings.get('judge_model_served')} "
         f"(requested {settings.get('judge_model_requested')}, backend "
         f"{settings.get('judge_backend')}), prompt {settings.get('judge_prompt_version')} "
         f"(sha256 {sha}…), temperature {settings.get('judge_temperature')}. Replies without a "
-        "verdict after the re-asks keep the rule-based verdict (column 'unparsed').",
+        "verdict after the re-asks keep the rule-based verdict (column 'unparsed'), and so do "
+        "rows whose judge request failed for good (column 'errors', each error on its row).",
         "",
-        "| checkpoint | benchmark | n | rule (%) | llm (%) | agreement (%) | unparsed |",
-        "|---|---|---|---|---|---|---|",
+        "| checkpoint | benchmark | n | rule (%) | llm (%) | agreement (%) | unparsed | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for ckpt, per in results.items():
         for b, s in sorted(per.items()):
@@ -183,7 +196,7 @@ def _judge_section(
             lines.append(
                 f"| {ckpt} | {b} | {s['n']} | {_pct(s['rule_accuracy'])} | "
                 f"{_pct(s['llm_accuracy'])} | {_pct(s.get('judge_agreement'))} | "
-                f"{s['judge_unparsed']} |"
+                f"{s['judge_unparsed']} | {s.get('judge_errors', 0)} |"
             )
     return lines
 

@@ -1,6 +1,8 @@
 """The eval stage: generate on each benchmark for each checkpoint, score, report, log to MLflow.
 
-Protocol (method.md §7): the benchmark prompt as the only user turn (no system prompt),
+Protocol (method.md §7): the benchmark prompt as the only user turn (no system prompt, except
+for a checkpoint with its own in ``systemPrompts``: one trained with a system prompt, such as
+Vision-R1-Zero with its format instruction, is evaluated with it; the operator fills that in),
 temperature 0.6, top_p 0.95, ``maxNewTokens``, and up to ``retriesMissingAnswer`` more asks for a
 response without ``</answer>`` (the last answered attempt is scored; every attempt is saved).
 Attempt ``k`` (0 = the first ask) samples with seed ``seed + k``: a seeded server or engine given
@@ -23,13 +25,19 @@ not lose its batch: the row is saved with ``failed: true`` and the error, scored
 counted (``failed`` in the summaries and the report, ``<checkpoint>.<benchmark>.failed_rows`` in
 MLflow).
 
-With ``judge: llm`` the merge also asks ``llmJudge`` for a verdict on every response
-(``visionr1_jobs.eval.llm_judge``): ``correct`` and the headline accuracy become the judge's,
-``rule_correct`` keeps the rule-based verdict, and the summaries carry both accuracies.
+On the benchmarks the judge scores (``judge``, per benchmark ``benchmarks[].judge``; by default
+only MathVista and MathVerse, as the paper, once ``llmJudge`` is set) the merge also asks
+``llmJudge`` for a verdict on every response (``visionr1_jobs.eval.llm_judge``): ``correct`` and
+the headline accuracy become the judge's, ``rule_correct`` keeps the rule-based verdict, and the
+summaries carry both accuracies. The judged rows are saved a part at a time as the judge answers
+(``visionr1_jobs.eval.judge_parts``), so a merge that dies resumes after the last saved part. A
+row whose judge request fails for good keeps its rule verdict, with the error recorded on the
+row and counted (``judge_errors``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -51,6 +59,7 @@ from visionr1_jobs.contract import (
     shard_from_env,
     stage_dir,
 )
+from visionr1_jobs.eval.judge_parts import JUDGE_DIR
 
 if TYPE_CHECKING:
     from visionr1_jobs.generation import Generation, GenerationBackend
@@ -100,11 +109,16 @@ def attempt_sampling(sampling: dict[str, Any], attempt: int) -> dict[str, Any]:
 
 
 def _ask(
-    backend: GenerationBackend, prompts: list[Prompt], sampling: dict[str, Any]
+    backend: GenerationBackend,
+    prompts: list[Prompt],
+    sampling: dict[str, Any],
+    system: str | None = None,
 ) -> list[Generation]:
-    # No system prompt: the benchmark prompt is the only user turn, its images before the text.
+    # The benchmark prompt is the only user turn, its images before the text; a system turn only
+    # for a checkpoint trained with one.
+    head = [{"role": "system", "content": system}] if system else []
     requests = [
-        {"messages": [{"role": "user", "content": text}], "images": images}
+        {"messages": [*head, {"role": "user", "content": text}], "images": images}
         for text, images in prompts
     ]
     return backend.generate(requests, **sampling, row_errors=True)
@@ -115,13 +129,14 @@ def generate_with_retries(
     prompts: list[Prompt],
     sampling: dict[str, Any],
     retries: int,
+    system: str | None = None,
 ) -> list[dict[str, Any]]:
     """Generate; ask again (up to ``retries`` times, each with its own seed) for each response
     missing ``</answer>``.
 
     A request that failed for good (``Generation.error``) is not asked again: its row keeps the
     last answered attempt, or, when none answered, is ``failed`` with the error."""
-    outs = _ask(backend, prompts, attempt_sampling(sampling, 0))
+    outs = _ask(backend, prompts, attempt_sampling(sampling, 0), system)
     attempts: list[list[Generation]] = [[o] for o in outs]
     for attempt in range(1, retries + 1):
         todo = [
@@ -131,7 +146,9 @@ def generate_with_retries(
         ]
         if not todo:
             break
-        again = _ask(backend, [prompts[i] for i in todo], attempt_sampling(sampling, attempt))
+        again = _ask(
+            backend, [prompts[i] for i in todo], attempt_sampling(sampling, attempt), system
+        )
         for i, out in zip(todo, again, strict=True):
             attempts[i].append(out)
     rows = []
@@ -196,9 +213,20 @@ def _load_benchmarks(cfg: ResolvedStageConfig, params: EvalParams) -> dict[str, 
     return out
 
 
-def _plan(benches: dict[str, Any], count: int) -> dict[str, Any]:
-    """What decides which rows a shard owns: resuming under another plan would mix layouts."""
-    return {"shards": count, "rows": {b: len(res.rows) for b, res in benches.items()}}
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _plan(benches: dict[str, Any], count: int, params: EvalParams) -> dict[str, Any]:
+    """What decides which rows a shard owns and how they are asked: resuming under another plan
+    would mix layouts, or responses to different system prompts."""
+    plan: dict[str, Any] = {
+        "shards": count,
+        "rows": {b: len(res.rows) for b, res in benches.items()},
+    }
+    if params.system_prompts:  # absent otherwise: plans written before the field still agree
+        plan["system_prompts_sha256"] = {k: _sha(v) for k, v in params.system_prompts.items()}
+    return plan
 
 
 def _generate_shards(
@@ -279,15 +307,20 @@ def _generate_bench(
         )
     done += len(saved)
     sampling = _sampling(params)
+    system = params.system_prompt(name)
     # Numbered on from the last saved part (the names sort in that order).
     next_part = int(parts[-1].name.rsplit(".part-", 1)[1].split(".")[0]) + 1 if parts else 0
     for start in range(0, len(todo), params.batch_size):
         batch = todo[start : start + params.batch_size]
         prompts = [(prompt_of(rows[k]), list(rows[k].get("images") or [])) for k in batch]
-        outs = generate_with_retries(backend, prompts, sampling, params.retries_missing_answer)
+        outs = generate_with_retries(
+            backend, prompts, sampling, params.retries_missing_answer, system
+        )
         lines = []
         for k, p, o in zip(batch, prompts, outs, strict=True):
             line = {**rows[k], "checkpoint": name, "prompt": p[0], "row_index": index + k * count}
+            if system:
+                line["system_prompt"] = system
             line.update(o)
             saved[line["row_index"]] = line
             lines.append(json.dumps(line, ensure_ascii=False))
@@ -305,6 +338,11 @@ def _generate_bench(
     for part in _part_files(folder, bench, index, count):
         part.unlink(missing_ok=True)
     return done
+
+
+def _judged(params: EvalParams) -> list[str]:
+    """The benchmarks the LLM judge scores."""
+    return [b.name for b in params.benchmarks if params.judged(b)]
 
 
 def _check_judge(params: EvalParams) -> None:
@@ -325,21 +363,25 @@ def _apply_judge(
     params: EvalParams,
     rows: list[dict[str, Any]],
     verdicts: list[dict[str, Any]],
+    folder: Path,
+    bench: str,
 ) -> dict[str, Any]:
     """Add the LLM verdict to every rule verdict (``rule_correct`` keeps the rule's; ``correct``
-    becomes the judge's, or stays the rule's when the judge's reply was unparseable) and return
-    the summary fields comparing the two."""
-    from visionr1_jobs.eval.llm_judge import judge_rows, load_prompt
+    becomes the judge's, or stays the rule's when the judge's reply was unparseable or its
+    request failed) and return the summary fields comparing the two."""
+    from visionr1_jobs.eval.judge_parts import judge_in_parts
+    from visionr1_jobs.eval.llm_judge import load_prompt
 
     assert params.llm_judge is not None
-    judged = judge_rows(
+    judged, reused = judge_in_parts(
         judge,
         rows,
         verdicts,
+        teacher=params.llm_judge,
         prompt=load_prompt(),
-        max_tokens=params.llm_judge.sampling.max_tokens,
-        seed=params.llm_judge.sampling.seed,
-        model_name=params.llm_judge.backend.model,
+        folder=folder,
+        bench=bench,
+        part_rows=params.batch_size,
     )
     for v, j in zip(verdicts, judged, strict=True):
         v["rule_correct"] = v["correct"]
@@ -349,7 +391,9 @@ def _apply_judge(
     return {
         "rule_accuracy": sum(v["rule_correct"] for v in verdicts) / n if n else 0.0,
         "llm_accuracy": sum(v["correct"] for v in verdicts) / n if n else 0.0,
-        "judge_unparsed": n - len(parsed),
+        "judge_unparsed": sum(v["judge_status"] == "unparsed" for v in verdicts),
+        "judge_errors": sum(v["judge_status"] == "error" for v in verdicts),
+        "judge_reused": reused,
         "judge_agreement": (
             sum(v["llm_correct"] == v["rule_correct"] for v in parsed) / len(parsed)
             if parsed
@@ -375,6 +419,7 @@ def _merge(
     out_dir = stage_dir(cfg)
     count = len(markers)
     started = min((m["started_at"] for m in markers if m.get("started_at")), default=None)
+    judged_benches = [b for b in _judged(params) if b in benches]
     results: dict[str, dict[str, dict[str, Any]]] = {}
     outputs: dict[str, str] = {}
     rows_count: dict[str, int] = {}
@@ -383,14 +428,20 @@ def _merge(
         "top_p": params.top_p,
         "max_new_tokens": params.max_new_tokens,
         "retries_missing_answer": params.retries_missing_answer,
-        "judge": params.judge,
-        "system_prompt": "none",
+        "judge": params.judge_mode(),
+        "judged_benchmarks": judged_benches,
+        # Per checkpoint: "none" (the paper's protocol) or the sha256 of its system prompt (the
+        # text is in each summary's system_prompt).
+        "system_prompts": {
+            n: "none" if params.system_prompt(n) is None else _sha(params.system_prompt(n) or "")
+            for n in checkpoints
+        },
         "seed": params.seed,
         "backend": params.backend.kind,
         "shards": count,
     }
     judge: GenerationBackend | None = None
-    if params.judge == "llm":
+    if judged_benches:
         from visionr1_jobs.eval.llm_judge import judge_identity, load_prompt
         from visionr1_jobs.generation import get_backend
 
@@ -412,13 +463,20 @@ def _merge(
                     )
                 rows += _read_jsonl(path)
             verdicts = [score_row(bench, r) for r in rows]
-            compared = _apply_judge(judge, params, rows, verdicts) if judge is not None else {}
+            compared = (
+                _apply_judge(
+                    judge, params, rows, verdicts, out_dir / JUDGE_DIR / folder.name, bench
+                )
+                if judge is not None and bench in judged_benches
+                else {}
+            )
             served.update(compared.get("judge_models", ()))
             summary = summarize(bench, rows, verdicts)
             summary.update(compared)
             summary.update(
                 checkpoint=name,
                 model=model,
+                system_prompt=params.system_prompt(name),
                 settings=settings,
                 skipped=res.skipped,
                 n_skipped=len(res.skipped),
@@ -466,6 +524,7 @@ def _merge(
                     metrics[f"{base}.{k}"] = v
             if "judge_unparsed" in s:
                 metrics[f"{base}.judge_unparsed"] = float(s["judge_unparsed"])
+                metrics[f"{base}.judge_errors"] = float(s["judge_errors"])
                 if s["judge_agreement"] is not None:
                     metrics[f"{base}.judge_agreement"] = s["judge_agreement"]
             for dim, cats in s["per_category"].items():
@@ -516,11 +575,11 @@ def run(
     started = time.time()
     params = cfg.stage_params()
     assert isinstance(params, EvalParams)
-    if params.judge == "llm":
+    if _judged(params):
         _check_judge(params)  # before loading anything
     params, checkpoints, benches = _setup(cfg)
     index, count = shard_from_env()
-    shards.agree_on_plan(stage_dir(cfg), _plan(benches, count), "eval")
+    shards.agree_on_plan(stage_dir(cfg), _plan(benches, count, params), "eval")
     marker = _generate_shards(
         cfg, params, checkpoints, benches, index, count, generator_factory or _default_generator
     )

@@ -103,15 +103,10 @@ def _teachers(
     same = params.reasoner.backend.dump() == params.describer.backend.dump()
     r_backend = d_backend if same else factory(params.reasoner.backend, default_model)
 
-    from visionr1_jobs.synthesis.failures import generate_tolerant
+    from visionr1_jobs.synthesis.failures import generate_rows
 
     def tolerant(backend: Any, sampling: Any) -> Callable[[list[Any]], list[Any]]:
-        # A backend that reports failed requests in-band keeps the rest of its batch; others
-        # raise for the batch, and generate_tolerant bisects it to find the failing rows.
-        kwargs = {"row_errors": True} if getattr(backend, "supports_row_errors", False) else {}
-        return lambda requests: generate_tolerant(
-            lambda reqs: backend.generate(reqs, sampling, **kwargs), requests
-        )
+        return lambda requests: generate_rows(backend, requests, sampling=sampling)
 
     describer = tolerant(d_backend, params.describer.sampling)
     reasoner = tolerant(r_backend, params.reasoner.sampling)

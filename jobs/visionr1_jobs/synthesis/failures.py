@@ -95,11 +95,34 @@ def classify(exc: BaseException) -> str | None:
     return None
 
 
-def _in_band(out: Any) -> Any:
+#: A local engine's error that says the engine itself is gone or broken, not one request.
+_ENGINE_BROKEN = re.compile(
+    r"\bdied\b|out of memory|CUDA error|NCCL|backend is closed|EngineDeadError", re.I
+)
+
+
+def classify_any(exc: BaseException) -> str | None:
+    """:func:`classify`, except that any other error that does not say every request would fail
+    the same way (a refused key or model, a dead or out-of-memory engine) is the row's own, as
+    ``rejected``. For eval and the judge, where such a row is scored by rules or counted as
+    failed, never dropped: a vLLM engine that raises ``ValueError`` for one bad image or prompt
+    fails its whole batch, and bisecting finds that row."""
+    reason = classify(exc)
+    if reason is not None:
+        return reason
+    if _status(exc) in FATAL_STATUS or _ENGINE_BROKEN.search(str(exc)):
+        return None
+    return "rejected"
+
+
+Classify = Callable[[BaseException], "str | None"]
+
+
+def _in_band(out: Any, classify_error: Classify = classify) -> Any:
     """A Generation, or a RowFailure when the backend reported the failure in the result."""
     error = getattr(out, "error", None)
     if error:
-        reason = classify(_Reported(str(error), getattr(out, "status_code", None)))
+        reason = classify_error(_Reported(str(error), getattr(out, "status_code", None)))
         if reason is None:  # e.g. a refused key: every row would fail the same way
             raise RuntimeError(f"teacher error: {error}")
         return RowFailure(reason, str(error)[:1000])
@@ -117,22 +140,44 @@ class _Reported(Exception):
             self.status_code = status_code
 
 
-def generate_tolerant(generate: Callable[[list[Any]], list[Any]], requests: list[Any]) -> list[Any]:
-    """One Generation or :class:`RowFailure` per request, in order (see the module docstring)."""
+def generate_tolerant(
+    generate: Callable[[list[Any]], list[Any]],
+    requests: list[Any],
+    classify_error: Classify = classify,
+) -> list[Any]:
+    """One Generation or :class:`RowFailure` per request, in order (see the module docstring).
+    ``classify_error``: the reason an error is one row's, or None when it must stop the caller
+    (:func:`classify`, or :func:`classify_any` where no row may be dropped)."""
     if not requests:
         return []
     try:
         outs = generate(requests)
     except Exception as exc:
-        reason = classify(exc)
+        reason = classify_error(exc)
         if reason is None:
             raise
         if len(requests) == 1:
             return [RowFailure(reason, str(exc)[:1000])]
         mid = len(requests) // 2
-        return generate_tolerant(generate, requests[:mid]) + generate_tolerant(
-            generate, requests[mid:]
+        return generate_tolerant(generate, requests[:mid], classify_error) + generate_tolerant(
+            generate, requests[mid:], classify_error
         )
     if len(outs) != len(requests):
         raise RuntimeError(f"teacher returned {len(outs)} results for {len(requests)} requests")
-    return [_in_band(o) for o in outs]
+    return [_in_band(o, classify_error) for o in outs]
+
+
+def generate_rows(
+    backend: Any,
+    requests: list[Any],
+    *,
+    classify_error: Classify = classify,
+    **sampling: Any,
+) -> list[Any]:
+    """:func:`generate_tolerant` over ``backend.generate(requests, **sampling)``: a backend that
+    reports failed requests in-band keeps the rest of its batch; others raise for the batch,
+    which is bisected to find the failing rows."""
+    kwargs = {"row_errors": True} if getattr(backend, "supports_row_errors", False) else {}
+    return generate_tolerant(
+        lambda reqs: backend.generate(reqs, **sampling, **kwargs), requests, classify_error
+    )
