@@ -389,7 +389,9 @@ def control_plane_rounds(counts: list[int], timeout: float) -> dict[str, Any]:
             env.pop("VISIONR1_MLFLOW_URI", None)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "visionr1_operator.cli", "operator", "-n", LOAD_NS,
-                 "--liveness", "", *os.environ.get("VR1_LOAD_OPERATOR_ARGS", "").split()],
+                 "--liveness", "", "--allowed-node-selector=type=kwok",
+                 f"--allowed-toleration={KWOK_TOLERATION['key']}",
+                 *os.environ.get("VR1_LOAD_OPERATOR_ARGS", "").split()],
                 env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
             ps = psutil.Process(proc.pid)

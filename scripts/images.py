@@ -659,6 +659,8 @@ def helm_install_line(pushed: dict[str, str]) -> str:
             f"--set {key}.tag={tag}",
             f"--set {key}.digest={digest}",
         ]
+    if "trainer-cpu" in pushed:  # the runs' image: allowed by the operator (deny by default)
+        sets.append(f"--set operator.trainerImage={pushed['trainer-cpu']}")
     return " \\\n    ".join(
         [
             "helm install visionr1-operator charts/visionr1-operator -n visionr1-system "

@@ -523,6 +523,67 @@ def test_operator_args_parse_with_the_operator_cli(
         assert args.mlflow_uri == "https://mlflow.example.com"
 
 
+def test_operator_policy_is_the_charts_lists_and_denies_by_default(
+    docs: dict[str, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Deployment's arguments, parsed by the operator's CLI, make the policy the operator
+    enforces: the chart's trainer image and `default` only, plus what the values list."""
+    from visionr1_operator.api import VisionR1Run
+    from visionr1_operator.cli import build_parser
+    from visionr1_operator.main import policy_from
+    from visionr1_operator.policy import policy_problems
+
+    for var in list(os.environ):
+        if var.startswith("VISIONR1_ALLOWED_"):
+            monkeypatch.delenv(var)
+
+    def policy_of(rendered: list[dict[str, Any]]) -> Any:
+        deployment = one(rendered, "Deployment", "operator")
+        ctr = container(deployment)
+        env = env_of(ctr)["VISIONR1_OPERATOR_NAMESPACE"]
+        assert env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        monkeypatch.setenv("VISIONR1_OPERATOR_NAMESPACE", deployment["metadata"]["namespace"])
+        return policy_from(build_parser().parse_args(ctr["args"]))
+
+    example = yaml.safe_load((REPO / "examples" / "qwen25vl-7b.yaml").read_text())
+    run = VisionR1Run.model_validate(example)
+    default = policy_of(docs["default"])
+    assert default.reserved_namespaces == (NAMESPACE,)
+    # the paper's example asks for GPU nodes: refused until the chart allows them
+    fields = {p.split(":")[0] for p in policy_problems(run, default)}
+    assert fields == {
+        *(f"spec.stages.{s}.nodeSelector" for s in ("synthesis", "sft", "grpo")),
+        *(f"spec.stages.{s}.tolerations[0]" for s in ("synthesis", "sft", "grpo")),
+    }
+    gpu_pool = documents(
+        render(
+            {
+                "operator": {
+                    "trainerImage": "registry.example.com/ml/trainer:7",
+                    "allowedImages": ["ghcr.io/visionr1/*"],
+                    "allowedNodeSelectors": ["nvidia.com/gpu.product=*"],
+                    "allowedTolerations": ["nvidia.com/gpu"],
+                    "allowedPriorityClasses": ["batch-low"],
+                    "allowedServiceAccounts": ["trainer"],
+                    "allowedTrackingUris": ["https://mlflow.example.com"],
+                }
+            }
+        )
+    )
+    policy = policy_of(gpu_pool)
+    assert policy_problems(run, policy) == []
+    assert policy.allowed_images == ("registry.example.com/ml/trainer:7", "ghcr.io/visionr1/*")
+    assert policy.allowed_service_accounts == ("default", "trainer")
+    assert policy.allowed_priority_classes == ("batch-low",)
+    assert policy.allowed_tracking_uris == ("https://mlflow.example.com",)
+
+
+@pytest.mark.parametrize("namespace", ["kube-system", "kube-node-lease", NAMESPACE])
+def test_watching_a_system_namespace_fails_the_install(namespace: str) -> None:
+    with pytest.raises(Exception, match=f"watchNamespaces: {namespace} is a system namespace"):
+        render({"watchNamespaces": ["team-a", namespace]})
+
+
 def test_custom_images_and_node_placement(docs: dict[str, list[dict[str, Any]]]) -> None:
     values = VALUE_SETS["custom-images-placement"]
     custom = docs["custom-images-placement"]
@@ -657,13 +718,23 @@ def test_network_policies_select_the_pods_and_open_only_their_ports(
         operator_peer,
         *VALUE_SETS["namespaced-rbac"]["networkPolicy"]["mlflowFrom"],
     ]
-    # by default only the operator and the stage pods (labelled by the operator) reach MLflow
+    # by default only the operator and the stage pods (labelled by the operator) reach MLflow,
+    # and the stage pods only from namespaces the operator reconciles: never a system namespace
+    # or the release's own, whatever their pods' labels say
     default_rule = one(docs["default"], "NetworkPolicy", "mlflow")["spec"]["ingress"][0]
     assert default_rule["from"] == [
         operator_peer,
         {
             "podSelector": {"matchExpressions": [{"key": "visionr1.io/run", "operator": "Exists"}]},
-            "namespaceSelector": {},
+            "namespaceSelector": {
+                "matchExpressions": [
+                    {
+                        "key": "kubernetes.io/metadata.name",
+                        "operator": "NotIn",
+                        "values": ["kube-system", "kube-public", "kube-node-lease", NAMESPACE],
+                    }
+                ]
+            },
         },
     ]
     watched = documents(render({"watchNamespaces": ["team-a"]}))

@@ -819,6 +819,8 @@ def test_push_writes_pushed_json_and_a_helm_line_that_pins_the_digests(
     assert sorted(deployed) == sorted(
         [f"{repo}/operator@{digests['operator']}", f"{repo}/mlflow@{digests['mlflow']}"]
     )
+    # and the operator allows runs to use the trainer image pushed with them (deny by default)
+    assert f"- --allowed-image={record['trainer-cpu']}" in "\n".join(rendered.values())
 
 
 # ------------------------------------------------------------- the images `make images` built

@@ -518,6 +518,7 @@ async def test_runs_a_cluster_cannot_or_may_not_run_are_refused_naming_the_field
     assert "spec.storage.pvc" in laptop_failed["message"]
     assert "PersistentVolumeClaim" in laptop_failed["message"]
     foreign_failed = next(c for c in status(k8s, "foreign")["conditions"] if c["type"] == "Failed")
+    assert foreign_failed["reason"] == "NotAllowed"
     assert "spec.images.trainer" in foreign_failed["message"]
     assert "ghcr.io/visionr1/*" in foreign_failed["message"]
     assert "spec.serviceAccountName" in foreign_failed["message"]

@@ -9,7 +9,7 @@ every cross-field rule is written twice on purpose: as a pydantic validator (for
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -236,20 +236,73 @@ class EnvSource(Model):
         return self
 
 
+# Variables that make the dynamic loader or an interpreter run code from somewhere other than
+# the image (a library preloaded into every process, a module imported at start-up, a shell's rc
+# file), plus the tracking URI, which spec.mlflow.trackingUri sets under the cluster's allowlist.
+# A stage's env may not set them: the image is what the cluster admin allowed.
+FORBIDDEN_ENV = (
+    "PYTHONPATH",
+    "PYTHONSTARTUP",
+    "PYTHONHOME",
+    "PYTHONUSERBASE",
+    "PYTHONEXECUTABLE",
+    "PYTHONPLATLIBDIR",
+    "PYTHONBREAKPOINT",
+    "PYTHONINSPECT",
+    "BASH_ENV",
+    "ENV",
+    "PERL5LIB",
+    "PERL5OPT",
+    "NODE_OPTIONS",
+    "GCONV_PATH",
+    "MLFLOW_TRACKING_URI",
+)
+FORBIDDEN_ENV_PREFIX = "LD_"  # LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT, ...
+
+
+def env_name_problem(name: str) -> str | None:
+    """Why a stage's env may not set ``name`` (None: it may)."""
+    if name == "MLFLOW_TRACKING_URI":
+        return "MLFLOW_TRACKING_URI may not be set in env; set spec.mlflow.trackingUri instead"
+    if name in FORBIDDEN_ENV or name.startswith(FORBIDDEN_ENV_PREFIX):
+        return (
+            f"{name} may not be set in env: it makes the loader or the interpreter run code that "
+            "is not the image's; remove it and put the code into an allowed image"
+        )
+    return None
+
+
 class EnvVar(Model):
-    """An environment variable; secrets only by reference."""
+    """An environment variable; secrets only by reference (to a Secret listed in spec.secrets)."""
 
     model_config = ConfigDict(
         json_schema_extra=_cel(
             (
                 "has(self.value) != has(self.valueFrom)",
                 "set exactly one of value or valueFrom",
-            )
+            ),
+            (
+                f"!self.name.startsWith('{FORBIDDEN_ENV_PREFIX}') && !(self.name in "
+                + "["
+                + ", ".join(f"'{n}'" for n in FORBIDDEN_ENV)
+                + "])",
+                "this variable may not be set in env (LD_*, PYTHONPATH, PYTHONSTARTUP, PYTHONHOME "
+                "and the like run code that is not the image's; MLFLOW_TRACKING_URI: set "
+                "spec.mlflow.trackingUri); remove it",
+            ),
         )
     )
     name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
     value: str | None = Field(None, max_length=32768)
     value_from: EnvSource | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _allowed(cls, v: str) -> str:
+        problem = env_name_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _one(self) -> EnvVar:
@@ -445,8 +498,30 @@ class Stages(Model):
         return self
 
 
+def _secret_rule(stage: str) -> str:
+    """CEL: every secretKeyRef of ``stage``'s env names a Secret listed in spec.secrets."""
+    return (
+        f"!has(self.stages.{stage}) || !has(self.stages.{stage}.env) || "
+        f"self.stages.{stage}.env.all(e, !has(e.valueFrom) || !has(e.valueFrom.secretKeyRef) || "
+        "(has(self.secrets) && e.valueFrom.secretKeyRef.name in self.secrets))"
+    )
+
+
 class VisionR1RunSpec(Model):
     """Desired state of a VisionR1Run."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            *(
+                (
+                    _secret_rule(stage),
+                    f"stages.{stage}.env reads a Secret not listed in spec.secrets; add its name "
+                    "to spec.secrets or remove the reference",
+                )
+                for stage in STAGES
+            )
+        )
+    )
 
     base_model: BaseModelRef = Field(description="The base MLLM (paper: Qwen2.5-VL-7B-Instruct).")
     storage: Storage = Field(description="Where the run's workspace lives.")
@@ -454,6 +529,14 @@ class VisionR1RunSpec(Model):
     images: Images = Field(default_factory=Images, description="Container images.")
     hf_token_secret: SecretKeyRef | None = Field(
         None, description="Secret key holding a Hugging Face token (HF_TOKEN) for gated models."
+    )
+    secrets: list[Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Secrets of the namespace that stages' env may read "
+        "(env[].valueFrom.secretKeyRef.name); a reference to any other Secret is refused, so a "
+        "run's Secrets are named in one place (hfTokenSecret and mlflow.credentialsSecret are "
+        "allowed by their own fields).",
     )
     queue_name: str | None = Field(
         None,
@@ -474,6 +557,19 @@ class VisionR1RunSpec(Model):
     stages: Stages = Field(
         description="The pipeline's stages (synthesis needs from.dataset, grpo needs params.dataset)."
     )
+
+    @model_validator(mode="after")
+    def _secrets_listed(self) -> VisionR1RunSpec:
+        for stage in STAGES:
+            for i, var in enumerate(self.stages.get(stage).env):
+                ref = var.value_from and var.value_from.secret_key_ref
+                if ref is not None and ref.name not in self.secrets:
+                    raise ValueError(
+                        f"stages.{stage}.env[{i}] ({var.name}) reads Secret {ref.name!r}, which "
+                        f"is not listed in spec.secrets; add {ref.name!r} to spec.secrets or "
+                        "remove the reference"
+                    )
+        return self
 
 
 # --------------------------------------------------------------------------- status

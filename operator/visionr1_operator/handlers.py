@@ -76,13 +76,21 @@ from visionr1_operator.plan import (
     invalid_spec,
     plan,
 )
-from visionr1_operator.policy import ClusterPolicy, cluster_problems
+from visionr1_operator.policy import (
+    ClusterPolicy,
+    cluster_problems,
+    namespace_problem,
+    policy_problems,
+)
 from visionr1_operator.validate import accepted_run, validate_object
 
 # Recorded in kopf's settings; no handler needs it, so kopf adds none and removes a stale one.
 FINALIZER = f"{GROUP}/finalizer"
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 log = logging.getLogger("visionr1.operator")
+# The condition reason of a run the cluster's policy refuses (policy.policy_problems).
+NOT_ALLOWED = "NotAllowed"
+
 T = TypeVar("T")
 
 
@@ -231,6 +239,12 @@ class Reconciler:
         if status.phase in ("Succeeded", "Failed"):
             return  # a finished run is never run again
         now = datetime.now(UTC)
+        refused = namespace_problem(namespace, self.config.policy)
+        if refused:  # before anything else, on every reconcile: nothing of the run is looked at
+            await self._finish(
+                obj, status, status, [FinishRun("Failed", NOT_ALLOWED, refused)], now
+            )
+            return
         run, refusal = self._admit(namespace, name, obj, status)
         if run is None:
             assert refusal is not None
@@ -269,6 +283,9 @@ class Reconciler:
         problems = cluster_problems(run, self.config.policy)
         if problems:
             return None, invalid_spec("; ".join(problems))
+        not_allowed = policy_problems(run, self.config.policy, self.config.mlflow_uri)
+        if not_allowed:
+            return None, FinishRun("Failed", NOT_ALLOWED, "; ".join(not_allowed))
         too_old = compat.trainer_problems(run)
         if too_old:
             return None, FinishRun("Failed", compat.REASON, "; ".join(too_old))

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any
 
+from visionr1_operator.policy import SYSTEM_NAMESPACES, ClusterPolicy
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Run the VisionR1Run operator."
@@ -48,25 +50,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="delay before the first retry of a failed stage; doubles per retry (max 10 min)",
     )
-    parser.add_argument(
-        "--allowed-image",
-        dest="allowed_images",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="stage pods may use only images matching one of these shell-style patterns "
-        "(repeatable; e.g. 'ghcr.io/acme/*'); default: $VISIONR1_ALLOWED_IMAGES "
-        "(comma-separated); none = any image",
+    allowlists = (
+        (
+            "--allowed-image",
+            "allowed_images",
+            "PATTERN",
+            "stage pods may use only images matching one of these shell-style patterns "
+            "(e.g. 'ghcr.io/acme/trainer:*')",
+        ),
+        (
+            "--allowed-service-account",
+            "allowed_service_accounts",
+            "NAME",
+            "stage pods may run only as these service accounts ('default' when a run names none)",
+        ),
+        (
+            "--allowed-priority-class",
+            "allowed_priority_classes",
+            "NAME",
+            "PriorityClasses a run may name",
+        ),
+        (
+            "--allowed-node-selector",
+            "allowed_node_selectors",
+            "PATTERN",
+            "patterns of key=value a stage's nodeSelector entries must match",
+        ),
+        (
+            "--allowed-toleration",
+            "allowed_tolerations",
+            "PATTERN",
+            "patterns a stage toleration's key must match ('*' admits any)",
+        ),
+        (
+            "--allowed-tracking-uri",
+            "allowed_tracking_uris",
+            "URI",
+            "MLflow tracking URIs a run may name besides --mlflow-uri",
+        ),
     )
-    parser.add_argument(
-        "--allowed-service-account",
-        dest="allowed_service_accounts",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="stage pods may run only as these service accounts ('default' when a run names "
-        "none; repeatable); default: $VISIONR1_ALLOWED_SERVICE_ACCOUNTS; none = any",
-    )
+    defaults = ClusterPolicy()
+    for flag, dest, metavar, what in allowlists:
+        env = "VISIONR1_" + dest.upper()
+        shown = ", ".join(getattr(defaults, dest)) or "none"
+        parser.add_argument(
+            flag,
+            dest=dest,
+            action="append",
+            default=[],
+            metavar=metavar,
+            help=f"{what}; repeatable; default: ${env} (comma-separated), else {shown}. "
+            "Deny by default: anything not listed is refused",
+        )
     parser.add_argument(
         "--shared-data-path",
         default=os.environ.get("VISIONR1_SHARED_DATA_PATH", "shared"),
@@ -77,6 +112,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="debug logging")
 
 
+def policy_from(args: Any) -> ClusterPolicy:
+    """The cluster policy of the parsed arguments: each list from its flags, else its environment
+    variable (comma-separated), else the policy's deny-by-default list."""
+    defaults = ClusterPolicy()
+
+    def listed(dest: str) -> tuple[str, ...]:
+        env = os.environ.get("VISIONR1_" + dest.upper())
+        items = getattr(args, dest) or (env.split(",") if env is not None else None)
+        if items is None:
+            return tuple(getattr(defaults, dest))
+        return tuple(i.strip() for i in items if i.strip())
+
+    # The operator's own namespace (the chart sets it from the pod's): never reconciled either.
+    own = os.environ.get("VISIONR1_OPERATOR_NAMESPACE", "").strip()
+    return ClusterPolicy(
+        allowed_images=listed("allowed_images"),
+        allowed_service_accounts=listed("allowed_service_accounts"),
+        allowed_priority_classes=listed("allowed_priority_classes"),
+        allowed_node_selectors=listed("allowed_node_selectors"),
+        allowed_tolerations=listed("allowed_tolerations"),
+        allowed_tracking_uris=listed("allowed_tracking_uris"),
+        reserved_namespaces=(own,) if own else (),
+        shared_data_path=args.shared_data_path,
+    )
+
+
 def main(args: Any) -> int:
     import asyncio
 
@@ -84,17 +145,22 @@ def main(args: Any) -> int:
 
     from visionr1_operator.handlers import OperatorConfig, make_registry
     from visionr1_operator.plan import RetryPolicy
-    from visionr1_operator.policy import ClusterPolicy
-
-    def listed(given: list[str], env: str) -> tuple[str, ...]:
-        items = given or os.environ.get(env, "").split(",")
-        return tuple(i.strip() for i in items if i.strip())
 
     namespaces = list(args.namespaces) or [
         n.strip() for n in os.environ.get("VISIONR1_NAMESPACES", "").split(",") if n.strip()
     ]
     if not namespaces and not args.all_namespaces:
         print("error: give --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
+        return 2
+    policy = policy_from(args)
+    reserved = policy.reserved_namespaces
+    system = [n for n in namespaces if n in SYSTEM_NAMESPACES or n in reserved]
+    if system:
+        print(
+            f"error: --namespace {system[0]}: a system namespace (or the operator's own) is never "
+            "reconciled; watch tenant namespaces only",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -103,13 +169,7 @@ def main(args: Any) -> int:
     config = OperatorConfig(
         mlflow_uri=args.mlflow_uri,
         retry=RetryPolicy(base_s=args.retry_backoff, max_s=max(600.0, args.retry_backoff)),
-        policy=ClusterPolicy(
-            allowed_images=listed(args.allowed_images, "VISIONR1_ALLOWED_IMAGES"),
-            allowed_service_accounts=listed(
-                args.allowed_service_accounts, "VISIONR1_ALLOWED_SERVICE_ACCOUNTS"
-            ),
-            shared_data_path=args.shared_data_path,
-        ),
+        policy=policy,
     )
     asyncio.run(
         kopf.operator(

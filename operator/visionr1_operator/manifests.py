@@ -430,6 +430,8 @@ def job(
         pod_spec["tolerations"] = [t.dump() for t in stage_spec.tolerations]
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
+    else:  # the namespace's default account: stage programs never call the API, so no token
+        pod_spec["automountServiceAccountToken"] = False
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
     if spec.images.pull_secrets:

@@ -1,9 +1,14 @@
 """What a cluster admits of a VisionR1Run beyond its schema: pure checks, no I/O.
 
-The operator is started with a :class:`ClusterPolicy` (the chart's values): which images and
-service accounts stage pods may use, and which folder of the PVC is the shared (read-only) data.
-A run that breaks the policy, or that cannot run on a cluster at all (laptop-only storage), is
-refused before anything is created; :func:`cluster_problems` names the field and what to set.
+The operator is started with a :class:`ClusterPolicy` (the chart's values): which images,
+service accounts, priority classes, node selectors, tolerations and MLflow tracking URIs a run may
+use, and which folder of the PVC is the shared (read-only) data. Every list denies by default: an
+empty list admits nothing beyond the defaults (the chart's trainer image, the namespace's
+``default`` service account, the operator's own MLflow server), so a tenant cannot pick a
+privileged service account, a priority class that preempts another team, another team's nodes, or
+an image nobody reviewed. A run that cannot run on a cluster at all (laptop-only storage) is
+refused by :func:`cluster_problems`, one that breaks the policy by :func:`policy_problems`; each
+names the field and what to set. Runs in the system namespaces are never reconciled.
 """
 
 from __future__ import annotations
@@ -12,17 +17,35 @@ import fnmatch
 import posixpath
 from dataclasses import dataclass
 
-from visionr1_operator.api import VisionR1Run, enabled_stages
+from visionr1_operator.api import Images, VisionR1Run, enabled_stages
 
 DEFAULT_SERVICE_ACCOUNT = "default"
+# The trainer image a run gets when it names none (spec.images.trainer's default).
+DEFAULT_TRAINER_IMAGE: str = Images.model_fields["trainer"].default
+# Namespaces of the cluster itself: a run there is never reconciled (its Jobs would run next to
+# the control plane's own pods, with whatever that namespace's service accounts may do).
+SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
 
 
 @dataclass(frozen=True)
 class ClusterPolicy:
-    # Shell-style patterns (fnmatch) an image must match, e.g. "ghcr.io/acme/*"; empty = any.
-    allowed_images: tuple[str, ...] = ()
-    # Service accounts stage pods may run as ("default" when the run names none); empty = any.
-    allowed_service_accounts: tuple[str, ...] = ()
+    # Shell-style patterns (fnmatch) an image must match, e.g. "ghcr.io/acme/*".
+    allowed_images: tuple[str, ...] = (DEFAULT_TRAINER_IMAGE,)
+    # Service accounts stage pods may run as ("default" when the run names none).
+    allowed_service_accounts: tuple[str, ...] = (DEFAULT_SERVICE_ACCOUNT,)
+    # PriorityClasses a run may name (spec.priorityClassName); empty: none.
+    allowed_priority_classes: tuple[str, ...] = ()
+    # Patterns of "key=value" a stage's nodeSelector entries must match; empty: none.
+    allowed_node_selectors: tuple[str, ...] = ()
+    # Patterns a stage toleration's key must match ("*" also admits a key-less toleration, which
+    # tolerates every taint); empty: none.
+    allowed_tolerations: tuple[str, ...] = ()
+    # Tracking URIs a run may name in spec.mlflow.trackingUri besides the operator's own
+    # (--mlflow-uri); empty: only the operator's own. Exact URIs, not patterns: the operator
+    # sends the run's credentials there.
+    allowed_tracking_uris: tuple[str, ...] = ()
+    # Namespaces never reconciled besides SYSTEM_NAMESPACES (the operator's own).
+    reserved_namespaces: tuple[str, ...] = ()
     # Folder of the PVC mounted read-only at /data in every stage pod (shared raw data,
     # benchmarks, models), relative to the PVC's root.
     shared_data_path: str = "shared"
@@ -82,18 +105,79 @@ def cluster_problems(run: VisionR1Run, policy: ClusterPolicy) -> list[str]:
                 f"spec.storage.subPath: {sub!r} is inside the shared data folder {shared!r} "
                 "(read-only for every run); choose another folder"
             )
-    if policy.allowed_images:
-        for path, image in images(run).items():
-            if not any(fnmatch.fnmatchcase(image, p) for p in policy.allowed_images):
-                problems.append(
-                    f"{path}: image {image!r} is not allowed on this cluster; allowed: "
-                    + ", ".join(policy.allowed_images)
-                )
-    if policy.allowed_service_accounts:
-        account = run.spec.service_account_name or DEFAULT_SERVICE_ACCOUNT
-        if account not in policy.allowed_service_accounts:
+    return problems
+
+
+def _listed(allowed: tuple[str, ...], chart_key: str) -> str:
+    got = ", ".join(allowed) if allowed else "none"
+    return f"allowed on this cluster: {got} (the chart's operator.{chart_key})"
+
+
+def namespace_problem(namespace: str, policy: ClusterPolicy) -> str | None:
+    """Why runs in ``namespace`` are never reconciled (None: they are)."""
+    if namespace in SYSTEM_NAMESPACES or namespace in policy.reserved_namespaces:
+        return (
+            f"metadata.namespace: {namespace!r} is a system namespace (or the operator's own), "
+            "where the operator never runs anything; create the run in a tenant namespace"
+        )
+    return None
+
+
+def policy_problems(
+    run: VisionR1Run, policy: ClusterPolicy, default_tracking_uri: str | None = None
+) -> list[str]:
+    """What ``run`` asks for that this cluster does not allow (empty: nothing). Each message
+    names the field, what is allowed, and the chart value an admin would change."""
+    problems: list[str] = []
+    problem = namespace_problem(run.metadata.namespace or "default", policy)
+    if problem:
+        problems.append(problem)
+    for path, image in images(run).items():
+        if not any(fnmatch.fnmatchcase(image, p) for p in policy.allowed_images):
             problems.append(
-                f"spec.serviceAccountName: {account!r} is not allowed on this cluster; allowed: "
-                + ", ".join(policy.allowed_service_accounts)
+                f"{path}: image {image!r} is not allowed; use an allowed one or ask the cluster "
+                f"admin to add it; {_listed(policy.allowed_images, 'allowedImages')}"
             )
+    account = run.spec.service_account_name or DEFAULT_SERVICE_ACCOUNT
+    if account not in policy.allowed_service_accounts:
+        problems.append(
+            f"spec.serviceAccountName: {account!r} is not allowed; remove it (stage pods then run "
+            "as the namespace's default service account, without an API token) or ask the "
+            "cluster admin; " + _listed(policy.allowed_service_accounts, "allowedServiceAccounts")
+        )
+    priority = run.spec.priority_class_name
+    if priority and priority not in policy.allowed_priority_classes:
+        problems.append(
+            f"spec.priorityClassName: {priority!r} is not allowed; remove it or ask the cluster "
+            "admin; " + _listed(policy.allowed_priority_classes, "allowedPriorityClasses")
+        )
+    for stage in enabled_stages(run.spec):
+        spec = run.spec.stages.get(stage)
+        for key, value in spec.node_selector.items():
+            pair = f"{key}={value}"
+            if not any(fnmatch.fnmatchcase(pair, p) for p in policy.allowed_node_selectors):
+                problems.append(
+                    f"spec.stages.{stage}.nodeSelector: {pair!r} is not allowed; remove it or ask "
+                    "the cluster admin; "
+                    + _listed(policy.allowed_node_selectors, "allowedNodeSelectors")
+                )
+        for i, toleration in enumerate(spec.tolerations):
+            key = toleration.key or ""
+            if not any(fnmatch.fnmatchcase(key, p) for p in policy.allowed_tolerations):
+                what = repr(key) if key else "without a key (it tolerates every taint)"
+                problems.append(
+                    f"spec.stages.{stage}.tolerations[{i}]: a toleration {what} is not allowed; "
+                    "remove it or ask the cluster admin; "
+                    + _listed(policy.allowed_tolerations, "allowedTolerations")
+                )
+    uri = run.spec.mlflow.tracking_uri
+    if uri and uri != default_tracking_uri and uri not in policy.allowed_tracking_uris:
+        allowed = [u for u in (default_tracking_uri, *policy.allowed_tracking_uris) if u]
+        problems.append(
+            f"spec.mlflow.trackingUri: {uri!r} is not allowed (the operator and the stage pods "
+            "would send this run's MLflow credentials there); leave it unset for the cluster's "
+            "MLflow server or ask the cluster admin; allowed on this cluster: "
+            + (", ".join(allowed) or "none")
+            + " (the chart's operator.allowedTrackingUris)"
+        )
     return problems

@@ -193,6 +193,7 @@ def world(
                     "watchNamespaces": [NS],
                     "image": {**_image_values(images["operator"]), "pullPolicy": "IfNotPresent"},
                     "operator": {
+                        "trainerImage": TRAINER,  # the runs' image: allowed (deny by default)
                         "retryBackoffSeconds": 1,
                         "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
                     },

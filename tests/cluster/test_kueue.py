@@ -440,6 +440,9 @@ def operator_proc(kq: K, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
             "",
             "--retry-backoff",
             "1",
+            # deny by default: the image and node selector these runs use
+            f"--allowed-image={IMAGE}",
+            *(f"--allowed-node-selector={k}={v}" for k, v in NEVER.items()),
         ],
         env=env,
         stdout=log,
