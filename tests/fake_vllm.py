@@ -25,6 +25,16 @@ class LLM:
     def generate(self, inputs: list[dict[str, Any]], params: SamplingParams, use_tqdm: bool) -> Any:
         out = []
         for x in inputs:
+            # vLLM's own refusals of a batch for one request, raised before anything is generated.
+            if "CUDA-OOM" in x["prompt"]:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
+            if "TOO-LONG" in x["prompt"]:
+                raise ValueError(
+                    "The decoder prompt (length 40000) is longer than the maximum model length "
+                    "of 32768. Make sure that `max_model_len` is no smaller than the number of "
+                    "text tokens plus multimodal tokens."
+                )
+        for x in inputs:
             images = x.get("multi_modal_data", {}).get("image", [])
             reply = {
                 "gpus": self.gpus,

@@ -223,3 +223,105 @@ def test_a_real_vllm_engine_on_the_tiny_model_frees_its_gpu_memory(tmp_path: Pat
     )
     assert free_loaded < free_before - 2**30  # the engine held memory...
     assert free_after > free_before - 2**30  # ...and gave it back on close
+
+
+def _eval_cfg(ws: Path, batch_size: int) -> object:
+    from visionr1_jobs.config import Benchmark, EvalParams, InputLocation, ResolvedStageConfig
+
+    params = EvalParams(
+        benchmarks=[Benchmark(name="toy", path="toy/bench")],
+        checkpoints=["base"],
+        max_new_tokens=16,
+        retries_missing_answer=0,
+        batch_size=batch_size,
+    )
+    return ResolvedStageConfig(
+        stage="eval",
+        workspace=str(ws),
+        output_dir="eval",
+        base_model="m",
+        inputs={"checkpoint:base": InputLocation(path="m", format="model")},
+        params=params.dump(),
+    )
+
+
+def test_eval_bisects_a_batch_vllm_refused_to_its_bad_rows_and_scores_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM raises for a whole batch when one request is bad (here an image file it cannot read,
+    and a prompt over max_model_len): eval records those rows as failed and scores the others."""
+    from visionr1_jobs.eval.readers import read_benchmark
+    from visionr1_jobs.stages import eval as eval_stage
+    from visionr1_jobs.toy.dataset import write_toy_dataset
+
+    monkeypatch.delenv("VISIONR1_SHARDS", raising=False)
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    write_toy_dataset(tmp_path / "toy", n=2, n_bench=8, seed=4)
+    rows = read_benchmark("toy", tmp_path / "toy" / "bench").rows
+    corrupt = rows[2]["images"][0]
+    Path(corrupt).write_bytes(b"not an image")
+    long_q = rows[5]["question"]
+    batches: list[int] = []
+
+    class Counted(VLLMBackend):
+        def _generate(self, requests, sampling):  # type: ignore[no-untyped-def]
+            batches.append(len(requests))
+            for r in requests:  # this row's prompt is too long for the engine
+                if r.messages[-1]["content"] == long_q and r.images == rows[5]["images"]:
+                    r.messages[-1] = {"role": "user", "content": long_q + " TOO-LONG"}
+            return super()._generate(requests, sampling)
+
+    def factory(model: str, params: object) -> VLLMBackend:
+        return Counted(
+            model,
+            tensor_parallel_size=1,
+            gpus=["0"],
+            processor=Processor(),
+            engine_module="fake_vllm",
+        )
+
+    man = eval_stage.run(_eval_cfg(tmp_path, batch_size=8), factory)
+    assert man is not None
+    saved = [
+        json.loads(x)
+        for x in (tmp_path / "eval" / "base" / "toy.verdicts.jsonl").read_text().splitlines()
+    ]
+    failed = {r["row_index"]: r["error"] for r in saved if r.get("failed")}
+    assert sorted(failed) == [2, 5]
+    assert "UnidentifiedImageError" in failed[2] and "maximum model length" in failed[5]
+    # Every other row was generated and scored.
+    assert all(json.loads(r["response"])["prompt"] for r in saved if not r.get("failed"))
+    assert json.loads((tmp_path / "eval" / "base" / "toy.json").read_text())["failed"] == 2
+    # One batch of 8, then halves down to the two bad rows alone (not one request per row).
+    assert batches[0] == 8 and len(batches) < 2 * 8 and batches.count(1) >= 2
+
+
+def test_eval_does_not_bisect_an_engine_that_ran_out_of_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from visionr1_jobs.stages import eval as eval_stage
+    from visionr1_jobs.toy.dataset import write_toy_dataset
+
+    monkeypatch.delenv("VISIONR1_SHARDS", raising=False)
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    write_toy_dataset(tmp_path / "toy", n=2, n_bench=4, seed=4)
+    batches: list[int] = []
+
+    class OOM(VLLMBackend):
+        def _generate(self, requests, sampling):  # type: ignore[no-untyped-def]
+            batches.append(len(requests))
+            requests[0].messages[-1]["content"] += " CUDA-OOM"
+            return super()._generate(requests, sampling)
+
+    def factory(model: str, params: object) -> VLLMBackend:
+        return OOM(
+            model,
+            tensor_parallel_size=1,
+            gpus=["0"],
+            processor=Processor(),
+            engine_module="fake_vllm",
+        )
+
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        eval_stage.run(_eval_cfg(tmp_path, batch_size=4), factory)
+    assert batches == [4]  # failed the stage at once (retried by the Job), no bisecting

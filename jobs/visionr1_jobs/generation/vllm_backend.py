@@ -191,6 +191,12 @@ def _engine_main(conn: Any, module: str, kwargs: dict[str, Any]) -> None:
     conn.close()
 
 
+class EngineBatchError(RuntimeError):
+    """vLLM raised for a batch while its engine lives on: the batch held a request it would not
+    take (a prompt over ``max_model_len``, an image it cannot read or place). Callers may
+    bisect the batch to find that request (:mod:`visionr1_jobs.synthesis.failures`)."""
+
+
 class _Engine:
     def __init__(self, gpus: list[str], module: str, kwargs: dict[str, Any]) -> None:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited CUDA state
@@ -211,7 +217,7 @@ class _Engine:
                     os.environ["CUDA_VISIBLE_DEVICES"] = before
         child.close()
 
-    def reply(self) -> Any:
+    def reply(self, batch: bool = False) -> Any:
         try:
             status, payload = self.conn.recv()
         except EOFError:
@@ -219,7 +225,8 @@ class _Engine:
                 f"vLLM engine on GPU(s) {','.join(self.gpus)} died (exit code {self.proc.exitcode})"
             ) from None
         if status == "error":
-            raise RuntimeError(f"vLLM engine on GPU(s) {','.join(self.gpus)} failed:\n{payload}")
+            kind = EngineBatchError if batch else RuntimeError
+            raise kind(f"vLLM engine on GPU(s) {','.join(self.gpus)} failed:\n{payload}")
         return payload
 
     def close(self) -> None:
@@ -305,9 +312,11 @@ class VLLMBackend(GenerationBackend):
         error: BaseException | None = None
         for engine in busy:  # read every reply, so no engine's answer is left in its pipe
             try:
-                replies.extend(engine.reply())
+                replies.extend(engine.reply(batch=True))
             except RuntimeError as exc:
-                error = error or exc
+                # A dead engine outranks a refused batch: bisecting cannot help with it.
+                if error is None or isinstance(error, EngineBatchError):
+                    error = exc
         if error is not None:
             raise error
         return [

@@ -21,8 +21,10 @@ response, extraction and verdict), ``report.json``, ``report.md``, ``accuracy.pn
 and writes the manifest; :func:`merge` does the same on its own (e.g. after a merging pod died).
 
 A request that still fails after the backend's retries (a remote API's 4xx, retries spent) does
-not lose its batch: the row is saved with ``failed: true`` and the error, scored wrong, and
-counted (``failed`` in the summaries and the report, ``<checkpoint>.<benchmark>.failed_rows`` in
+not lose its batch, nor does a row a local vLLM engine refuses (it raises for the whole batch,
+which is bisected to the refused rows as synthesis does,
+:func:`visionr1_jobs.synthesis.failures.generate_rows`): the row is saved with ``failed: true``
+and the error, scored wrong, and counted (``failed`` in the summaries and the report, ``<checkpoint>.<benchmark>.failed_rows`` in
 MLflow).
 
 On the benchmarks the judge scores (``judge``, per benchmark ``benchmarks[].judge``; by default
@@ -116,12 +118,23 @@ def _ask(
 ) -> list[Generation]:
     # The benchmark prompt is the only user turn, its images before the text; a system turn only
     # for a checkpoint trained with one.
+    from visionr1_jobs.generation import Generation
+    from visionr1_jobs.synthesis.failures import RowFailure, classify_any, generate_rows
+
     head = [{"role": "system", "content": system}] if system else []
     requests = [
         {"messages": [*head, {"role": "user", "content": text}], "images": images}
         for text, images in prompts
     ]
-    return backend.generate(requests, **sampling, row_errors=True)
+    # An API reports a failed request in its result; a local engine (vLLM) raises for the whole
+    # batch, which is then bisected to the rows it refused, as synthesis does.
+    outs = generate_rows(backend, requests, classify_error=classify_any, **sampling)
+    return [
+        Generation(text="", finish_reason="error", error=o.detail)
+        if isinstance(o, RowFailure)
+        else o
+        for o in outs
+    ]
 
 
 def generate_with_retries(

@@ -53,6 +53,14 @@ _API_ERROR_NAMES = frozenset(
 )
 
 
+def _clip(text: str, limit: int = 1000) -> str:
+    """At most ``limit`` characters: the start (who failed) and the end (a traceback's last
+    line says what failed)."""
+    if len(text) <= limit:
+        return text
+    return text[: limit // 5] + " … " + text[-(limit - limit // 5) :]
+
+
 @dataclass(frozen=True)
 class RowFailure:
     """One request that failed for good: why (one of :data:`REASONS`) and what the server said."""
@@ -95,24 +103,27 @@ def classify(exc: BaseException) -> str | None:
     return None
 
 
-#: A local engine's error that says the engine itself is gone or broken, not one request.
-_ENGINE_BROKEN = re.compile(
-    r"\bdied\b|out of memory|CUDA error|NCCL|backend is closed|EngineDeadError", re.I
-)
+#: A local engine's error that says the engine itself is broken, not one request.
+_ENGINE_BROKEN = re.compile(r"out of memory|CUDA error|NCCL|EngineDeadError", re.I)
 
 
 def classify_any(exc: BaseException) -> str | None:
-    """:func:`classify`, except that any other error that does not say every request would fail
-    the same way (a refused key or model, a dead or out-of-memory engine) is the row's own, as
-    ``rejected``. For eval and the judge, where such a row is scored by rules or counted as
-    failed, never dropped: a vLLM engine that raises ``ValueError`` for one bad image or prompt
-    fails its whole batch, and bisecting finds that row."""
+    """:func:`classify`, and also, as ``rejected``: any error a backend reported for one request
+    in its result (unless it says every request would fail: a refused key, an unknown model),
+    and any error a live local engine raised for its batch (``EngineBatchError``: vLLM refuses
+    a whole batch for one bad image or prompt) unless it says the engine is broken (out of
+    memory, a CUDA error). For eval and the judge, where such a row is counted as failed or
+    scored by rules, never dropped; bisecting the batch finds it."""
     reason = classify(exc)
     if reason is not None:
         return reason
     if _status(exc) in FATAL_STATUS or _ENGINE_BROKEN.search(str(exc)):
         return None
-    return "rejected"
+    if isinstance(exc, _Reported) or any(
+        cls.__name__ == "EngineBatchError" for cls in type(exc).__mro__
+    ):
+        return "rejected"
+    return None
 
 
 Classify = Callable[[BaseException], "str | None"]
@@ -125,7 +136,7 @@ def _in_band(out: Any, classify_error: Classify = classify) -> Any:
         reason = classify_error(_Reported(str(error), getattr(out, "status_code", None)))
         if reason is None:  # e.g. a refused key: every row would fail the same way
             raise RuntimeError(f"teacher error: {error}")
-        return RowFailure(reason, str(error)[:1000])
+        return RowFailure(reason, _clip(str(error)))
     if getattr(out, "finish_reason", None) == "content_filter":
         return RowFailure("content_filter", "finish_reason content_filter")
     return out
@@ -157,7 +168,7 @@ def generate_tolerant(
         if reason is None:
             raise
         if len(requests) == 1:
-            return [RowFailure(reason, str(exc)[:1000])]
+            return [RowFailure(reason, _clip(str(exc)))]
         mid = len(requests) // 2
         return generate_tolerant(generate, requests[:mid], classify_error) + generate_tolerant(
             generate, requests[mid:], classify_error
