@@ -11,6 +11,7 @@ Field names are snake_case in Python and camelCase in manifests and in the resol
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -351,6 +352,7 @@ class FilterParams(Model):
 # --------------------------------------------------------------------------- training shared
 
 DeepSpeedMode = Literal["none", "zero2", "zero3"]
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"]
 
 
 class TrainCommon(Model):
@@ -382,6 +384,20 @@ class TrainCommon(Model):
         None,
         max_length=256,
         description="Register the final model in the MLflow Model Registry under this name.",
+    )
+    attn_implementation: AttnImplementation | None = Field(
+        None,
+        description="Attention kernel of the trained model and its KL reference (the model's "
+        "attn_implementation). Unset = transformers' default (sdpa). flash_attention_2 needs a "
+        "GPU and the flash-attn package (the trainer image built with FLASH_ATTN=1).",
+    )
+    use_liger_kernel: bool = Field(
+        False,
+        description="Liger's Triton kernels (TRL use_liger_kernel; needs the liger-kernel "
+        "package, not in the trainer image, and a GPU). SFT: RMSNorm, RoPE, SwiGLU and the "
+        "fused linear cross-entropy (no full-vocabulary logits at 16K tokens). GRPO: the layer "
+        "kernels only: TRL's GRPO already computes log-probabilities with its own chunked, "
+        "fused LM head and refuses Liger's fused loss.",
     )
 
     @model_validator(mode="after")
@@ -456,6 +472,12 @@ class GRPOParams(TrainCommon):
                 "!has(self.rollout) || self.rollout != 'vllm_server' || has(self.vllmServerUrl)",
                 "rollout 'vllm_server' needs vllmServerUrl",
             ),
+            (
+                "!has(self.promptsPerRollout) || self.promptsPerRollout % "
+                "(has(self.promptsPerStep) ? self.promptsPerStep : 32) == 0",
+                "promptsPerRollout must be a multiple of promptsPerStep (a rollout is trained on "
+                "as whole optimizer steps)",
+            ),
         )
     )
 
@@ -507,6 +529,22 @@ class GRPOParams(TrainCommon):
         "rest); unset = each process's whole share of a step, promptsPerStep × numGenerations / "
         "processes, at once.",
     )
+    prompts_per_rollout: int | None = Field(
+        None,
+        ge=1,
+        le=1_048_576,
+        description="Prompts generated together in one rollout, all GPUs (EasyR1's "
+        "rollout_batch_size; TRL's generation batch is this × numGenerations completions), then "
+        "trained on as promptsPerRollout / promptsPerStep optimizer steps. A multiple of "
+        "promptsPerStep; unset = promptsPerStep (one rollout per optimizer step).",
+    )
+    num_iterations: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Passes over each rollout (GRPO's μ, TRL num_iterations): >1 trains on the "
+        "same completions again for as many more optimizer steps.",
+    )
     temperature: float = Field(1.0, gt=0, le=5, description="Rollout temperature (not published).")
     top_p: float = Field(1.0, gt=0, le=1, description="Rollout nucleus mass.")
     max_prompt_length: int = Field(
@@ -531,6 +569,21 @@ class GRPOParams(TrainCommon):
     vllm_gpu_memory_utilization: float = Field(
         0.35, gt=0, le=1, description="GPU share for colocated vLLM."
     )
+    vllm_enable_sleep_mode: bool = Field(
+        False,
+        description="Colocated vLLM: while the trainer runs, drop vLLM's weights and KV cache "
+        "from the GPU (TRL vllm_enable_sleep_mode); training gets that memory back, each "
+        "rollout reloads the weights.",
+    )
+    vllm_tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Colocated vLLM: GPUs per engine (TRL vllm_tensor_parallel_size); must "
+        "divide the GPUs per pod. 1 = one engine per GPU (a 7B model fits one). The engine's "
+        "context (vllm_max_model_length) is maxPromptLength + the sub-stage's "
+        "maxCompletionLength.",
+    )
     verify_timeout_s: float = Field(
         5.0, gt=0, le=600, description="Time bound per reward check (s)."
     )
@@ -540,6 +593,112 @@ class GRPOParams(TrainCommon):
         if self.rollout == "vllm_server" and not self.vllm_server_url:
             raise ValueError("rollout 'vllm_server' needs vllmServerUrl")
         return self
+
+    @model_validator(mode="after")
+    def _rollout_whole_steps(self) -> GRPOParams:
+        rollout = self.prompts_per_rollout
+        if rollout is not None and rollout % self.prompts_per_step:
+            step = self.prompts_per_step
+            raise ValueError(
+                f"promptsPerRollout ({rollout}) must be a multiple of promptsPerStep ({step}) "
+                "(a rollout is trained on as whole optimizer steps); e.g. set promptsPerRollout "
+                f"to {max(step, rollout // step * step)}"
+            )
+        return self
+
+    def steps_per_rollout(self) -> int:
+        """Optimizer steps one rollout feeds: promptsPerRollout / promptsPerStep × numIterations."""
+        rollout = self.prompts_per_rollout or self.prompts_per_step
+        return rollout // self.prompts_per_step * self.num_iterations
+
+
+@dataclass(frozen=True)
+class GRPOBatchPlan:
+    """How one PTST sub-stage's rollouts and optimizer steps split over the processes.
+
+    ``per_device × processes × grad_accum`` completions make one optimizer step
+    (``promptsPerStep × numGenerations``); a rollout generates ``steps_per_rollout`` of them at
+    once (``promptsPerRollout × numGenerations``, TRL's ``generation_batch_size``), and TRL
+    counts that rollout in micro-steps (``steps_per_generation = grad_accum × steps_per_rollout``).
+    """
+
+    per_device: int
+    grad_accum: int
+    steps_per_rollout: int
+    steps_per_generation: int
+    generation_batch_size: int
+    rollout_per_process: int
+
+
+def grpo_batch_plan(
+    params: GRPOParams, index: int, world_size: int, prefix: str = "params."
+) -> GRPOBatchPlan:
+    """The batch plan of PTST row ``index`` (0-based) on ``world_size`` processes.
+
+    Raises ValueError naming the fields (``prefix`` + camelCase name) and a fix when the numbers
+    cannot divide: the completions of a step over the processes and their micro-batches, the
+    sub-stage's steps over the optimizer steps each rollout feeds.
+    """
+    row = params.ptst[index]
+    p, g, w = params.prompts_per_step, row.num_generations, world_size
+    gens = f"{prefix}ptst[{index}].numGenerations"
+    total = p * g
+    if total % w:
+        raise ValueError(
+            f"{prefix}promptsPerStep ({p}) × {gens} ({g}) = {total} completions per step "
+            f"cannot be split over {w} processes (nodes × GPUs per pod); make promptsPerStep "
+            f"× numGenerations a multiple of {w}, e.g. promptsPerStep: {_next_multiple(p, g, w)}"
+        )
+    share = total // w
+    per_device = params.per_device_batch_size
+    micro = share if per_device is None else per_device
+    if share % micro:
+        fits = max(d for d in range(1, micro + 1) if share % d == 0)
+        raise ValueError(
+            f"{prefix}perDeviceBatchSize ({per_device}) must divide the {share} completions each "
+            f"of the {w} processes trains per optimizer step ({prefix}promptsPerStep {p} × {gens} "
+            f"{g} / {w} processes); e.g. set perDeviceBatchSize to {fits}"
+        )
+    grad_accum = share // micro
+    rollout_steps = (params.prompts_per_rollout or p) // p
+    feeds = rollout_steps * params.num_iterations
+    if row.steps % feeds:
+        raise ValueError(
+            f"{prefix}ptst[{index}].steps ({row.steps}) must be a multiple of the optimizer steps "
+            f"one rollout feeds ({prefix}promptsPerRollout / promptsPerStep × numIterations = "
+            f"{rollout_steps} × {params.num_iterations} = {feeds}), so every rollout is trained "
+            f"on in full; e.g. set steps to {max(feeds, row.steps // feeds * feeds)}"
+        )
+    return GRPOBatchPlan(
+        per_device=micro,
+        grad_accum=grad_accum,
+        steps_per_rollout=rollout_steps,
+        steps_per_generation=grad_accum * rollout_steps,
+        generation_batch_size=total * rollout_steps,
+        rollout_per_process=share * rollout_steps,
+    )
+
+
+def _next_multiple(prompts: int, generations: int, world: int) -> int:
+    """The smallest promptsPerStep ≥ ``prompts`` whose completions split over ``world``."""
+    n = prompts
+    while (n * generations) % world:
+        n += 1
+    return n
+
+
+def sft_batch_problem(
+    global_batch: int, per_device: int, world_size: int, prefix: str = "params."
+) -> str | None:
+    """Why ``global_batch`` sequences per step cannot split over the processes, or None."""
+    denom = per_device * world_size
+    if global_batch % denom:
+        return (
+            f"{prefix}globalBatchSize ({global_batch}) must be a multiple of "
+            f"{prefix}perDeviceBatchSize ({per_device}) × processes ({world_size}) = {denom}; "
+            f"e.g. set globalBatchSize to {max(denom, global_batch // denom * denom)}"
+        )
+    return None
 
 
 # --------------------------------------------------------------------------- eval

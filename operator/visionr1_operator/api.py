@@ -24,6 +24,8 @@ from visionr1_jobs.config import (
     StageName,
     SynthesisParams,
     _cel,
+    grpo_batch_plan,
+    sft_batch_problem,
 )
 
 GROUP = "visionr1.io"
@@ -495,7 +497,39 @@ class Stages(Model):
             )
         if self.grpo.enabled and self.grpo.params.dataset is None:
             raise ValueError("stages.grpo.params.dataset is required when grpo is enabled")
+        self._batches_divide()
         return self
+
+    def _batches_divide(self) -> None:
+        """Batch sizes that cannot split over the stage's processes (nodes × GPUs per pod, as
+        the Job runs torchrun), refused here rather than by the first pod an hour later. The
+        stage program checks again against the processes it really has (a local run has one)."""
+        sft, grpo = self.sft, self.grpo
+        if sft.enabled:
+            problem = sft_batch_problem(
+                sft.params.global_batch_size,
+                sft.params.per_device_batch_size,
+                sft.nodes * max(sft.resources.gpus, 1),
+                prefix="stages.sft.params.",
+            )
+            if problem:
+                raise ValueError(f"{problem} (stages.sft.nodes × resources.gpus processes)")
+        if not grpo.enabled:
+            return
+        for index in range(len(grpo.params.ptst)):
+            grpo_batch_plan(
+                grpo.params,
+                index,
+                grpo.nodes * max(grpo.resources.gpus, 1),
+                prefix="stages.grpo.params.",
+            )
+        tp = grpo.params.vllm_tensor_parallel_size
+        if grpo.params.rollout != "transformers" and grpo.resources.gpus % tp:
+            raise ValueError(
+                f"stages.grpo.params.vllmTensorParallelSize ({tp}) must divide "
+                f"stages.grpo.resources.gpus ({grpo.resources.gpus}): each colocated vLLM engine "
+                "takes that many GPUs of one pod"
+            )
 
 
 def _secret_rule(stage: str) -> str:

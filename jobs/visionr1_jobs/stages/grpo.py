@@ -41,11 +41,11 @@ def run(cfg: ResolvedStageConfig) -> StageManifest | None:
     from visionr1_jobs.training.launch import launch_failed, planned_world_size, relaunch
 
     world_size = planned_world_size()
-    for row in params.ptst:  # refuse impossible batch splits before spawning processes
-        runtime.grpo_batches(
-            params.prompts_per_step, row.num_generations, world_size, params.per_device_batch_size
-        )
-    rollout_mode(params)
+    for index in range(len(params.ptst)):  # refuse impossible splits before spawning processes
+        runtime.grpo_plan(params, index, world_size)
+    runtime.check_kernels(params)
+    if rollout_mode(params) == "colocate":
+        runtime.check_vllm_tensor_parallel(params, world_size)
     # Before any process starts: a sub-stage already (partly) trained under other settings is
     # refused here, so its exit 65 is the stage's (see training.ptst).
     ptst.check_rows(folder, ptst.plan_rows(params, folder, model_input(cfg)))
@@ -242,15 +242,14 @@ def _substage(
     from visionr1_jobs.training.callbacks import MlflowMetrics, ProgressLines, RewardSignalWatch
     from visionr1_jobs.training.mlflow_log import log_params, resumable_run
     from visionr1_jobs.training.rewards import reward_functions
+    from visionr1_jobs.training.rollout_args import grpo_rollout_kwargs
 
     name = ptst.substage_name(index)
     label = f"grpo/{name}"
     sub_dir.mkdir(parents=True, exist_ok=True)
     checkpoints_dir = sub_dir / "checkpoints"
     final = sub_dir / "final"
-    batches = runtime.grpo_batches(
-        params.prompts_per_step, row.num_generations, world.world_size, params.per_device_batch_size
-    )
+    plan = runtime.grpo_plan(params, index - 1, world.world_size)
     reference = start if params.reset_reference_each_stage else source
     if world.is_main:
         ptst.write_row(sub_dir, planned)
@@ -263,8 +262,12 @@ def _substage(
         "steps": row.steps,
         "start_model": start,
         "reference_model": reference,
-        "per_device_batch_size": batches.per_device,
-        "gradient_accumulation_steps": batches.grad_accum,
+        "per_device_batch_size": plan.per_device,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "steps_per_rollout": plan.steps_per_rollout,
+        "num_iterations": params.num_iterations,
+        "rollout_completions": plan.generation_batch_size,
+        "rollout_completions_per_process": plan.rollout_per_process,
     }
     with resumable_run(cfg, sub_dir, name, nested_under=grpo_run_id) as run:
         run_id = run.info.run_id if run is not None else None
@@ -279,14 +282,6 @@ def _substage(
         else:
             funcs, weights = reward_functions(params.reward, params.verify_timeout_s)
             ds_path = runtime.write_deepspeed_config(params.deepspeed, bf16, sub_dir)
-            vllm_kwargs: dict[str, Any] = {"use_vllm": vllm_mode is not None}
-            if vllm_mode is not None:
-                vllm_kwargs |= {
-                    "vllm_mode": vllm_mode,
-                    "vllm_gpu_memory_utilization": params.vllm_gpu_memory_utilization,
-                }
-                if vllm_mode == "server":
-                    vllm_kwargs["vllm_server_base_url"] = params.vllm_server_url
             # The config comes before the model: with ZeRO-3 it makes from_pretrained partition.
             args = GRPOConfig(
                 **runtime.common_training_kwargs(params, checkpoints_dir, bf16, ds_path),
@@ -296,10 +291,6 @@ def _substage(
                 lr_scheduler_type="constant_with_warmup" if params.warmup_steps else "constant",
                 warmup_steps=min(params.warmup_steps, row.steps),
                 max_steps=row.steps,
-                num_generations=row.num_generations,
-                max_completion_length=row.max_completion_length,
-                per_device_train_batch_size=batches.per_device,
-                gradient_accumulation_steps=batches.grad_accum,
                 beta=params.beta,
                 epsilon=params.epsilon,
                 loss_type=params.loss_type,
@@ -308,13 +299,17 @@ def _substage(
                 reward_weights=weights,
                 remove_unused_columns=False,
                 log_completions=False,
-                **vllm_kwargs,
+                # Batches, rollout size and reuse, the colocated vLLM engine.
+                **grpo_rollout_kwargs(params, index - 1, plan, vllm_mode),
             )
             # The policy starts from the previous sub-stage; TRL builds the KL reference from
             # config.name_or_path, which load_model points at the reference.
             resume = ckpt.resume_point(checkpoints_dir, world.is_main, label)
             model = runtime.load_model(
-                ckpt.starting_weights(start, resume), bf16, reference=reference
+                ckpt.starting_weights(start, resume),
+                bf16,
+                reference=reference,
+                attn_implementation=params.attn_implementation,
             )
             if params.freeze_vision_tower:
                 runtime.freeze_vision_tower(model)

@@ -38,6 +38,7 @@ def run(cfg: ResolvedStageConfig) -> StageManifest | None:
     runtime.sft_batches(
         params.global_batch_size, params.per_device_batch_size, planned_world_size()
     )
+    runtime.check_kernels(params)
     rc = relaunch("sft", cfg.model_dump_json(by_alias=True), folder)
     if rc is not None:
         manifest = read_manifest(cfg.workspace, cfg.output_dir)
@@ -166,7 +167,9 @@ def _fit(
         completion_only_loss=True,
     )
     resume = ckpt.resume_point(checkpoints_dir, world.is_main, "sft")
-    model = runtime.load_model(ckpt.starting_weights(base, resume), bf16)
+    model = runtime.load_model(
+        ckpt.starting_weights(base, resume), bf16, attn_implementation=params.attn_implementation
+    )
     if params.freeze_vision_tower:
         runtime.freeze_vision_tower(model)
     callbacks: list[Any] = [ProgressLines("sft")]

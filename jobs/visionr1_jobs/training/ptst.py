@@ -33,6 +33,8 @@ SHARED_FIELDS = (
     "temperature",
     "top_p",
     "prompts_per_step",
+    "prompts_per_rollout",
+    "num_iterations",
     "per_device_batch_size",
     "max_prompt_length",
     "system_prompt",

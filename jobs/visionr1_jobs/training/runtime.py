@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from visionr1_jobs.config import ResolvedStageConfig, model_revision
+from visionr1_jobs.config import (
+    GRPOBatchPlan,
+    GRPOParams,
+    ResolvedStageConfig,
+    grpo_batch_plan,
+    model_revision,
+    sft_batch_problem,
+)
 from visionr1_jobs.contract import InvalidInput, StageManifest, atomic_write_json, write_manifest
 
 log = logging.getLogger(__name__)
@@ -69,41 +76,35 @@ class Batches:
 
 def sft_batches(global_batch: int, per_device: int, world_size: int) -> Batches:
     """Gradient accumulation = global batch / (per-device batch × processes), exactly."""
-    denom = per_device * world_size
-    if global_batch % denom:
-        raise InvalidInput(
-            f"params.globalBatchSize ({global_batch}) must be a multiple of "
-            f"params.perDeviceBatchSize ({per_device}) × processes ({world_size}) = {denom}; "
-            f"e.g. set globalBatchSize to {max(denom, global_batch // denom * denom)}"
-        )
-    return Batches(per_device, global_batch // denom)
+    problem = sft_batch_problem(global_batch, per_device, world_size)
+    if problem:
+        raise InvalidInput(problem)
+    return Batches(per_device, global_batch // (per_device * world_size))
+
+
+def grpo_plan(params: GRPOParams, index: int, world_size: int) -> GRPOBatchPlan:
+    """:func:`visionr1_jobs.config.grpo_batch_plan`, refusing (exit 65) what cannot divide."""
+    try:
+        return grpo_batch_plan(params, index, world_size)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from exc
 
 
 def grpo_batches(
     prompts_per_step: int, num_generations: int, world_size: int, per_device: int | None
 ) -> Batches:
-    """Split one optimizer step's ``prompts × generations`` completions over processes.
+    """Split one optimizer step's ``prompts × generations`` completions over processes
+    (one rollout per step; see :func:`grpo_plan` for the whole plan).
 
-    TRL samples a generation batch of ``per_device × processes × grad_accum`` completions, which
-    must hold whole prompt groups; here it is exactly one optimizer step's worth.
     ``per_device`` None = each process takes its whole share in one micro-batch.
     """
-    total = prompts_per_step * num_generations
-    if total % world_size:
-        raise InvalidInput(
-            f"params.promptsPerStep ({prompts_per_step}) × numGenerations ({num_generations}) = "
-            f"{total} completions per step cannot be split over {world_size} processes; make it "
-            f"a multiple of {world_size}"
-        )
-    share = total // world_size
-    micro = share if per_device is None else per_device
-    if micro < 1 or share % micro:
-        raise InvalidInput(
-            f"params.perDeviceBatchSize ({per_device}) must divide the {share} completions each "
-            f"of the {world_size} processes handles per step (promptsPerStep × numGenerations / "
-            "processes)"
-        )
-    return Batches(micro, share // micro)
+    params = GRPOParams(
+        prompts_per_step=prompts_per_step,
+        per_device_batch_size=per_device,
+        ptst=[{"max_completion_length": 1, "num_generations": num_generations, "steps": 1}],
+    )
+    plan = grpo_plan(params, 0, world_size)
+    return Batches(plan.per_device, plan.grad_accum)
 
 
 # --------------------------------------------------------------------------- DeepSpeed
@@ -168,6 +169,39 @@ def write_deepspeed_config(mode: str, bf16: bool, folder: Path) -> str | None:
     return str(path)
 
 
+# --------------------------------------------------------------------------- kernels
+
+
+def check_kernels(params: Any, cuda: bool | None = None) -> None:
+    """Refuse (exit 65) kernels this pod cannot run, before any process starts: Liger and
+    FlashAttention need a GPU and their packages (neither is in the CPU image; flash-attn is in
+    the GPU image only when built with FLASH_ATTN=1, liger-kernel not at all)."""
+    cuda = has_cuda() if cuda is None else cuda
+    wanted = []
+    if params.use_liger_kernel:
+        wanted.append(("params.useLigerKernel: true", "liger_kernel", "liger-kernel"))
+    if params.attn_implementation == "flash_attention_2":
+        wanted.append(("params.attnImplementation: flash_attention_2", "flash_attn", "flash-attn"))
+    for setting, module, package in wanted:
+        if not cuda:
+            raise InvalidInput(f"{setting} needs a GPU and this pod has none; unset it on CPU")
+        if importlib.util.find_spec(module) is None:
+            raise InvalidInput(
+                f"{setting} needs the {package} package, which this image lacks; install it in "
+                "the trainer image or unset the field"
+            )
+
+
+def check_vllm_tensor_parallel(params: Any, world_size: int) -> None:
+    """TRL groups consecutive ranks into one colocated engine: the group must divide them."""
+    tp = params.vllm_tensor_parallel_size
+    if world_size % tp:
+        raise InvalidInput(
+            f"params.vllmTensorParallelSize ({tp}) must divide the {world_size} training "
+            "processes (nodes × GPUs per pod); set it to a divisor of the GPUs per pod"
+        )
+
+
 # --------------------------------------------------------------------------- model + processor
 
 
@@ -189,19 +223,27 @@ def load_processor(path: str, min_pixels: int | None, max_pixels: int | None) ->
     return proc
 
 
-def load_model(path: str, bf16: bool, reference: str | None = None) -> Any:
+def load_model(
+    path: str,
+    bf16: bool,
+    reference: str | None = None,
+    attn_implementation: str | None = None,
+) -> Any:
     """The image-text-to-text model in the training dtype.
 
     ``reference``: where TRL's GRPO builds its KL reference from (it reloads the policy's
     ``config.name_or_path``); set when the policy starts from other weights than the reference.
+    ``attn_implementation``: the attention kernel (None = transformers' default); TRL builds the
+    KL reference with the policy's, so both use it.
     """
     import torch
     from transformers import AutoModelForImageTextToText
 
     dtype = torch.bfloat16 if bf16 else torch.float32
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, revision=model_revision(path)
+            path, dtype=dtype, revision=model_revision(path), **extra
         )
     except OSError as exc:
         raise InvalidInput(f"model {path}: cannot load it ({exc})") from exc
@@ -281,6 +323,7 @@ def common_training_kwargs(
         "report_to": "none",
         "dataloader_num_workers": 0,
         "deepspeed": deepspeed,
+        "use_liger_kernel": params.use_liger_kernel,
     }
     if params.gradient_checkpointing:
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
