@@ -346,7 +346,7 @@ def permissions(role: dict[str, Any]) -> set[Permission]:
 
 def operator_permissions(rules: str = "RULES") -> set[Permission]:
     """What the operator code declares it uses (operator/visionr1_operator/rbac.py): the
-    namespaced ``RULES``, or the cluster-scoped ``NAMESPACE_RULES``."""
+    namespaced ``RULES`` (and ``CREDENTIAL_RULES``), or the cluster-scoped ``NAMESPACE_RULES``."""
     rbac = pytest.importorskip(
         "visionr1_operator.rbac",
         reason="operator/visionr1_operator/rbac.py (RULES) not written yet",
@@ -409,11 +409,12 @@ def test_cluster_wide_rbac(docs: dict[str, list[dict[str, Any]]]) -> None:
         {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}
     ]
     perms = permissions(role)
-    # Least privilege: no wildcard, no Secrets, no RBAC objects, nothing cluster-scoped (the
-    # namespaces' labels: a ClusterRole of its own, get only).
+    # Least privilege: no wildcard, Secrets only by name (get: a run's MLflow credentials, never
+    # list or watch), no RBAC objects, nothing cluster-scoped (the namespaces' labels: a
+    # ClusterRole of its own, get only).
     assert not any("*" in p for perm in perms for p in perm)
+    assert {v for _, r, v in perms if r == "secrets"} == {"get"}
     assert not {r for _, r, _ in perms} & {
-        "secrets",
         "roles",
         "rolebindings",
         "clusterroles",
@@ -455,7 +456,7 @@ def test_namespaced_rbac_grants_only_the_watched_namespaces(
 
 
 def test_rbac_rules_equal_what_the_operator_uses(docs: dict[str, list[dict[str, Any]]]) -> None:
-    used = operator_permissions()
+    used = operator_permissions() | operator_permissions("CREDENTIAL_RULES")
     assert permissions(split_cluster_rbac(docs["default"], "ClusterRole")[0][0]) == used
     for role in find(docs["namespaced-rbac"], "Role"):
         assert permissions(role) == used

@@ -99,6 +99,11 @@ class OperatorConfig:
     """What ``visionr1 operator`` is started with."""
 
     mlflow_uri: str | None = None  # for runs without spec.mlflow.trackingUri; None = no tracking
+    # The operator's own credentials, sent only to mlflow_uri, for runs naming no
+    # spec.mlflow.credentialsSecret (keys: username, password, token).
+    mlflow_credentials: dict[str, str] = field(default_factory=dict)
+    # How long a run's credentials Secret, once read, is used before it is read again.
+    credentials_ttl_s: float = 60.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # Log in with this kopf.ConnectionInfo instead of the service account / kubeconfig (tests).
     connection: Any = None
@@ -160,6 +165,8 @@ class Reconciler:
         self.blocked: dict[tuple[str, str], int] = defaultdict(int)
         # MLflow URI → monotonic time before which it is not asked again (it just failed)
         self.mlflow_down_until: dict[str, float] = {}
+        # (namespace, Secret) → (until when, credentials read from it): a run's MLflow login
+        self.credentials: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
         self.background: set[asyncio.Task[None]] = set()
         # (namespace, run) → pod name → what the pod watch last reported
         self.seen_pods: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
@@ -397,29 +404,59 @@ class Reconciler:
             if isinstance(a, Requeue):
                 self.schedule(meta["namespace"], meta["name"], a.after_s)
 
-    def _tracking_uri(self, run: VisionR1Run) -> str | None:
-        return run.spec.mlflow.tracking_uri or self.config.mlflow_uri
+    async def _server(
+        self, namespace: str, tracking_uri: str | None, credentials_secret: str | None
+    ) -> tuple[mlflow_runs.Server | None, str | None]:
+        """Where the operator tracks a run and with which credentials: the run's own Secret
+        (spec.mlflow.credentialsSecret) when it names one; else the operator's credentials, but
+        only for the operator's own server; else none. (None, why) when the Secret cannot be read.
+        """
+        uri = tracking_uri or self.config.mlflow_uri
+        if not uri:
+            return None, None
+        if not credentials_secret:
+            own = self.config.mlflow_credentials if uri == self.config.mlflow_uri else {}
+            return mlflow_runs.Server(uri, **own), None
+        assert self.kube is not None
+        key = (namespace, credentials_secret)
+        cached = self.credentials.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return mlflow_runs.Server(uri, **cached[1]), None
+        try:
+            secret = await self.kube.get("v1", "secrets", namespace, credentials_secret)
+        except ApiError as exc:
+            if exc.status not in (403, 404):
+                raise
+            return None, (
+                f"spec.mlflow.credentialsSecret: cannot read Secret {namespace}/"
+                f"{credentials_secret} ({exc.status} {exc.reason or ''}); create it with the keys "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN); "
+                "the run goes on untracked meanwhile"
+            ).replace(" )", ")")
+        creds = mlflow_runs.credentials_from_secret(secret.get("data") or {})
+        self.credentials[key] = (time.monotonic() + self.config.credentials_ttl_s, creds)
+        return mlflow_runs.Server(uri, **creds), None
 
     # ------------------------------------------------------------------ MLflow, never blocking
 
     async def _mlflow(
-        self, uri: str, fn: Callable[..., T], *args: Any, **kwargs: Any
+        self, uri: mlflow_runs.Server, fn: Callable[..., T], *args: Any, **kwargs: Any
     ) -> tuple[T | None, str | None]:
         """(result, None), or (None, why) when MLflow failed or failed moments ago."""
-        if self.mlflow_down_until.get(uri, 0.0) > time.monotonic():
+        if self.mlflow_down_until.get(uri.uri, 0.0) > time.monotonic():
             return None, f"MLflow at {uri} did not answer recently; retrying later"
         try:
             result = await asyncio.wait_for(
                 asyncio.to_thread(fn, uri, *args, **kwargs), self.config.mlflow_timeout_s
             )
         except Exception as exc:  # noqa: BLE001 (any failure of the tracking server)
-            self.mlflow_down_until[uri] = time.monotonic() + self.config.mlflow_retry_s
+            self.mlflow_down_until[uri.uri] = time.monotonic() + self.config.mlflow_retry_s
             text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             return None, f"MLflow at {uri} unreachable ({text}); runs go on, tracking resumes"
-        self.mlflow_down_until.pop(uri, None)
+        self.mlflow_down_until.pop(uri.uri, None)
         return result, None
 
-    def _end_later(self, uri: str, run_id: str, outcome: str) -> None:
+    def _end_later(self, uri: mlflow_runs.Server, run_id: str, outcome: str) -> None:
         """End an MLflow run in the background, retrying until MLflow answers (for ~1 hour)."""
 
         async def retry() -> None:
@@ -440,7 +477,7 @@ class Reconciler:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def _end(self, uri: str, run_id: str, outcome: str) -> str | None:
+    async def _end(self, uri: mlflow_runs.Server, run_id: str, outcome: str) -> str | None:
         _, error = await self._mlflow(uri, mlflow_runs.end, run_id, outcome)
         if error is not None:
             self._end_later(uri, run_id, outcome)
@@ -518,10 +555,11 @@ class Reconciler:
         assert self.kube is not None
         meta = obj["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid") or ""
-        uri = self._tracking_uri(run)
+        uri, tracking_error = await self._server(
+            namespace, run.spec.mlflow.tracking_uri, run.spec.mlflow.credentials_secret
+        )
         experiment = run.spec.mlflow.experiment
         extra: list[Action] = []
-        tracking_error: str | None = None
 
         def note(error: str | None) -> None:
             nonlocal tracking_error
@@ -573,7 +611,7 @@ class Reconciler:
                         run,
                         a.stage,
                         a.attempt,
-                        mlflow_uri=uri,
+                        mlflow_uri=uri.uri if uri else None,
                         parent_run_id=status.mlflow_run_id,
                         stage_run_id=stage_run,
                         policy=self.config.policy,
@@ -623,7 +661,7 @@ class Reconciler:
                     log.warning("could not summarize MLflow run %s", status.mlflow_run_id)
                 note(await self._end(uri, status.mlflow_run_id, outcome))
             status = apply(status, [a], now)
-        if uri:
+        if uri or tracking_error is not None:
             was_ok = _tracking_ok(status)
             if tracking_error is not None:
                 if was_ok:
@@ -647,8 +685,15 @@ class Reconciler:
         self.forget(meta["namespace"], meta["name"])
         status = _status(obj)
         spec = (obj.get("spec") or {}).get("mlflow") or {}
-        uri = spec.get("trackingUri") or self.config.mlflow_uri
-        if status.phase in ("Succeeded", "Failed") or not uri or not status.mlflow_run_id:
+        if status.phase in ("Succeeded", "Failed") or not status.mlflow_run_id:
+            return
+        try:
+            uri, _ = await self._server(
+                meta["namespace"], spec.get("trackingUri"), spec.get("credentialsSecret")
+            )
+        except ApiError:
+            uri = None
+        if uri is None:
             return
         for stage in status.stages.values():
             if stage.mlflow_run_id and stage.phase not in ("Succeeded", "Skipped"):

@@ -30,7 +30,7 @@ from lightkube import AsyncClient, KubeConfig
 from lightkube.config.models import Cluster, User
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.batch_v1 import Job
-from lightkube.resources.core_v1 import ConfigMap, Namespace, Service
+from lightkube.resources.core_v1 import ConfigMap, Namespace, Secret, Service
 from lightkube.types import PatchType
 
 from visionr1_operator.api import GROUP, KIND, PLURAL, VERSION
@@ -46,6 +46,7 @@ RESOURCES: dict[tuple[str, str], Any] = {
     ("batch/v1", "jobs"): Job,
     ("v1", "configmaps"): ConfigMap,
     ("v1", "services"): Service,
+    ("v1", "secrets"): Secret,  # a run's spec.mlflow.credentialsSecret, read only
     (f"{GROUP}/{VERSION}", PLURAL): VisionR1RunResource,
 }
 # Other kinds (e.g. Kueue's Workloads) are made generic on first use: (api version, plural) → kind.

@@ -166,8 +166,16 @@ def main(args: Any) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from visionr1_operator import mlflow_runs
+
+    # The operator's own MLflow login (the chart's Secret) is for its own server only: taken out
+    # of the environment, where MLflow's client would send it to any server.
+    own_credentials = mlflow_runs.credentials_from_env(dict(os.environ))
+    for key in mlflow_runs.CREDENTIAL_KEYS:
+        os.environ.pop(key, None)
     config = OperatorConfig(
         mlflow_uri=args.mlflow_uri,
+        mlflow_credentials=own_credentials,
         retry=RetryPolicy(base_s=args.retry_backoff, max_s=max(600.0, args.retry_backoff)),
         policy=policy,
     )

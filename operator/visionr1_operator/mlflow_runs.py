@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -24,8 +25,54 @@ TAG_KIND = "visionr1.kind"  # "run" (the parent) or "stage"
 _lock = threading.Lock()
 
 
-@lru_cache(maxsize=16)
-def _client(uri: str) -> Any:
+@dataclass(frozen=True)
+class Server:
+    """A tracking server and the credentials the operator uses there for one run.
+
+    The operator tracks runs on several servers with different credentials (a run's own
+    ``spec.mlflow.credentialsSecret``, or the operator's for its own server), in one process:
+    MLflow's client reads credentials from process-wide environment variables, so a client of a
+    :class:`Server` is given its credentials explicitly and never reads them from there.
+    """
+
+    uri: str
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+Tracking = str | Server  # a plain URI: MLflow's own credentials lookup (run-local)
+
+# The keys of a credentials Secret (the environment variables MLflow's client reads, so the same
+# Secret is the stage pods' envFrom) → Server's fields.
+CREDENTIAL_KEYS = {
+    "MLFLOW_TRACKING_USERNAME": "username",
+    "MLFLOW_TRACKING_PASSWORD": "password",
+    "MLFLOW_TRACKING_TOKEN": "token",
+}
+
+
+def credentials_from_secret(data: dict[str, str]) -> dict[str, str]:
+    """A Secret's ``data`` (base64) → Server's credential fields (the keys it has)."""
+    import base64
+
+    return {
+        field_: base64.b64decode(data[key]).decode()
+        for key, field_ in CREDENTIAL_KEYS.items()
+        if data.get(key)
+    }
+
+
+def credentials_from_env(env: dict[str, str]) -> dict[str, str]:
+    """The operator's own credentials from its environment (the chart's Secret, envFrom)."""
+    return {field_: env[key] for key, field_ in CREDENTIAL_KEYS.items() if env.get(key)}
+
+
+@lru_cache(maxsize=64)
+def _client(where: Tracking) -> Any:
     # MLflow's client retries a failing request 7 times with backoff (minutes) by default: an
     # outage would hold a reconcile that long. The operator retries on its own schedule instead.
     # (Set here, in the operator's process only, not at import: run-local imports this module.)
@@ -34,10 +81,65 @@ def _client(uri: str) -> Any:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if isinstance(where, str):
+        return MlflowClient(tracking_uri=where)
+    client = MlflowClient(tracking_uri=where.uri)
+    if where.uri.startswith(("http://", "https://")):
+        client._tracking_client = _ExplicitCredentials(where)
+    return client
 
 
-def _experiment_id(uri: str, name: str) -> str:
+def _explicit_store(server: Server) -> Any:
+    from mlflow.environment_variables import (
+        MLFLOW_TRACKING_INSECURE_TLS,
+        MLFLOW_TRACKING_SERVER_CERT_PATH,
+    )
+    from mlflow.store.tracking.rest_store import RestStore
+    from mlflow.utils.rest_utils import MlflowHostCreds
+
+    def creds() -> Any:
+        return MlflowHostCreds(
+            host=server.uri,
+            username=server.username,
+            password=server.password,
+            token=server.token,
+            # TLS settings are the operator's, not a credential: still from its environment
+            ignore_tls_verification=MLFLOW_TRACKING_INSECURE_TLS.get(),
+            server_cert_path=MLFLOW_TRACKING_SERVER_CERT_PATH.get(),
+        )
+
+    return RestStore(creds)
+
+
+def _explicit_credentials_class() -> type:
+    from mlflow.tracking._tracking_service.client import TrackingServiceClient
+
+    class ExplicitCredentials(TrackingServiceClient):  # type: ignore[misc]
+        """MlflowClient's tracking client, with a store holding ``server``'s credentials."""
+
+        def __init__(self, server: Server) -> None:
+            self._server = server
+            self._store = _explicit_store(server)
+            super().__init__(server.uri)
+
+        @property
+        def store(self) -> Any:
+            return self._store
+
+    return ExplicitCredentials
+
+
+def _ExplicitCredentials(server: Server) -> Any:  # noqa: N802 (a class, made on first use)
+    global _explicit_class
+    if _explicit_class is None:
+        _explicit_class = _explicit_credentials_class()
+    return _explicit_class(server)
+
+
+_explicit_class: type | None = None
+
+
+def _experiment_id(uri: Tracking, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     client = _client(uri)
@@ -54,7 +156,7 @@ def _experiment_id(uri: str, name: str) -> str:
             return exp.experiment_id
 
 
-def _find(uri: str, experiment_id: str, tags: dict[str, str]) -> str | None:
+def _find(uri: Tracking, experiment_id: str, tags: dict[str, str]) -> str | None:
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in sorted(tags.items()))
     found = _client(uri).search_runs([experiment_id], filter_string=query, max_results=1)
     return found[0].info.run_id if found else None
@@ -72,7 +174,7 @@ def run_tags(run: Any) -> dict[str, str]:
 
 
 def open_parent(
-    uri: str,
+    uri: Tracking,
     experiment: str,
     *,
     namespace: str,
@@ -91,7 +193,7 @@ def open_parent(
 
 
 def open_stage(
-    uri: str,
+    uri: Tracking,
     experiment: str,
     *,
     parent_run_id: str,
@@ -110,14 +212,14 @@ def open_stage(
     return _client(uri).create_run(exp, run_name=stage, tags=tags).info.run_id
 
 
-def end(uri: str, run_id: str, status: str) -> None:
+def end(uri: Tracking, run_id: str, status: str) -> None:
     """End a run (FINISHED, FAILED or KILLED) unless it already ended."""
     client = _client(uri)
     if client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
         client.set_terminated(run_id, status=status)
 
 
-def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+def set_tags(uri: Tracking, run_id: str, tags: dict[str, str]) -> None:
     client = _client(uri)
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
@@ -130,7 +232,7 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 HEADLINE = ("accuracy", "format_rate", "mean_response_tokens")
 
 
-def mark_training_experiment(uri: str, experiment_id: str) -> None:
+def mark_training_experiment(uri: Tracking, experiment_id: str) -> None:
     """Tag the experiment as model development, so its page opens on the runs table."""
     _client(uri).set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
 
@@ -245,7 +347,7 @@ def _datasets(run: Any, workspace: str | None, counts: dict[str, float]) -> list
 
 
 def summarize_parent(
-    uri: str, parent_run_id: str, run: Any, *, workspace: str | None = None
+    uri: Tracking, parent_run_id: str, run: Any, *, workspace: str | None = None
 ) -> dict[str, float]:
     """Put the run's headline on its parent run, read back from the stage runs under it:
     final accuracy, format rate and mean length per benchmark (``final.<bench>.<metric>``, and

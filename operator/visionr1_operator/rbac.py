@@ -39,6 +39,12 @@ RULES: tuple[Rule, ...] = (
 # RULES: a cluster without Kueue has no Workload API and the operator never calls it.
 KUEUE_RULES: tuple[Rule, ...] = (Rule("kueue.x-k8s.io", "workloads", frozenset({"list", "patch"})),)
 
+# The operator's own MLflow calls for a run (opening and ending its MLflow runs) carry that run's
+# spec.mlflow.credentialsSecret, read by name (get, never list or watch): never the operator's own
+# credentials sent to a server a tenant chose. Kept apart from RULES: only runs that name such a
+# Secret make the request.
+CREDENTIAL_RULES: tuple[Rule, ...] = (Rule("", "secrets", frozenset({"get"})),)
+
 # Cluster-scoped, so never in a namespace's Role: before creating a stage's Job the operator
 # reads its namespace's pod-security.kubernetes.io/enforce label (a restricted namespace gets
 # pods without the root init container). The chart grants it in a ClusterRole of its own,
@@ -48,15 +54,16 @@ NAMESPACE_RULES: tuple[Rule, ...] = (Rule("", "namespaces", frozenset({"get"})),
 
 def covers(api_group: str, resource: str, verb: str) -> Rule | None:
     """The rule that allows ``verb`` on ``resource`` of ``api_group``, if any."""
-    for rule in (*RULES, *NAMESPACE_RULES):
+    for rule in (*RULES, *CREDENTIAL_RULES, *NAMESPACE_RULES):
         if rule.api_group == api_group and rule.resource == resource and verb in rule.verbs:
             return rule
     return None
 
 
 def as_policy_rules() -> list[dict[str, object]]:
-    """RULES as rbac.authorization.k8s.io/v1 PolicyRule dicts (what a chart template renders)."""
+    """RULES and CREDENTIAL_RULES as rbac.authorization.k8s.io/v1 PolicyRule dicts (what the
+    chart's (Cluster)Role renders)."""
     return [
         {"apiGroups": [r.api_group], "resources": [r.resource], "verbs": sorted(r.verbs)}
-        for r in RULES
+        for r in (*RULES, *CREDENTIAL_RULES)
     ]

@@ -107,6 +107,11 @@ operator/visionr1_operator/rbac.py (tests/test_chart.py keeps the two equal).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# A run's spec.mlflow.credentialsSecret, read by name (get only): the operator's MLflow calls
+# for that run use the run's credentials, never the operator's own.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 {{- if .Values.kueue.enabled }}
 # Queued runs: Kueue owns a queued Job's spec.suspend, so spec.suspend of a run deactivates and
 # reactivates the Job's Workload (found by listing the namespace's Workloads).
