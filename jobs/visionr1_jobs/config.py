@@ -119,6 +119,12 @@ class Sampling(Model):
     seed: int | None = Field(None, ge=0, description="Sampling seed; unset = nondeterministic.")
 
 
+#: Per-request timeout of an API backend whose ``timeoutS`` is unset (seconds).
+DEFAULT_TIMEOUT_S = 600.0
+#: ... and of the synthesis reasoner's (16K-token outputs; seconds).
+REASONER_TIMEOUT_S = 1800.0
+
+
 class Backend(Model):
     """Where text is generated: one interface over toy stand-ins, transformers, vLLM, or an API."""
 
@@ -160,7 +166,13 @@ class Backend(Model):
         max_length=128,
     )
     max_concurrency: int = Field(16, ge=1, le=4096, description="Requests in flight (openai).")
-    timeout_s: float = Field(600.0, gt=0, le=86400, description="Per-request timeout (seconds).")
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        le=86400,
+        description="Per-request timeout (seconds, openai). Unset = 600, and 1,800 for the "
+        "synthesis reasoner: a 16K-token chain of thought at 10-20 tokens/s takes 14-27 minutes.",
+    )
     max_retries: int = Field(5, ge=0, le=50, description="Retries on 429/5xx/timeouts (openai).")
     batch_size: int = Field(8, ge=1, le=4096, description="Prompts per batch (transformers).")
     tensor_parallel_size: int | None = Field(
@@ -248,6 +260,12 @@ class SynthesisParams(Model):
     )
     prompts_version: str = Field(
         "v1", pattern=r"^v[0-9]+$", description="Version of the prompt files to use (logged)."
+    )
+    pipeline: bool = Field(
+        True,
+        description="Run the reasoner on chunk i while the describer does chunk i+1 (when the "
+        "two teachers can run at once: not two transformers backends in one process); chunks "
+        "are still written in order. false = one teacher at a time.",
     )
     give_answer_to_reasoner: bool = Field(
         True, description="Show the ground-truth answer to the reasoner (the authors say they did)."

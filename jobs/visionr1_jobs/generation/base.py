@@ -86,6 +86,11 @@ class GenerationBackend(abc.ABC):
     #: failed Generation (remote APIs). Local engines fail as a whole (out of memory, a dead
     #: worker): for them a failure is never one row's, so it always raises.
     supports_row_errors: bool = False
+    #: ``generate`` may run on two threads at once (each call its own connections: an API).
+    reentrant: bool = False
+    #: Generation uses this process's own state (torch's global RNG, the pod's accelerator in
+    #: this process): two such backends must not generate at the same time.
+    process_bound: bool = False
 
     @abc.abstractmethod
     def _generate(self, requests: list[ChatRequest], sampling: Sampling) -> list[Generation]: ...

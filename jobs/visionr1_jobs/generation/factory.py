@@ -12,7 +12,7 @@ import importlib.util
 from collections.abc import Callable
 from typing import Any
 
-from visionr1_jobs.config import Backend
+from visionr1_jobs.config import DEFAULT_TIMEOUT_S, Backend
 from visionr1_jobs.contract import InvalidInput
 from visionr1_jobs.generation.base import GenerationBackend
 
@@ -85,7 +85,7 @@ def _openai(backend: Backend, default_model: str | None) -> GenerationBackend:
         model=_model(backend, default_model),
         api_key_env=backend.api_key_env,
         max_concurrency=backend.max_concurrency,
-        timeout_s=backend.timeout_s,
+        timeout_s=backend.timeout_s or DEFAULT_TIMEOUT_S,
         max_retries=backend.max_retries,
     )
 

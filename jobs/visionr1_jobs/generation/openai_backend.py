@@ -62,6 +62,7 @@ def _detail(exc: Any) -> str:
 class OpenAIBackend(GenerationBackend):
     kind = "openai"
     supports_row_errors = True
+    reentrant = True  # a fresh client and event loop per call
 
     def __init__(
         self,

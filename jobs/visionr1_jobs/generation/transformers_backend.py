@@ -29,6 +29,7 @@ def _torch_dtype(dtype: str, device: str) -> Any:
 
 class TransformersBackend(GenerationBackend):
     kind = "transformers"
+    process_bound = True  # torch's global RNG and this process's accelerator
 
     def __init__(
         self,

@@ -9,6 +9,14 @@ When its chunks are done a pod writes its shard marker; the pod that then finds 
 marker writes ``_manifest.json`` (outputs ``{"data": "synthesis"}``), and the others exit 0
 without one (see :mod:`visionr1_jobs.shards` for why this is safe under concurrency).
 
+The describer (steps 1–2) and the reasoner (step 3) are pipelined across chunks: the reasoner of
+chunk ``i`` runs on a background thread, writing its chunk when done, while the describer does
+chunk ``i+1`` (``params.pipeline``; only when the two may run at once: an API reasoner beside
+any describer, not two transformers models in one process). Chunks are still written in order,
+one at a time, so the resume contract is unchanged; the stage waits for a chunk's reasoner
+before starting the next one's. The reasoner's API timeout defaults to 1,800 s (a 16K-token
+chain of thought).
+
 A teacher request that fails for good (content filter, context length, another 4xx, retries
 spent) drops its row with a reason (:mod:`visionr1_jobs.synthesis.failures`); the dropped rows of
 a chunk are listed in ``_shards/shard-SSSSS-CCCCC.failed.json`` (written before the chunk) and
@@ -22,14 +30,23 @@ tokens/s, and the totals from the pod that writes the manifest.
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from visionr1_jobs import shards
-from visionr1_jobs.config import Backend, ResolvedStageConfig, SynthesisParams, Teacher
+from visionr1_jobs.config import (
+    REASONER_TIMEOUT_S,
+    Backend,
+    ResolvedStageConfig,
+    SynthesisParams,
+    Teacher,
+)
 from visionr1_jobs.contract import (
     InvalidInput,
     StageManifest,
@@ -95,13 +112,35 @@ def _log_setup(params: SynthesisParams, prompts: dict[str, Any], names: dict[str
     mlflow.set_tags(tags)
 
 
+def reasoner_backend(params: SynthesisParams) -> Backend:
+    """The reasoner's backend config, its API timeout defaulting to one a 16K-token chain of
+    thought fits in (:data:`~visionr1_jobs.config.REASONER_TIMEOUT_S`)."""
+    backend = params.reasoner.backend
+    if backend.kind == "openai" and backend.timeout_s is None:
+        return backend.model_copy(update={"timeout_s": REASONER_TIMEOUT_S})
+    return backend
+
+
+def can_overlap(describer: Any, reasoner: Any) -> bool:
+    """Whether the two teachers may generate at the same time: one backend only when it is
+    reentrant (an API), two unless both use this process's own torch state (two transformers
+    models would share its RNG and accelerator; beside an API or vLLM's own processes, fine)."""
+    if describer is reasoner:
+        return bool(getattr(describer, "reentrant", False))
+    return not (
+        getattr(describer, "process_bound", False) and getattr(reasoner, "process_bound", False)
+    )
+
+
 def _teachers(
     params: SynthesisParams, default_model: str | None, factory: BackendFactory
-) -> tuple[Callable[..., Any], Callable[..., Any], list[Any]]:
-    """Generate callables for describer and reasoner (one backend when both configs are equal)."""
+) -> tuple[Callable[..., Any], Callable[..., Any], list[Any], bool]:
+    """Generate callables for describer and reasoner (one backend when both configs are equal),
+    and whether they may run at once."""
     d_backend = factory(params.describer.backend, default_model)
-    same = params.reasoner.backend.dump() == params.describer.backend.dump()
-    r_backend = d_backend if same else factory(params.reasoner.backend, default_model)
+    r_config = reasoner_backend(params)
+    same = r_config.dump() == params.describer.backend.dump()
+    r_backend = d_backend if same else factory(r_config, default_model)
 
     from visionr1_jobs.synthesis.failures import generate_rows
 
@@ -110,8 +149,34 @@ def _teachers(
 
     describer = tolerant(d_backend, params.describer.sampling)
     reasoner = tolerant(r_backend, params.reasoner.sampling)
+    overlap = params.pipeline and can_overlap(d_backend, r_backend)
+    return describer, reasoner, [d_backend] if same else [d_backend, r_backend], overlap
 
-    return describer, reasoner, [d_backend] if same else [d_backend, r_backend]
+
+def _in_background(fn: Callable[[], Any]) -> Future[Any]:
+    """``fn()`` on a daemon thread: a failing stage exits without waiting for a long request."""
+    future: Future[Any] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # re-raised by future.result() in the stage's thread
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="synthesis-reasoner", daemon=True).start()
+    return future
+
+
+def _now(fn: Callable[[], Any]) -> Future[Any]:
+    future: Future[Any] = Future()
+    future.set_running_or_notify_cancel()
+    try:
+        future.set_result(fn())
+    except BaseException as exc:
+        future.set_exception(exc)
+    return future
 
 
 def _default_factory(backend: Backend, default_model: str | None) -> Any:
@@ -246,7 +311,7 @@ def _generate(
     """Generate the missing chunks of this shard; returns the shard's marker."""
     from visionr1_jobs.data.io import write_shard
     from visionr1_jobs.synthesis import shards as S
-    from visionr1_jobs.synthesis.bridge import bridge_batch
+    from visionr1_jobs.synthesis.bridge import describe_batch, reason_batch
 
     out_dir = stage_dir(cfg)
 
@@ -257,50 +322,79 @@ def _generate(
     failed = {c: S.read_failed(out_dir, c) for c in done}
     _check_failures(params, index, shard_rows, failed)
     backends: list[Any] = []
+
+    def reason_and_write(chunk: Any, described: Any) -> tuple[Any, list[Any], float]:
+        stats_rows = reason_batch(
+            described,
+            prompts,
+            reasoner,
+            give_answer_to_reasoner=params.give_answer_to_reasoner,
+            describer_name=names["describer"],
+            reasoner_name=names["reasoner"],
+        )
+        rows, stats, dropped = stats_rows
+        # The drop list first: a chunk file on disk means its drops are on disk too. Chunks are
+        # written in order: the next chunk's reasoner starts only after this returns.
+        S.write_failed(out_dir, chunk, dropped)
+        write_shard(rows, S.chunk_path(out_dir, chunk))
+        return stats, dropped, time.perf_counter()
+
+    def finish(chunk: Any, t0: float, future: Future[Any]) -> None:
+        nonlocal done_rows
+        stats, dropped, t1 = future.result()
+        failed[chunk] = dropped
+        dt = t1 - t0
+        for step, n in stats.tokens.items():
+            tokens[step] += n
+        done_rows += chunk.rows
+        chunk_metrics = {
+            "chunk.samples_per_s": chunk.rows / dt if dt > 0 else 0.0,
+            "chunk.tokens_per_s": stats.total_tokens / dt if dt > 0 else 0.0,
+            "chunk.seconds": dt,
+            "chunk.failed_rows": float(len(dropped)),
+        }
+        if mlrun is not None:
+            import mlflow
+
+            mlflow.log_metrics(chunk_metrics, step=chunk.start)
+        progress(
+            "synthesis",
+            done_rows,
+            shard_rows,
+            shard=chunk.shard,
+            chunk=chunk.chunk,
+            samples_per_s=round(chunk_metrics["chunk.samples_per_s"], 3),
+            tokens_per_s=round(chunk_metrics["chunk.tokens_per_s"], 1),
+            failed_rows=sum(len(f) for f in failed.values()),
+        )
+        _check_failures(params, index, shard_rows, failed)
+
     try:
         if todo:
-            describer, reasoner, backends = _teachers(params, cfg.base_model, factory)
+            describer, reasoner, backends, overlap = _teachers(params, cfg.base_model, factory)
+            print(
+                f"[synthesis] teachers {'pipelined' if overlap else 'in turn'}: the reasoner "
+                f"{'runs on chunk i while the describer does chunk i+1' if overlap else 'waits'}",
+                flush=True,
+            )
+        t_start = time.perf_counter()
+        pending: tuple[Any, float, Future[Any]] | None = None
         for chunk in todo:
             t0 = time.perf_counter()
-            rows, stats, dropped = bridge_batch(
-                samples[chunk.start : chunk.end],
-                prompts,
-                describer,
-                reasoner,
-                give_answer_to_reasoner=params.give_answer_to_reasoner,
-                describer_name=names["describer"],
-                reasoner_name=names["reasoner"],
-            )
-            # The drop list first: a chunk file on disk means its drops are on disk too.
-            S.write_failed(out_dir, chunk, dropped)
-            write_shard(rows, S.chunk_path(out_dir, chunk))
-            failed[chunk] = dropped
-            dt = time.perf_counter() - t0
-            gen_s += dt
-            for step, n in stats.tokens.items():
-                tokens[step] += n
-            done_rows += chunk.rows
-            chunk_metrics = {
-                "chunk.samples_per_s": chunk.rows / dt if dt > 0 else 0.0,
-                "chunk.tokens_per_s": stats.total_tokens / dt if dt > 0 else 0.0,
-                "chunk.seconds": dt,
-                "chunk.failed_rows": float(len(dropped)),
-            }
-            if mlrun is not None:
-                import mlflow
-
-                mlflow.log_metrics(chunk_metrics, step=chunk.start)
-            progress(
-                "synthesis",
-                done_rows,
-                shard_rows,
-                shard=chunk.shard,
-                chunk=chunk.chunk,
-                samples_per_s=round(chunk_metrics["chunk.samples_per_s"], 3),
-                tokens_per_s=round(chunk_metrics["chunk.tokens_per_s"], 1),
-                failed_rows=sum(len(f) for f in failed.values()),
-            )
-            _check_failures(params, index, shard_rows, failed)
+            # While the previous chunk's reasoner runs (pipelined), the describer does this one.
+            described = describe_batch(samples[chunk.start : chunk.end], prompts, describer)
+            if pending is not None:
+                finish(*pending)
+                pending = None
+            job = functools.partial(reason_and_write, chunk, described)
+            if overlap:
+                pending = (chunk, t0, _in_background(job))
+            else:
+                finish(chunk, t0, _now(job))
+        if pending is not None:
+            finish(*pending)
+        if todo:
+            gen_s = time.perf_counter() - t_start  # wall time: pipelined chunks overlap
     finally:
         for backend in backends:
             backend.close()

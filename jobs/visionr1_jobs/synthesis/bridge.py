@@ -66,45 +66,51 @@ def _meta(sample: Sample, step: str, with_scene: bool) -> dict[str, object]:
     return meta
 
 
-def bridge_batch(
-    samples: list[Sample],
-    prompts: dict[str, Prompt],
-    describer: Generate,
-    reasoner: Generate,
-    *,
-    give_answer_to_reasoner: bool,
-    describer_name: str,
-    reasoner_name: str,
-) -> tuple[list[Sample], BatchStats, list[dict[str, str]]]:
-    """Run the three steps on ``samples``; returns them with ``response`` and ``raw`` filled,
-    the stats, and the rows dropped on the way (``id``, ``step``, ``reason``, ``detail``).
+@dataclass
+class Described:
+    """A batch after the describer's two steps (1–2), waiting for the reasoner (step 3)."""
 
-    A teacher may answer a request with a :class:`~visionr1_jobs.synthesis.failures.RowFailure`
-    instead of a Generation: that sample leaves the batch at that step and is reported as dropped.
-    """
+    samples: list[Sample]
+    cots: list[Generation]
+    descs: list[Generation]
+    stats: BatchStats
+    failed: list[dict[str, str]]
+
+
+def _call(
+    fn: Generate,
+    live: list[Sample],
+    requests: list[ChatRequest],
+    step: str,
+    stats: BatchStats,
+    failed: list[dict[str, str]],
+) -> tuple[list[Sample], list[Generation], list[int]]:
+    """One teacher step over the live samples: the ones answered, their answers, and their
+    positions in ``live``; a sample answered with a RowFailure is recorded in ``failed``."""
     from visionr1_jobs.synthesis.failures import RowFailure
 
+    outs = fn(requests)
+    if len(outs) != len(requests):
+        raise RuntimeError(f"{step}: teacher returned {len(outs)} results for {len(requests)}")
+    kept: list[int] = []
+    for i, (s, o) in enumerate(zip(live, outs, strict=True)):
+        if isinstance(o, RowFailure):
+            failed.append({"id": s.id, "step": step, "reason": o.reason, "detail": o.detail})
+        else:
+            kept.append(i)
+    gens = [outs[i] for i in kept]
+    stats.tokens[step] += sum(o.completion_tokens for o in gens)
+    return [live[i] for i in kept], gens, kept
+
+
+def describe_batch(
+    samples: list[Sample], prompts: dict[str, Prompt], describer: Generate
+) -> Described:
+    """Steps 1–2 (the multimodal describer) on ``samples``."""
     stats = BatchStats()
     failed: list[dict[str, str]] = []
-
-    def call(
-        fn: Generate, live: list[Sample], requests: list[ChatRequest], step: str
-    ) -> tuple[list[Sample], list[Generation], list[int]]:
-        outs = fn(requests)
-        if len(outs) != len(requests):
-            raise RuntimeError(f"{step}: teacher returned {len(outs)} results for {len(requests)}")
-        kept: list[int] = []
-        for i, (s, o) in enumerate(zip(live, outs, strict=True)):
-            if isinstance(o, RowFailure):
-                failed.append({"id": s.id, "step": step, "reason": o.reason, "detail": o.detail})
-            else:
-                kept.append(i)
-        gens = [outs[i] for i in kept]
-        stats.tokens[step] += sum(o.completion_tokens for o in gens)
-        return [live[i] for i in kept], gens, kept
-
     p1 = prompts["pseudo_cot"]
-    live, cots, _ = call(
+    live, cots, _ = _call(
         describer,
         samples,
         [
@@ -116,9 +122,11 @@ def bridge_batch(
             for s in samples
         ],
         "pseudo_cot",
+        stats,
+        failed,
     )
     p2 = prompts["description"]
-    live, descs, kept = call(
+    live, descs, kept = _call(
         describer,
         live,
         [
@@ -130,15 +138,33 @@ def bridge_batch(
             for s, c in zip(live, cots, strict=True)
         ],
         "description",
+        stats,
+        failed,
     )
-    cots = [cots[i] for i in kept]
+    return Described(live, [cots[i] for i in kept], descs, stats, failed)
+
+
+def reason_batch(
+    described: Described,
+    prompts: dict[str, Prompt],
+    reasoner: Generate,
+    *,
+    give_answer_to_reasoner: bool,
+    describer_name: str,
+    reasoner_name: str,
+) -> tuple[list[Sample], BatchStats, list[dict[str, str]]]:
+    """Step 3 (the text-only reasoner) and step 4 (pairing its reasoning with the image) on a
+    described batch; returns what :func:`bridge_batch` returns."""
+    stats, failed = described.stats, list(described.failed)
+    live, cots, descs = described.samples, described.cots, described.descs
+    p1 = prompts["pseudo_cot"]
     p3 = prompts["reasoner_with_answer" if give_answer_to_reasoner else "reasoner"]
     reasoner_prompts = [
         p3.render(question=s.question, description=d.text, answer=s.answer)
         for s, d in zip(live, descs, strict=True)
     ]
     # Text only, and no scene: the reasoner never sees the image (that is the point of the bridge).
-    live, answers, kept = call(
+    live, answers, kept = _call(
         reasoner,
         live,
         [
@@ -146,6 +172,8 @@ def bridge_batch(
             for t, s in zip(reasoner_prompts, live, strict=True)
         ],
         "reasoner",
+        stats,
+        failed,
     )
     cots, descs = [cots[i] for i in kept], [descs[i] for i in kept]
     reasoner_prompts = [reasoner_prompts[i] for i in kept]
@@ -180,3 +208,31 @@ def bridge_batch(
             raw["toy_behaviour"] = behaviour
         out.append(s.model_copy(update={"response": compose_response(a), "raw": raw}))
     return out, stats, failed
+
+
+def bridge_batch(
+    samples: list[Sample],
+    prompts: dict[str, Prompt],
+    describer: Generate,
+    reasoner: Generate,
+    *,
+    give_answer_to_reasoner: bool,
+    describer_name: str,
+    reasoner_name: str,
+) -> tuple[list[Sample], BatchStats, list[dict[str, str]]]:
+    """Run the three steps on ``samples``; returns them with ``response`` and ``raw`` filled,
+    the stats, and the rows dropped on the way (``id``, ``step``, ``reason``, ``detail``).
+
+    A teacher may answer a request with a :class:`~visionr1_jobs.synthesis.failures.RowFailure`
+    instead of a Generation: that sample leaves the batch at that step and is reported as dropped.
+    The synthesis stage runs the two halves (:func:`describe_batch`, :func:`reason_batch`) on
+    consecutive chunks at once.
+    """
+    return reason_batch(
+        describe_batch(samples, prompts, describer),
+        prompts,
+        reasoner,
+        give_answer_to_reasoner=give_answer_to_reasoner,
+        describer_name=describer_name,
+        reasoner_name=reasoner_name,
+    )

@@ -99,6 +99,7 @@ class ToyTeachers(GenerationBackend):
     """Toy stand-ins of the describer and the reasoner, behind one backend."""
 
     kind = "toy"
+    reentrant = True  # each request's randomness comes from its own seed and text
 
     def __init__(self, error_rate: float, inconsistent_rate: float) -> None:
         self.error_rate = error_rate
