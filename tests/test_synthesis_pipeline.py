@@ -36,12 +36,24 @@ class Teachers:
     def __init__(self) -> None:
         self.log: list[tuple[str, float, float]] = []
         self.lock = threading.Lock()
+        self.delays = {"reasoner": REASON_S, "describer": STEP_S}
+        self.refuse_reasoner_after: int | None = None  # then answer 401 (a revoked key)
+        self.reasoned = 0
         self.http = ChatServer(self.respond)
 
     def respond(self, path: str, headers: Mapping[str, str], body: dict[str, Any]) -> Reply:
         t0 = time.monotonic()
         model = body["model"]
-        time.sleep(REASON_S if model == "reasoner" else STEP_S)
+        if model == "reasoner":
+            with self.lock:
+                self.reasoned += 1
+                refuse = (
+                    self.refuse_reasoner_after is not None
+                    and self.reasoned > self.refuse_reasoner_after
+                )
+            if refuse:
+                return 401, {"error": {"message": "key revoked", "code": "invalid_api_key"}}, {}
+        time.sleep(self.delays[model])
         text = (
             "<think> Three circles. </think><answer> Final Answer:3 </answer>"
             if model == "reasoner"
@@ -173,3 +185,32 @@ def test_the_reasoners_api_timeout_fits_a_16k_token_chain_of_thought() -> None:
     local, api = Local(), Api()
     assert can_overlap(api, api) and can_overlap(local, api) and can_overlap(api, Api())
     assert not can_overlap(local, local) and not can_overlap(local, Local())
+
+
+def test_a_failure_mid_pipeline_keeps_the_finished_chunks_and_a_rerun_completes_them(
+    tmp_path: Path, toy: Path, teachers: Teachers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from visionr1_jobs.contract import sha256_file
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("VISIONR1_SHARDS", raising=False)
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    teachers.delays = {"reasoner": 0.05, "describer": 0.0}
+    reference = tmp_path / "reference"
+    _run(reference, toy, teachers.http.url, pipeline=True)
+    # The reasoner's key is revoked in the third chunk, while the describer is on the fourth.
+    teachers.reasoned, teachers.refuse_reasoner_after = 0, 2 * PER_CHUNK
+    with pytest.raises(Exception, match="401"):
+        _run(tmp_path / "ws", toy, teachers.http.url, pipeline=True)
+    out = tmp_path / "ws" / "synthesis"
+    written = sorted(p.name for p in out.glob("shard-*.parquet"))
+    assert written == ["shard-00000-00000.parquet", "shard-00000-00001.parquet"]  # in order
+    before = {n: sha256_file(out / n) for n in written}
+    teachers.refuse_reasoner_after = None
+    teachers.reasoned = 0
+    _run(tmp_path / "ws", toy, teachers.http.url, pipeline=True)
+    assert teachers.reasoned == N_ROWS - 2 * PER_CHUNK  # only the unfinished chunks again
+    assert {n: sha256_file(out / n) for n in written} == before
+    got = read_records(out)
+    want = read_records(reference / "synthesis")
+    assert [(r.id, r.response) for r in got] == [(r.id, r.response) for r in want]
