@@ -26,7 +26,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def mlflow_server(
-    workdir: Path, *, serve_artifacts: bool = False, start_timeout_s: float = 120.0
+    workdir: Path,
+    *,
+    serve_artifacts: bool = False,
+    start_timeout_s: float = 120.0,
+    port: int | None = None,
 ) -> Iterator[str]:
     """``mlflow server`` on 127.0.0.1 with a sqlite store under ``workdir``; yields its URI.
 
@@ -34,9 +38,11 @@ def mlflow_server(
     pods run as another user and write through HTTP, never to a path); otherwise clients write
     them straight into ``workdir/artifacts``. The server log is ``workdir/mlflow-server.log``,
     its tail in the error when the server does not answer within ``start_timeout_s``.
+    ``port``: listen there (a server started again on the same folder and port is the same
+    server to its clients, as after an outage); default a free one.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     artifacts = str(workdir / "artifacts")
@@ -45,7 +51,7 @@ def mlflow_server(
     else:
         artifact_args = ["--default-artifact-root", artifacts]
     log_path = workdir / "mlflow-server.log"
-    log = log_path.open("wb")
+    log = log_path.open("ab")
     proc = subprocess.Popen(
         [
             exe,

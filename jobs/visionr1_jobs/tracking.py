@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from visionr1_jobs.config import ResolvedStageConfig
+from visionr1_jobs.mlflow_spool import Spool, quick_requests, transient
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+log = logging.getLogger(__name__)
 
 PARENT_ENV = "VISIONR1_PARENT_RUN_ID"
 STAGE_ENV = "VISIONR1_STAGE_RUN_ID"
@@ -34,6 +39,11 @@ def tracking_uri(cfg: ResolvedStageConfig) -> str:
     if uri:
         return uri
     return f"sqlite:///{Path(cfg.workspace).resolve() / 'mlflow.db'}"
+
+
+def outbox(cfg: ResolvedStageConfig) -> Spool:
+    """The run's MLflow outbox on its workspace (:mod:`visionr1_jobs.mlflow_spool`)."""
+    return Spool(cfg.workspace, tracking_uri(cfg))
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -70,9 +80,7 @@ def log_params_noting_changes(client: Any, run_id: str, params: dict[str, str]) 
     for i in range(0, len(new), 100):  # MLflow's batch limit for params
         client.log_batch(run_id, params=new[i : i + 100], synchronous=True)
     if changed:
-        import logging
-
-        logging.getLogger(__name__).warning(
+        log.warning(
             "MLflow run %s was started with other values; params keep the first, the changes "
             "are tagged %s*: %s",
             run_id,
@@ -107,18 +115,11 @@ def stage_run(
         return
     import mlflow
 
+    _flush_quietly(cfg)
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.mlflow.experiment
-    mlflow.set_experiment(experiment)
-    parent = nested_under or cfg.mlflow.parent_run_id or os.environ.get(PARENT_ENV)
+    mlflow.set_experiment(_experiment(cfg))
     resume = None if nested_under else (cfg.mlflow.run_id or os.environ.get(STAGE_ENV))
-    tags = {
-        "visionr1.stage": cfg.stage,
-        "visionr1.run": cfg.run.name,
-        "visionr1.namespace": cfg.run.namespace,
-    }
-    if parent:
-        tags["mlflow.parentRunId"] = parent
+    tags = _tags(cfg, nested_under)
     if resume:
         run = mlflow.start_run(run_id=resume)
     else:
@@ -133,3 +134,89 @@ def stage_run(
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def _experiment(cfg: ResolvedStageConfig) -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.mlflow.experiment
+
+
+def _tags(cfg: ResolvedStageConfig, nested_under: str | None) -> dict[str, str]:
+    tags = {
+        "visionr1.stage": cfg.stage,
+        "visionr1.run": cfg.run.name,
+        "visionr1.namespace": cfg.run.namespace,
+    }
+    parent = nested_under or cfg.mlflow.parent_run_id or os.environ.get(PARENT_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    return tags
+
+
+def _flush_quietly(cfg: ResolvedStageConfig) -> None:
+    """Send what an earlier stage of the run left in the outbox while MLflow was down."""
+    try:
+        outbox(cfg).flush(force=True)
+    except Exception as exc:  # a row MLflow refuses must not fail the stage that found it
+        log.warning("MLflow outbox of %s not sent: %s", cfg.workspace, exc)
+
+
+@contextlib.contextmanager
+def durable_run(
+    cfg: ResolvedStageConfig,
+    name: str | None = None,
+    *,
+    nested_under: str | None = None,
+    run_id: str | None = None,
+    log_config: bool = True,
+) -> Iterator[Any]:
+    """Like :func:`stage_run`, for stages that must not depend on MLflow (training): no fluent
+    active run, every write goes through the workspace's outbox, and MLflow being unreachable
+    at the start is no error when the run's id is known (``run_id``, else the operator's stage
+    run id): its metrics wait in the outbox. Without a known id and without MLflow the stage
+    runs untracked (a warning says so). Yields an object with ``.info.run_id``, or None.
+    """
+    if not is_rank_zero():
+        yield None
+        return
+    import mlflow
+
+    box = outbox(cfg)
+    _flush_quietly(cfg)
+    resume = run_id or (None if nested_under else (cfg.mlflow.run_id or os.environ.get(STAGE_ENV)))
+    uri = tracking_uri(cfg)
+    try:
+        with quick_requests():
+            client = mlflow.MlflowClient(uri)
+            if resume:
+                client.update_run(resume, status="RUNNING")
+            else:
+                experiment = _experiment(cfg)
+                found = client.get_experiment_by_name(experiment)
+                exp_id = found.experiment_id if found else client.create_experiment(experiment)
+                created = client.create_run(
+                    exp_id, run_name=name or cfg.stage, tags=_tags(cfg, nested_under)
+                )
+                resume = created.info.run_id
+    except Exception as exc:
+        if not transient(exc):
+            raise
+        if not resume:
+            log.warning(
+                "MLflow at %s is unreachable and no run id is known for %s: this stage's "
+                "metrics are not recorded (it trains on)", uri, name or cfg.stage,
+            )  # fmt: skip
+            yield None
+            return
+        log.warning(
+            "MLflow at %s is unreachable (%s): run %s is logged through the outbox in %s",
+            uri, str(exc).splitlines()[0][:200], resume, box.dir,
+        )  # fmt: skip
+    try:
+        if log_config:
+            box.params(resume, flatten(cfg.params))
+        yield SimpleNamespace(info=SimpleNamespace(run_id=resume))
+    except BaseException:
+        box.terminated(resume, "FAILED")
+        raise
+    else:
+        box.terminated(resume, "FINISHED")

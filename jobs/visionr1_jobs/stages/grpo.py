@@ -170,11 +170,9 @@ def train(cfg: ResolvedStageConfig, params: GRPOParams, folder: Path) -> StageMa
             steps_before += row.steps
     except BaseException:
         if grpo_run_id:
-            import mlflow
+            from visionr1_jobs.tracking import outbox
 
-            from visionr1_jobs.tracking import tracking_uri
-
-            mlflow.MlflowClient(tracking_uri(cfg)).set_terminated(grpo_run_id, "FAILED")
+            outbox(cfg).terminated(grpo_run_id, "FAILED")
         raise
 
     outputs = {"model": f"{cfg.output_dir}/{ptst.substage_name(len(params.ptst))}/final"}
@@ -314,8 +312,11 @@ def _substage(
             if params.freeze_vision_tower:
                 runtime.freeze_vision_tower(model)
             callbacks: list[Any] = [ProgressLines(label), watch]
-            if run_id and grpo_run_id:
-                callbacks.append(MlflowMetrics(cfg, {run_id: 0, grpo_run_id: steps_before}))
+            # A sub-stage that started while MLflow was down has no run of its own (nothing to
+            # resume): its curve still goes into the GRPO stage run.
+            targets = {rid: off for rid, off in ((run_id, 0), (grpo_run_id, steps_before)) if rid}
+            if targets:
+                callbacks.append(MlflowMetrics(cfg, targets))
             trainer = GRPOTrainer(
                 model=model,
                 reward_funcs=funcs,
