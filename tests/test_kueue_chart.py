@@ -8,7 +8,7 @@ from typing import Any
 import helm_python as helm
 import yaml
 
-from visionr1_operator.rbac import KUEUE_RULES, RULES
+from visionr1_operator.rbac import CREDENTIAL_RULES, KUEUE_RULES, RULES
 
 from repo_paths import REPO
 
@@ -46,10 +46,12 @@ def expected(rules: tuple[Any, ...]) -> set[tuple[str, str, str]]:
 
 def test_workload_access_only_with_kueue_enabled() -> None:
     (default,) = roles({})
-    assert permissions(default) == expected(RULES)
+    assert permissions(default) == expected(RULES + CREDENTIAL_RULES)
     (with_kueue,) = roles({"kueue": {"enabled": True}})
-    assert permissions(with_kueue) == expected(RULES + KUEUE_RULES)
+    assert permissions(with_kueue) == expected(RULES + CREDENTIAL_RULES + KUEUE_RULES)
     assert ("kueue.x-k8s.io", "workloads", "patch") in permissions(with_kueue)
     namespaced = roles({"kueue": {"enabled": True}, "watchNamespaces": ["a", "b"]})
     assert len(namespaced) == 2
-    assert all(permissions(r) == expected(RULES + KUEUE_RULES) for r in namespaced)
+    assert all(
+        permissions(r) == expected(RULES + CREDENTIAL_RULES + KUEUE_RULES) for r in namespaced
+    )
