@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from visionr1_operator import kueue
+from visionr1_operator.kube import ApiError
 from visionr1_operator.manifests import ANNOTATION_HELD
 
 
@@ -20,6 +21,7 @@ def workload(name: str, job: str, uid: str, active: bool = True, **status: Any) 
         "metadata": {
             "name": name,
             "namespace": "team",
+            "labels": {kueue.JOB_UID_LABEL: uid},
             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job, "uid": uid}],
         },
         "spec": {"active": active, "queueName": "gpu"},
@@ -28,17 +30,32 @@ def workload(name: str, job: str, uid: str, active: bool = True, **status: Any) 
 
 
 class Recorder:
-    """Answers ``list`` from a fixed set of Workloads and records every patch."""
+    """Answers ``list`` from a fixed set of Workloads (by an equality label selector, as the API
+    server does), ``get`` of a Job with its uid, and records every request."""
 
-    def __init__(self, workloads: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, workloads: list[dict[str, Any]], jobs: dict[str, str] | None = None, deny: str = ""
+    ) -> None:
         self.workloads = workloads
+        self.jobs = jobs or {}  # Job name → uid
+        self.deny = deny  # "list" or "patch": answer 403 to that verb on Workloads
         self.patches: list[tuple[str, str, dict[str, Any]]] = []
+        self.requests: list[tuple[str, str, str | None]] = []
 
     async def list(
         self, api_version: str, plural: str, namespace: str, label_selector: str | None = None
     ) -> list[dict[str, Any]]:
         assert (api_version, plural, namespace) == (kueue.API_VERSION, "workloads", "team")
-        return self.workloads
+        self.requests.append(("list", plural, label_selector))
+        if self.deny == "list":
+            raise ApiError(403, "LIST", "workloads team", "workloads is forbidden", "Forbidden")
+        assert label_selector, "never a list of the whole namespace"
+        key, _, value = label_selector.partition("=")
+        return [w for w in self.workloads if w["metadata"]["labels"].get(key) == value]
+
+    async def get(self, api_version: str, plural: str, namespace: str, name: str) -> dict[str, Any]:
+        self.requests.append(("get", plural, name))
+        return {"metadata": {"name": name, "uid": self.jobs[name]}}
 
     async def patch(
         self,
@@ -50,6 +67,8 @@ class Recorder:
         subresource: str | None = None,
     ) -> dict[str, Any]:
         self.patches.append((plural, name, dict(patch)))
+        if plural == "workloads" and self.deny == "patch":
+            raise ApiError(403, "PATCH", "workloads team", "workloads is forbidden", "Forbidden")
         if plural == "workloads":
             wl = next(w for w in self.workloads if w["metadata"]["name"] == name)
             wl["spec"].update(patch["spec"])
@@ -64,7 +83,7 @@ def test_workload_of_matches_the_owner_job() -> None:
 
 
 def test_suspend_deactivates_then_marks_the_job_and_never_writes_its_suspend() -> None:
-    client = Recorder([workload("job-run-sft-0-x", "run-sft-0", "u1")])
+    client = Recorder([workload("job-run-sft-0-x", "run-sft-0", "u1")], {"run-sft-0": "u1"})
     name = asyncio.run(kueue.set_active(client, "team", "run-sft-0", active=False))
     assert name == "job-run-sft-0-x"
     assert client.patches == [
@@ -86,7 +105,7 @@ def test_suspend_deactivates_then_marks_the_job_and_never_writes_its_suspend() -
 
 
 def test_no_workload_yet_is_an_error_that_names_the_job() -> None:
-    client = Recorder([])
+    client = Recorder([], {"run-sft-0": "u1"})
     with pytest.raises(kueue.WorkloadNotFound, match="team/run-sft-0"):
         asyncio.run(kueue.set_active(client, "team", "run-sft-0", active=False))
     assert client.patches == []
@@ -118,3 +137,50 @@ def test_pending_message_and_admission() -> None:
         ],
     )
     assert kueue.pending_message(admitted) is None and kueue.is_admitted(admitted)
+
+
+def test_the_workload_is_found_by_the_jobs_uid_not_by_listing_the_namespace() -> None:
+    earlier = workload("job-run-sft-0-old", "run-sft-0", "u0")  # a deleted Job of that name
+    current = workload("job-run-sft-0-new", "run-sft-0", "u1")
+    other = workload("job-other-0-x", "other-0", "u2")
+    client = Recorder([earlier, current, other], {"run-sft-0": "u1"})
+    name = asyncio.run(kueue.set_active(client, "team", "run-sft-0", False, job_uid="u1"))
+    assert name == "job-run-sft-0-new"
+    assert client.requests == [("list", "workloads", f"{kueue.JOB_UID_LABEL}=u1")]
+    assert earlier["spec"]["active"] is True and current["spec"]["active"] is False
+    # the uid not known yet (a Job just created): read from the Job itself
+    client.requests.clear()
+    asyncio.run(kueue.set_active(client, "team", "run-sft-0", True))
+    assert client.requests == [
+        ("get", "jobs", "run-sft-0"),
+        ("list", "workloads", f"{kueue.JOB_UID_LABEL}=u1"),
+    ]
+    assert current["spec"]["active"] is True
+
+
+@pytest.mark.parametrize("verb", ["list", "patch"])
+def test_a_403_on_workloads_names_the_missing_permission(verb: str) -> None:
+    client = Recorder([workload("w", "run-sft-0", "u1")], {"run-sft-0": "u1"}, deny=verb)
+    with pytest.raises(kueue.WorkloadForbidden) as err:
+        asyncio.run(kueue.set_active(client, "team", "run-sft-0", False, job_uid="u1"))
+    assert f"may not {verb} workloads.kueue.x-k8s.io in namespace team" in str(err.value)
+    assert "kueue.enabled" in str(err.value)
+
+
+def test_waiting_message_is_kueues_pending_reason() -> None:
+    why = "couldn't assign flavors to pod set main: insufficient quota for nvidia.com/gpu"
+    pending = workload(
+        "w",
+        "run-sft-0",
+        "u1",
+        conditions=[
+            {"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": why}
+        ],
+    )
+    client = Recorder([pending], {"run-sft-0": "u1"})
+    assert asyncio.run(kueue.waiting_message(client, "team", "run-sft-0", "u1")) == why
+    assert "not created its Workload" in asyncio.run(
+        kueue.waiting_message(Recorder([]), "team", "run-sft-0", "u1")
+    )
+    denied = Recorder([pending], deny="list")
+    assert "may not list" in asyncio.run(kueue.waiting_message(denied, "team", "run-sft-0", "u1"))

@@ -18,6 +18,25 @@ never in the way: when it does not answer, the ``Tracking`` condition says so, J
 all the same, and the MLflow side is retried on its own (opening runs on later reconciles,
 ending runs in the background).
 
+Refusals that only Events show: ResourceQuota, Pod Security and LimitRange judge pods, so the
+Job is accepted and the Job controller's pod creations are refused (``FailedCreate`` Events on
+the Job). A live Job with no pods a few seconds after it was seen has its FailedCreate Events
+read (by the Job's uid, server-side filtered), again with a backoff up to a minute while it has
+none; the refusal (the quota and its numbers, the violated Pod Security rule, the LimitRange
+bound) becomes the stage's message, the ``Progressing`` reason and a Warning Event, cleared when
+its pods are created. The same timer reads a Kueue-suspended Job's Workload (by the Job's uid)
+for Kueue's "why not admitted" message. Nothing is watched for this: no Event stream of the
+whole namespace, one filtered list per waiting Job and backoff step.
+
+Quiet while Pending: a pod whose trouble keeps its reason but changes its message (the
+scheduler's node counts) triggers a reconcile at most once a minute, and a new message for a
+reason the run already shows updates the status without a new Event.
+
+Failure releases resources: when a run fails (a stage failed, retries spent, or an edit made
+its spec invalid), its unfinished Jobs are deleted with background propagation, so the garbage
+collector terminates their pods at once (their grace period); finished Jobs and their pods
+stay for their logs. MLflow stage runs still open and the parent run end FAILED.
+
 Pod Security: before creating a stage's Job the operator reads the namespace's
 ``pod-security.kubernetes.io/enforce`` label; where it is ``restricted`` the pods get no root
 init container (``spec.storage.workspaceInit`` Auto), and a run that insists on one waits with
@@ -34,7 +53,9 @@ same handlers with their own settings.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 import os
 import time
 from collections import defaultdict
@@ -46,7 +67,7 @@ from typing import Any, TypeVar
 import kopf
 from pydantic import ValidationError
 
-from visionr1_operator import compat, kueue, manifests, mlflow_runs
+from visionr1_operator import compat, kueue, manifests, mlflow_runs, refusals
 from visionr1_operator.api import (
     API_VERSION,
     GROUP,
@@ -87,6 +108,12 @@ from visionr1_operator.validate import accepted_run, validate_object
 # Recorded in kopf's settings; no handler needs it, so kopf adds none and removes a stale one.
 FINALIZER = f"{GROUP}/finalizer"
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+# A live Job without pods: when its FailedCreate Events (or a Kueue-suspended Job's Workload) are
+# read first, and at most how long apart later reads are (doubling in between).
+FIRST_CHECK_S = 3.0
+MAX_CHECK_S = 60.0
+# A pod's trouble with the same reason and a new message reconciles at most this often.
+PROBLEM_REFRESH_S = 60.0
 log = logging.getLogger("visionr1.operator")
 # The condition reason of a run the cluster's policy refuses (policy.policy_problems).
 NOT_ALLOWED = "NotAllowed"
@@ -118,6 +145,17 @@ class OperatorConfig:
 
 class ObjectInTheWay(Exception):
     """An object of a child's name exists that this run does not own."""
+
+
+@dataclass
+class WaitCheck:
+    """Reading why a live Job has no pods (``refusal``: its FailedCreate Events) or why Kueue
+    keeps it suspended (``kueue``: its Workload), with a backoff between reads."""
+
+    kind: str
+    due: float  # monotonic time of the next read
+    interval: float
+    value: str | tuple[str, str] | None = None  # what the last read found
 
 
 def _status(obj: Mapping[str, Any]) -> VisionR1RunStatus:
@@ -170,6 +208,9 @@ class Reconciler:
         self.background: set[asyncio.Task[None]] = set()
         # (namespace, run) → pod name → what the pod watch last reported
         self.seen_pods: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
+        # (namespace, run) → Job name → why it has no pods / is not admitted (read on a timer)
+        self.waiting: dict[tuple[str, str], dict[str, WaitCheck]] = {}
+        self.wait_timers: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------------ triggers
 
@@ -186,6 +227,24 @@ class Reconciler:
 
         self.timers[key] = asyncio.create_task(later())
 
+    def _schedule_check(self, namespace: str, name: str, after_s: float | None) -> None:
+        """The next read of a waiting Job's Events or Workload (its own timer: the plan's
+        retry timer is left alone); None cancels it."""
+        key = (namespace, name)
+        old = self.wait_timers.pop(key, None)
+        if old is not None and not old.done() and old is not asyncio.current_task():
+            old.cancel()
+        if after_s is None:
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(after_s)
+            if self.wait_timers.get(key) is asyncio.current_task():
+                del self.wait_timers[key]
+            await self.reconcile_quietly(namespace, name)
+
+        self.wait_timers[key] = asyncio.create_task(later())
+
     async def reconcile_quietly(self, namespace: str, name: str) -> None:
         """For triggers kopf does not retry (Job events, timers): log and try again later."""
         try:
@@ -197,9 +256,10 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         """Drop every piece of in-memory state of a run (it was deleted)."""
         key = (namespace, name)
-        timer = self.timers.pop(key, None)
-        if timer is not None and timer is not asyncio.current_task():
-            timer.cancel()
+        for timers in (self.timers, self.wait_timers):
+            timer = timers.pop(key, None)
+            if timer is not None and timer is not asyncio.current_task():
+                timer.cancel()
         lock = self.locks.get(key)
         if lock is not None and not lock.locked():
             self.locks.pop(key, None)
@@ -207,6 +267,7 @@ class Reconciler:
         self.seen_pods.pop(key, None)
         self.created.pop(key, None)
         self.blocked.pop(key, None)
+        self.waiting.pop(key, None)
 
     def state_of(self, namespace: str, name: str) -> dict[str, Any]:
         """What this process keeps about one run (for tests and debugging)."""
@@ -218,6 +279,8 @@ class Reconciler:
             "seen_pods": self.seen_pods,
             "created": self.created,
             "blocked": self.blocked,
+            "waiting": self.waiting,
+            "wait_timers": self.wait_timers,
         }
         return {k: store[key] for k, store in stores.items() if key in store}
 
@@ -255,12 +318,117 @@ class Reconciler:
         run, refusal = self._admit(namespace, name, obj, status)
         if run is None:
             assert refusal is not None
-            await self._finish(obj, status, status, [refusal], now)
+            await self._fail_invalid(obj, status, refusal, now)
             return
         jobs = await self._failed_pods(namespace, status, self._observe(namespace, name, obj))
+        jobs, recheck = await self._why_waiting(namespace, name, jobs)
         actions = plan(run, status, jobs, now, self.config.retry)
-        new, extra = await self._execute(run, obj, status, actions, now)
+        new, extra = await self._execute(run, obj, status, actions, now, jobs)
         await self._finish(obj, status, new, [*actions, *extra], now, executed=True)
+        self._schedule_check(
+            namespace, name, None if new.phase in ("Failed", "Succeeded") else recheck
+        )
+
+    async def _fail_invalid(
+        self, obj: Mapping[str, Any], status: VisionR1RunStatus, refusal: FinishRun, now: datetime
+    ) -> None:
+        """The spec is refused (an edit that does not validate or is not allowed): the run
+        fails, its live Jobs go, its open MLflow runs end FAILED."""
+        assert self.kube is not None
+        meta = obj["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        await self._stop_jobs(namespace, name, self._observe(namespace, name, obj))
+        stopped = [
+            StageFailed(
+                stage, "RunFailed", f"stopped: the run's spec is refused ({refusal.reason})"
+            )
+            for stage, st in status.stages.items()
+            if st.phase in ("Pending", "Running", "Suspended") and st.attempts > 0
+        ]
+        spec = (obj.get("spec") or {}).get("mlflow") or {}
+        uri = spec.get("trackingUri") or self.config.mlflow_uri
+        if uri not in (self.config.mlflow_uri, *self.config.policy.allowed_tracking_uris):
+            uri = None  # the refused edit may name any server: never call one not allowed
+        if uri and status.mlflow_run_id:
+            for a in stopped:
+                stage_run = status.stages[a.stage].mlflow_run_id
+                if stage_run:
+                    await self._end(uri, stage_run, "FAILED")
+            await self._end(uri, status.mlflow_run_id, "FAILED")
+        self._schedule_check(namespace, name, None)
+        await self._finish(obj, status, status, [*stopped, refusal], now)
+
+    async def _stop_jobs(self, namespace: str, name: str, jobs: list[ObservedJob]) -> None:
+        """Delete the run's unfinished Jobs; their pods go with them (background propagation:
+        the garbage collector terminates them at once). Finished ones stay for their logs."""
+        assert self.kube is not None
+        for job in jobs:
+            if job.outcome in ("running", "suspended"):
+                if await self.kube.delete("batch/v1", "jobs", namespace, job.name):
+                    log.info(
+                        "%s/%s failed: deleted its unfinished Job %s", namespace, name, job.name
+                    )
+            self.created.get((namespace, name), {}).pop(job.name, None)
+
+    async def _why_waiting(
+        self, namespace: str, name: str, jobs: list[ObservedJob]
+    ) -> tuple[list[ObservedJob], float | None]:
+        """Each live Job without pods with its pods' refusal (``pod_problem``), each Job Kueue
+        keeps suspended with Kueue's reason (``admission``), as far as read so far; and in how
+        many seconds to read again (None: nothing waits)."""
+        key = (namespace, name)
+        known = self.waiting.get(key, {})
+        fresh: dict[str, WaitCheck] = {}
+        out: list[ObservedJob] = []
+        nearest = math.inf
+        now = time.monotonic()
+        for job in jobs:
+            pods = self.pod_index.get((namespace, job.name), []) if self.pod_index else []
+            kind = None
+            if job.uid and job.outcome == "running" and job.active == 0 and not list(pods):
+                kind = "refusal"
+            elif job.uid and job.outcome == "suspended" and not job.held:
+                kind = "kueue"
+            if kind is None:
+                out.append(job)
+                continue
+            check = known.get(job.name)
+            if check is None or check.kind != kind:
+                check = WaitCheck(kind, now + FIRST_CHECK_S, FIRST_CHECK_S)
+            elif now >= check.due:
+                check.value = await self._read_why(kind, namespace, job)
+                check.interval = min(check.interval * 2, MAX_CHECK_S)
+                check.due = now + check.interval
+            fresh[job.name] = check
+            nearest = min(nearest, max(check.due - now, 0.1))
+            if isinstance(check.value, tuple):
+                job = dataclasses.replace(job, pod_problem=check.value)
+            elif isinstance(check.value, str):
+                job = dataclasses.replace(job, admission=check.value)
+            out.append(job)
+        if fresh:
+            self.waiting[key] = fresh
+        else:
+            self.waiting.pop(key, None)
+        return out, (nearest if fresh else None)
+
+    async def _read_why(
+        self, kind: str, namespace: str, job: ObservedJob
+    ) -> str | tuple[str, str] | None:
+        assert self.kube is not None
+        try:
+            if kind == "kueue":
+                return await kueue.waiting_message(self.kube, namespace, job.name, job.uid)
+            events = await self.kube.list(
+                "v1",
+                "events",
+                namespace,
+                field_selector={"involvedObject.uid": job.uid, "reason": refusals.FAILED_CREATE},
+            )
+        except ApiError as exc:  # only a missing explanation: the run goes on
+            log.warning("%s: cannot read why Job %s waits: %s", namespace, job.name, exc)
+            return None
+        return refusals.refusal(events, job.uid, job.stage)
 
     def _admit(
         self, namespace: str, name: str, obj: Mapping[str, Any], status: VisionR1RunStatus
@@ -549,9 +717,11 @@ class Reconciler:
         status: VisionR1RunStatus,
         actions: list[Action],
         now: datetime,
+        jobs: list[ObservedJob] | None = None,
     ) -> tuple[VisionR1RunStatus, list[Action]]:
         """Run the actions' side effects; returns the new status and the actions that the
-        execution itself added (StageBlocked, TrackingState, Requeue) to describe."""
+        execution itself added (StageBlocked, TrackingState, Requeue) to describe. ``jobs``:
+        the run's Jobs as observed (a failed run stops the unfinished ones)."""
         assert self.kube is not None
         meta = obj["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid") or ""
@@ -639,20 +809,37 @@ class Reconciler:
                 )
             elif isinstance(a, SuspendWorkload | ResumeWorkload):
                 # A queued Job: Kueue owns its spec.suspend; pause it through its Workload.
+                uid = next((j.uid for j in jobs or [] if j.name == a.job_name), "")
                 try:
                     await kueue.set_active(
-                        self.kube, namespace, a.job_name, isinstance(a, ResumeWorkload)
+                        self.kube, namespace, a.job_name, isinstance(a, ResumeWorkload), uid
                     )
                 except kueue.WorkloadNotFound as exc:
                     log.info("%s/%s: %s; trying again", namespace, name, exc)
                     self.schedule(namespace, name, self.config.error_delay_s)
                     continue  # not applied: the next reconcile plans it again
+                except kueue.WorkloadForbidden as exc:
+                    # RBAC, not a moment's trouble: say which permission, try again slowly
+                    key = (namespace, name)
+                    self.blocked[key] += 1
+                    delay = min(self.config.error_delay_s * 4 ** self.blocked[key], 600.0)
+                    blocked = StageBlocked(a.stage, "KueueForbidden", str(exc))
+                    status = apply(status, [blocked], now)
+                    extra += [blocked, Requeue(delay)]
+                    continue
             elif isinstance(a, StageFailed) and uri:
                 stage_run = status.stages.get(a.stage) and status.stages[a.stage].mlflow_run_id
                 if stage_run:
                     note(await self._end(uri, stage_run, "FAILED"))
-            elif isinstance(a, FinishRun) and uri and status.mlflow_run_id:
+            elif isinstance(a, FinishRun) and a.phase == "Failed":
+                await self._stop_jobs(namespace, name, jobs or [])
+                self._schedule_check(namespace, name, None)
+            if isinstance(a, FinishRun) and uri and status.mlflow_run_id:
                 outcome = "FINISHED" if a.phase == "Succeeded" else "FAILED"
+                if a.phase == "Failed":  # a stage run still open (a stopped stage) fails too
+                    for st in status.stages.values():
+                        if st.mlflow_run_id and st.phase in ("Pending", "Running", "Suspended"):
+                            note(await self._end(uri, st.mlflow_run_id, "FAILED"))
                 try:  # the headline on the parent run; the run's outcome never waits on it
                     await asyncio.to_thread(
                         mlflow_runs.summarize_parent, uri, status.mlflow_run_id, run
@@ -721,14 +908,18 @@ def _watch_children(
     seen: dict[tuple[str, str], dict[str, Any]],
     *,
     reconcile_on_delete: bool,
+    refresh_s: float | None = None,
 ) -> None:
     """Register an event handler for a run's child objects (Jobs, pods) of ``resource``.
 
     Only objects labelled with their run reach it (the same label the startup handler gives
     the API server as a watch selector). What ``observe`` makes of an object is kept in
     ``seen`` (run → object name → facts) and the run is reconciled only when that changes,
-    or when the object is deleted and ``reconcile_on_delete``.
+    or when the object is deleted and ``reconcile_on_delete``. With ``refresh_s``, facts whose
+    ``problem`` keeps its reason and changes only its message (a Pending pod's new scheduler
+    message) reconcile at most once per ``refresh_s`` seconds.
     """
+    refreshed: dict[tuple[str, str], float] = {}  # (namespace, name) → last reconcile for it
 
     @kopf.on.event(
         *resource, labels={manifests.LABEL_RUN: kopf.PRESENT}, id=handler_id, registry=registry
@@ -749,6 +940,7 @@ def _watch_children(
         key = (namespace, run_name)
         name = meta.get("name", "")
         if event.get("type") == "DELETED":
+            refreshed.pop((namespace, name), None)
             left = seen.get(key) or {}
             left.pop(name, None)
             if not left:
@@ -757,10 +949,29 @@ def _watch_children(
                 return
         else:
             facts = observe(body)
-            if facts is None or seen[key].get(name) == facts:
+            old = seen[key].get(name)
+            if facts is None or old == facts:
                 return  # nothing the plan would see has changed
+            now = time.monotonic()
+            if (
+                refresh_s is not None
+                and _same_reason(old, facts)
+                and now - refreshed.get((namespace, name), -math.inf) < refresh_s
+            ):
+                return  # only the message changed, and it was said moments ago
+            refreshed[(namespace, name)] = now
             seen[key][name] = facts
         await rec.reconcile_quietly(namespace, run_name)
+
+
+def _same_reason(old: Any, new: Any) -> bool:
+    """Two observations of a pod that differ at most in their problem's message."""
+    problem_old, problem_new = getattr(old, "problem", None), getattr(new, "problem", None)
+    if old is None or problem_old is None or problem_new is None:
+        return False
+    return problem_old[0] == problem_new[0] and dataclasses.replace(
+        old, problem=problem_new
+    ) == dataclasses.replace(new, problem=problem_new)
 
 
 def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry:
@@ -870,6 +1081,7 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
         manifests.observe_pod,
         rec.seen_pods,
         reconcile_on_delete=False,
+        refresh_s=PROBLEM_REFRESH_S,
     )
 
     return registry

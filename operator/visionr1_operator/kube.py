@@ -10,8 +10,8 @@ re-reads a rotated service-account token on 401. It does not retry throttled or 
 requests, so :class:`Kube` does that: 429 and 5xx (and connection errors) are retried with a
 capped exponential backoff that honours ``Retry-After``; every request has a timeout.
 
-The operator needs only create / get / list / merge-patch, so that is all this offers (and a
-get of its namespaces, cluster-scoped, for their Pod Security labels).
+The operator needs only create / get / list / merge-patch / delete, so that is all this offers
+(and a get of its namespaces, cluster-scoped, for their Pod Security labels).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from lightkube import AsyncClient, KubeConfig
 from lightkube.config.models import Cluster, User
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.batch_v1 import Job
-from lightkube.resources.core_v1 import ConfigMap, Namespace, Secret, Service
-from lightkube.types import PatchType
+from lightkube.resources.core_v1 import ConfigMap, Event, Namespace, Secret, Service
+from lightkube.types import CascadeType, PatchType
 
 from visionr1_operator.api import GROUP, KIND, PLURAL, VERSION
 
@@ -47,6 +47,7 @@ RESOURCES: dict[tuple[str, str], Any] = {
     ("v1", "configmaps"): ConfigMap,
     ("v1", "services"): Service,
     ("v1", "secrets"): Secret,  # a run's spec.mlflow.credentialsSecret, read only
+    ("v1", "events"): Event,
     (f"{GROUP}/{VERSION}", PLURAL): VisionR1RunResource,
 }
 # Other kinds (e.g. Kueue's Workloads) are made generic on first use: (api version, plural) → kind.
@@ -214,10 +215,15 @@ class Kube:
         return got.to_dict() if hasattr(got, "to_dict") else dict(got)
 
     async def list(
-        self, api_version: str, plural: str, namespace: str, label_selector: str | None = None
+        self,
+        api_version: str,
+        plural: str,
+        namespace: str,
+        label_selector: str | None = None,
+        field_selector: Mapping[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         """Every object of a kind in ``namespace`` (optionally by an equality label selector,
-        ``key=value,key2``), as dicts."""
+        ``key=value,key2``, and equality field selectors, field → value), as dicts."""
         res = resource(api_version, plural)
         labels: dict[str, str | None] | None = None
         if label_selector:
@@ -225,9 +231,10 @@ class Kube:
             for term in label_selector.split(","):
                 key, eq, value = term.partition("=")
                 labels[key.strip()] = value.strip() if eq else None
+        fields = dict(field_selector) if field_selector else None
 
         async def collect() -> list[dict[str, Any]]:
-            items = self._client.list(res, namespace=namespace, labels=labels)
+            items = self._client.list(res, namespace=namespace, labels=labels, fields=fields)
             return [i.to_dict() if hasattr(i, "to_dict") else dict(i) async for i in items]
 
         return await self._call("LIST", f"{plural} {namespace}", collect)
@@ -254,3 +261,21 @@ class Kube:
                 res, name, dict(patch), namespace=namespace, patch_type=PatchType.MERGE
             ),
         )
+
+    async def delete(self, api_version: str, plural: str, namespace: str, name: str) -> bool:
+        """Delete an object, its dependents in the background (a Job: the garbage collector
+        terminates its pods at once). False when it was already gone."""
+        res = resource(api_version, plural)
+        try:
+            await self._call(
+                "DELETE",
+                f"{plural} {namespace}/{name}",
+                lambda: self._client.delete(
+                    res, name, namespace=namespace, cascade=CascadeType.BACKGROUND
+                ),
+            )
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True

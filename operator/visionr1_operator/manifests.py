@@ -545,6 +545,7 @@ def observe_job(obj: Mapping[str, Any]) -> ObservedJob | None:
         message=message,
         exit_code=int(code.group(1)) if code else None,
         finished_at=finished_at,
+        uid=str(meta.get("uid") or ""),
     )
 
 

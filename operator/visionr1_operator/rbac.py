@@ -23,19 +23,21 @@ RULES: tuple[Rule, ...] = (
     Rule("visionr1.io", "visionr1runs", frozenset({"get", "list", "watch", "patch"})),
     Rule("visionr1.io", "visionr1runs/status", frozenset({"patch"})),
     # the stage Jobs: watched for progress, created per attempt, patched to suspend/resume;
-    # get: on a create conflict, to see whether the existing one is this run's (its owner)
-    Rule("batch", "jobs", frozenset({"get", "list", "watch", "create", "patch"})),
+    # get: on a create conflict, to see whether the existing one is this run's (its owner);
+    # delete: a run that fails stops its unfinished Job (and so its pods)
+    Rule("batch", "jobs", frozenset({"get", "list", "watch", "create", "patch", "delete"})),
     # the stage pods: watched (only ours, by label) for unschedulable, image pull, OOMKilled
     Rule("", "pods", frozenset({"list", "watch"})),
     # per attempt: the resolved stage config; per multi-node stage: the rendezvous Service
     Rule("", "configmaps", frozenset({"get", "create"})),
     Rule("", "services", frozenset({"get", "create"})),
-    # an Event for every transition
-    Rule("", "events", frozenset({"create"})),
+    # an Event for every transition; list: a Job's FailedCreate Events (quota, Pod Security,
+    # LimitRange refusing its pods), by the Job's uid
+    Rule("", "events", frozenset({"create", "list"})),
 )
 
 # With Kueue (the chart's ``kueue.enabled``): spec.suspend of a queued run deactivates and
-# reactivates the Job's Workload (kueue.py), found by listing the namespace's Workloads. Not in
+# reactivates the Job's Workload (kueue.py), found by the Job's uid (a label-selected list). Not in
 # RULES: a cluster without Kueue has no Workload API and the operator never calls it.
 KUEUE_RULES: tuple[Rule, ...] = (Rule("kueue.x-k8s.io", "workloads", frozenset({"list", "patch"})),)
 

@@ -89,11 +89,11 @@ operator/visionr1_operator/rbac.py (tests/test_chart.py keeps the two equal).
   resources: ["visionr1runs/status"]
   verbs: ["patch"]
 # Stage Jobs: created, watched (kopf.on.event, only ours by label), suspended and resumed by
-# patch; get on a create conflict (is the existing one this run's?). Deletion is the garbage
-# collector's, through owner references.
+# patch; get on a create conflict (is the existing one this run's?); delete when a run fails
+# (its unfinished Job and so its pods). Otherwise deletion is the garbage collector's.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Stage pods, only ours by label: unschedulable, image pull failures, OOMKilled, exit codes.
 - apiGroups: [""]
   resources: ["pods"]
@@ -103,10 +103,11 @@ operator/visionr1_operator/rbac.py (tests/test_chart.py keeps the two equal).
 - apiGroups: [""]
   resources: ["configmaps", "services"]
   verbs: ["get", "create"]
-# Kubernetes Events on the run for every transition (`kubectl describe vr1`).
+# Kubernetes Events on the run for every transition (`kubectl describe vr1`); list: a Job's
+# FailedCreate Events (quota, Pod Security, LimitRange refusing its pods).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 # A run's spec.mlflow.credentialsSecret, read by name (get only): the operator's MLflow calls
 # for that run use the run's credentials, never the operator's own.
 - apiGroups: [""]
@@ -114,7 +115,7 @@ operator/visionr1_operator/rbac.py (tests/test_chart.py keeps the two equal).
   verbs: ["get"]
 {{- if .Values.kueue.enabled }}
 # Queued runs: Kueue owns a queued Job's spec.suspend, so spec.suspend of a run deactivates and
-# reactivates the Job's Workload (found by listing the namespace's Workloads).
+# reactivates the Job's Workload (found by the Job's uid: a label-selected list).
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads"]
   verbs: ["list", "patch"]

@@ -1,0 +1,298 @@
+"""Refusals the API server makes to a run's pods, a failed run's resources, and a Pending run's
+quiet, on the real control plane with the operator as a local process.
+
+ResourceQuota and Pod Security judge pods, not Jobs: the operator's Job is created and the real
+Job controller's pod creations are refused (its ``FailedCreate`` Events). Each test checks what
+the run then says (its ``Progressing`` condition and a Warning Event), against a real quota on
+``requests.nvidia.com/gpu`` (the local node advertises 8 GPUs) and a namespace that enforces Pod
+Security ``restricted`` on an operator that may not read namespaces (a tenant's namespaced
+Role). Pods here never run: a nodeSelector no node has keeps the admitted ones Pending.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cluster_helpers import (
+    OperatorProcess,
+    apply,
+    condition,
+    create_namespace,
+    ensure_crd,
+    items,
+    kget,
+    kget_or_none,
+    wait_for,
+)
+
+from visionr1_operator.rbac import as_policy_rules
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+SUFFIX = uuid.uuid4().hex[:6]
+NS = f"vr1-refusals-{SUFFIX}"
+NS_PS = f"vr1-restricted-{SUFFIX}"
+PVC = "data"
+IMAGE = "registry.invalid/visionr1/never-pulled:1"  # no pod here gets as far as a pull
+NEVER = {"visionr1.io/refusals-e2e-never": "true"}  # no node has it
+
+
+def run_manifest(
+    name: str,
+    namespace: str = NS,
+    *,
+    gpus: int = 0,
+    memory: str = "256Mi",
+    node_selector: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A run with only synthesis enabled, on the namespace's PVC."""
+    obj = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
+    obj["metadata"] = {"name": name, "namespace": namespace}
+    spec = obj["spec"]
+    spec["storage"] = {"pvc": PVC}
+    spec["images"] = {"trainer": IMAGE, "pullPolicy": "IfNotPresent"}
+    for stage in ("filter", "sft", "grpo", "eval"):
+        spec["stages"][stage] = {"enabled": False}
+    syn = spec["stages"]["synthesis"]
+    syn["resources"] = {"gpus": gpus, "cpu": "100m", "memory": memory}
+    if node_selector:
+        syn["nodeSelector"] = node_selector
+    return obj
+
+
+def progressing(cp: Any, name: str, namespace: str = NS) -> dict[str, Any]:
+    return condition(kget_or_none(cp, "vr1", name, "-n", namespace) or {}, "Progressing") or {}
+
+
+def run_events(cp: Any, name: str, namespace: str = NS) -> list[dict[str, Any]]:
+    return items(
+        cp,
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        f"involvedObject.kind=VisionR1Run,involvedObject.name={name}",
+    )
+
+
+@pytest.fixture(scope="module")
+def cp(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    cp = control_plane
+    ensure_crd(cp)
+    create_namespace(cp, NS)
+    folder = cp.make_pvc(NS, PVC, "1Gi")
+    operator = OperatorProcess(
+        cp.kubeconfig, [NS], tmp_path_factory.mktemp("operator") / "operator.log"
+    )
+    operator.start()
+    try:
+        yield cp
+    finally:
+        cp.kubectl("delete", "vr1", "--all", "-n", NS, "--wait=false", check=False)
+        operator.stop()
+        log = operator.log()
+        cp.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+        cp.kubectl("delete", "pv", f"pv-{NS}-{PVC}", "--wait=false", check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+        assert "Traceback" not in log, log[-4000:]
+
+
+def test_a_gpu_quota_refusal_is_named_then_cleared_when_pods_are_created(cp: Any) -> None:
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "gpu", "namespace": NS},
+        "spec": {"hard": {"requests.nvidia.com/gpu": "1"}},
+    }
+    apply(cp, quota)
+    wait_for(
+        lambda: (kget(cp, "resourcequota", "gpu", "-n", NS).get("status") or {}).get("hard"),
+        30,
+        "the quota controller to fill the quota's status",
+    )
+    apply(cp, run_manifest("quota", gpus=2, node_selector=NEVER))
+    cond = wait_for(
+        lambda: (c := progressing(cp, "quota")).get("reason") == "QuotaExceeded" and c,
+        60,
+        "the run to name the quota refusal",
+    )
+    message = cond["message"]
+    assert "ResourceQuota gpu" in message, message
+    assert "requested requests.nvidia.com/gpu=2" in message, message
+    assert "limited requests.nvidia.com/gpu=1" in message, message
+    assert "spec.stages.synthesis.resources.gpus" in message, message
+    job = kget(cp, "job", "quota-synthesis-0", "-n", NS)
+    assert not items(cp, "pods", "-n", NS, "-l", "batch.kubernetes.io/job-name=quota-synthesis-0")
+    assert (job.get("status") or {}).get("active", 0) == 0
+    warnings = [e for e in run_events(cp, "quota") if e.get("reason") == "QuotaExceeded"]
+    assert warnings and warnings[0]["type"] == "Warning", run_events(cp, "quota")
+    # The quota raised: the Job controller's next try creates the pod, and the refusal goes.
+    cp.kubectl(
+        "patch", "resourcequota", "gpu", "-n", NS, "--type=merge",
+        "-p", json.dumps({"spec": {"hard": {"requests.nvidia.com/gpu": "4"}}}),
+    )  # fmt: skip
+    wait_for(
+        lambda: items(cp, "pods", "-n", NS, "-l", "batch.kubernetes.io/job-name=quota-synthesis-0"),
+        150,
+        "the Job controller to create the pod under the raised quota",
+    )
+    cleared = wait_for(
+        lambda: (c := progressing(cp, "quota")).get("reason") not in (None, "QuotaExceeded") and c,
+        30,
+        "the quota refusal to be cleared",
+    )
+    assert "quota" not in cleared["message"].lower(), cleared
+
+
+def test_a_failed_run_deletes_its_job_and_pods(cp: Any) -> None:
+    apply(cp, run_manifest("stopme", node_selector=NEVER))
+    selector = "batch.kubernetes.io/job-name=stopme-synthesis-0"
+    wait_for(lambda: items(cp, "pods", "-n", NS, "-l", selector), 60, "the stage's pod")
+    # An edit the operator refuses (a cluster run needs a PVC): the run fails ...
+    cp.kubectl(
+        "patch", "vr1", "stopme", "-n", NS, "--type=merge",
+        "-p", json.dumps({"spec": {"storage": {"pvc": None, "localDir": ".visionr1/stopme"}}}),
+    )  # fmt: skip
+    edited = time.monotonic()
+    failed = wait_for(
+        lambda: (
+            (c := condition(kget(cp, "vr1", "stopme", "-n", NS), "Failed") or {}).get("status")
+            == "True"
+            and c
+        ),
+        30,
+        "the run to fail on its invalid spec",
+    )
+    assert failed["reason"] == "InvalidSpec" and "spec.storage.pvc" in failed["message"]
+    # ... and its live Job and pods go within seconds (not when the run is deleted).
+    wait_for(
+        lambda: (
+            kget_or_none(cp, "job", "stopme-synthesis-0", "-n", NS) is None
+            and not items(cp, "pods", "-n", NS, "-l", selector)
+        ),
+        20,
+        "the failed run's Job and pods to be gone",
+    )
+    gone_after = time.monotonic() - edited
+    assert gone_after < 20
+    stage = kget(cp, "vr1", "stopme", "-n", NS)["status"]["stages"]["synthesis"]
+    assert stage["phase"] == "Failed", stage
+
+
+def test_a_pending_run_writes_its_status_at_most_twice_a_minute(
+    cp: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pod that cannot be scheduled (more memory than the node has): the run says so once,
+    then stays quiet while the scheduler keeps retrying."""
+    apply(cp, run_manifest("pending", memory="64Ti"))
+    cond = wait_for(
+        lambda: (c := progressing(cp, "pending")).get("reason") == "Unschedulable" and c,
+        60,
+        "the run to say its pod cannot be scheduled",
+    )
+    assert "Insufficient memory" in cond["message"], cond
+    from kubernetes import client, watch
+
+    api = client.CustomObjectsApi(cp.api_client())
+    start = api.get_namespaced_custom_object(
+        "visionr1.io", "v1alpha1", NS, "visionr1runs", "pending"
+    )
+    window = 60
+    writes = 0
+    began = time.monotonic()
+    for event in watch.Watch().stream(
+        api.list_namespaced_custom_object,
+        "visionr1.io",
+        "v1alpha1",
+        NS,
+        "visionr1runs",
+        field_selector="metadata.name=pending",
+        resource_version=start["metadata"]["resourceVersion"],
+        timeout_seconds=window,
+    ):
+        if event["type"] == "MODIFIED":
+            writes += 1
+        if time.monotonic() - began > window:
+            break
+    warnings = [e for e in run_events(cp, "pending") if e.get("type") == "Warning"]
+    per_minute = writes * 60 / window
+    figure = {"status_writes_per_pending_run_per_minute": per_minute, "window_s": window,
+              "warning_events_total": sum(int(e.get("count") or 1) for e in warnings)}  # fmt: skip
+    with capsys.disabled():
+        print(f"\n{json.dumps(figure)}")
+    assert per_minute <= 2, figure
+
+
+@pytest.fixture
+def restricted(cp: Any, tmp_path: Path) -> Iterator[str]:
+    """A namespace enforcing Pod Security restricted, watched by an operator logged in as a
+    ServiceAccount with only the operator's namespaced Role there: it cannot read the
+    namespace's labels (cluster-scoped), so it cannot know the level before creating pods."""
+    create_namespace(cp, NS_PS)
+    cp.kubectl(
+        "label", "namespace", NS_PS, "pod-security.kubernetes.io/enforce=restricted", "--overwrite"
+    )
+    folder = cp.make_pvc(NS_PS, PVC, "1Gi")
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "vr1-operator", "namespace": NS_PS},
+        "rules": as_policy_rules(),
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "vr1-operator", "namespace": NS_PS},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": "vr1-operator",
+        },
+        "subjects": [{"kind": "ServiceAccount", "name": "vr1-operator", "namespace": NS_PS}],
+    }
+    sa = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": "vr1-operator", "namespace": NS_PS},
+    }
+    apply(cp, [sa, role, binding])
+    operator = OperatorProcess(
+        cp.token_kubeconfig(NS_PS, "vr1-operator"), [NS_PS], tmp_path / "operator.log"
+    )
+    operator.start()
+    try:
+        yield NS_PS
+    finally:
+        cp.kubectl("delete", "vr1", "--all", "-n", NS_PS, "--wait=false", check=False)
+        operator.stop()
+        cp.kubectl("delete", "namespace", NS_PS, "--wait=false", check=False)
+        cp.kubectl("delete", "pv", f"pv-{NS_PS}-{PVC}", "--wait=false", check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_pod_security_refusal_names_the_violated_rule(cp: Any, restricted: str) -> None:
+    # workspaceInit Auto: without the namespace's label, the root init container is used
+    apply(cp, run_manifest("rooted", restricted, node_selector=NEVER))
+    cond = wait_for(
+        lambda: (c := progressing(cp, "rooted", restricted)).get("reason") == "PodSecurity" and c,
+        60,
+        "the run to name the Pod Security refusal",
+    )
+    message = cond["message"]
+    assert "restricted" in message and "workspace-init" in message, message
+    assert "runAsNonRoot != true" in message or "runAsUser=0" in message, message
+    assert "spec.storage.workspaceInit" in message, message
+    assert not items(
+        cp, "pods", "-n", restricted, "-l", "batch.kubernetes.io/job-name=rooted-synthesis-0"
+    )
+    reasons = [e.get("reason") for e in run_events(cp, "rooted", restricted)]
+    assert "PodSecurity" in reasons, reasons
