@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -485,6 +486,8 @@ async def test_create_conflicts_adopt_only_owned_objects_and_rbac_rules_are_exac
         await pass_stages(k8s, client, ["grpo", "eval"])
         await wait_for(lambda: status(k8s).get("phase") == "Succeeded", what="Succeeded")
         await wait_for(lambda: "AllStagesSucceeded" in [r for r, _ in events(k8s)], what="event")
+        # a second run whose pods the API server refuses, then edited into an invalid spec
+        await refused_then_invalid(k8s, client)
     reasons = [r for r, _ in events(k8s)]
     assert "Suspended" in reasons and "Resumed" in reasons
     assert reasons.count("ObjectInTheWay") >= 3
@@ -494,6 +497,97 @@ async def test_create_conflicts_adopt_only_owned_objects_and_rbac_rules_are_exac
         assert covers(group, resource, verb), f"no RBAC rule allows {verb} {group}/{resource}"
     granted = {(r.api_group, r.resource, v) for r in (*RULES, *NAMESPACE_RULES) for v in r.verbs}
     assert granted - made == set(), "rules granting more than the operator uses"
+
+
+QUOTA_REFUSAL = (
+    'Error creating: pods "refused-synthesis-0-x7k2p" is forbidden: exceeded quota: gpu, '
+    "requested: requests.nvidia.com/gpu=2, used: requests.nvidia.com/gpu=0, limited: "
+    "requests.nvidia.com/gpu=1"
+)
+
+
+async def refused_then_invalid(
+    k8s: Any, client: httpx.AsyncClient, name: str = "refused", tracked: bool = False
+) -> dict[str, Any]:
+    """A run whose Job's pods are refused (the Job controller's FailedCreate Event, as a
+    ResourceQuota makes it): the run names the quota; then an edit makes its spec invalid: the
+    run fails and its live Job is deleted. Returns the run's last status."""
+    await create_run(client, run_object(tiny(), name=name))
+    job = await next_job(k8s, "synthesis", run=name)
+    refusal = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{job['metadata']['name']}.1", "namespace": NS},
+        "involvedObject": {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "name": job["metadata"]["name"],
+            "namespace": NS,
+            "uid": job["metadata"]["uid"],
+        },
+        "reason": "FailedCreate",
+        "type": "Warning",
+        "message": QUOTA_REFUSAL,
+        "lastTimestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    r = await client.post(f"/api/v1/namespaces/{NS}/events", json=refusal)
+    r.raise_for_status()
+
+    def named() -> dict[str, Any] | None:
+        cond = next(
+            (c for c in status(k8s, name).get("conditions", []) if c["type"] == "Progressing"), None
+        )
+        return cond if cond and cond["reason"] == "QuotaExceeded" else None
+
+    cond = await wait_for(named, timeout=20, what="the quota refusal on the run")
+    assert "limited requests.nvidia.com/gpu=1" in cond["message"]
+    said = ("QuotaExceeded", cond["message"])  # the Event says what the condition says
+    await wait_for(lambda: said in events(k8s, name), what="a QuotaExceeded Event on the run")
+    if tracked:  # its MLflow parent and stage runs are open
+        await wait_for(
+            lambda: (status(k8s, name).get("stages", {}).get("synthesis") or {}).get("mlflowRunId"),
+            what="the stage's MLflow run",
+        )
+    r = await client.patch(
+        f"{RUNS.format(ns=NS)}/{name}",
+        json={"spec": {"storage": {"pvc": None, "localDir": ".visionr1/x"}}},
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    r.raise_for_status()
+    await wait_for(lambda: status(k8s, name).get("phase") == "Failed", what="Failed")
+    await wait_for(lambda: job["metadata"]["name"] not in jobs(k8s), what="the live Job deleted")
+    deletes = [
+        e
+        for e in k8s.log
+        if e.method == "DELETE" and e.plural == "jobs" and e.user_agent != TEST_AGENT
+    ]
+    assert [e.name for e in deletes] == [job["metadata"]["name"]]
+    st = status(k8s, name)
+    assert st["stages"]["synthesis"]["phase"] == "Failed"
+    return st
+
+
+async def test_a_refused_job_is_named_and_an_invalid_edit_stops_it_and_fails_mlflow(
+    k8s: Any, client: httpx.AsyncClient, mlflow_uri: str
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    mlf = MlflowClient(tracking_uri=mlflow_uri)
+
+    def answers() -> bool:
+        try:
+            return mlf.search_experiments() is not None
+        except Exception:  # noqa: BLE001 (still starting)
+            return False
+
+    await wait_for(answers, timeout=60, what="MLflow answering")
+    async with operator(k8s, mlflow_uri):
+        st = await refused_then_invalid(k8s, client, tracked=True)
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec" and "spec.storage.pvc" in failed["message"]
+    assert mlf.get_run(st["mlflowRunId"]).info.status == "FAILED"
+    stage_run = st["stages"]["synthesis"]["mlflowRunId"]
+    assert stage_run and mlf.get_run(stage_run).info.status == "FAILED"
 
 
 async def test_runs_a_cluster_cannot_or_may_not_run_are_refused_naming_the_field(

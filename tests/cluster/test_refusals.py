@@ -150,7 +150,7 @@ def test_a_gpu_quota_refusal_is_named_then_cleared_when_pods_are_created(cp: Any
         30,
         "the quota refusal to be cleared",
     )
-    assert "quota" not in cleared["message"].lower(), cleared
+    assert "ResourceQuota" not in cleared["message"], cleared
 
 
 def test_a_failed_run_deletes_its_job_and_pods(cp: Any) -> None:
