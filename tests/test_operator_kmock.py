@@ -550,7 +550,11 @@ async def refused_then_invalid(
         )
     r = await client.patch(
         f"{RUNS.format(ns=NS)}/{name}",
-        json={"spec": {"storage": {"pvc": None, "localDir": ".visionr1/x"}}},
+        # kmock does not bump the generation of a spec edit as the API server does
+        json={
+            "metadata": {"generation": 2},
+            "spec": {"storage": {"pvc": None, "localDir": ".visionr1/x"}},
+        },
         headers={"Content-Type": "application/merge-patch+json"},
     )
     r.raise_for_status()
