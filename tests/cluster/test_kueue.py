@@ -567,6 +567,17 @@ def test_operator_shows_a_run_waiting_for_quota(kq: K, operator_proc: Any) -> No
         "the run's stage to say it is queued",
     )
     assert st["phase"] == "Pending" and LQ in st["message"]
+    # Kueue's own reason (the Workload's QuotaReserved message) reaches the run while it waits
+    why = wait_for(
+        lambda: (
+            (opkueue.pending_message(kq.workload(job) or {}) or "?")
+            in run_status(kq, name)["stages"]["synthesis"].get("message", "")
+            and run_status(kq, name)["stages"]["synthesis"]["message"]
+        ),
+        30,
+        "Kueue's pending message on the run",
+    )
+    assert "nvidia.com/gpu" in why, why
     events = kq.items("events", "-n", NS, "--field-selector", f"involvedObject.name={name}")
     assert "StageQueued" in [e.get("reason") for e in events]
     assert kq.job(job)["spec"]["suspend"] is True
