@@ -444,6 +444,7 @@ async def test_create_conflicts_adopt_only_owned_objects_and_rbac_rules_are_exac
     is adopted. Also: suspend/resume, and every request is allowed by exactly the RBAC rules."""
     run = tiny()
     run["spec"]["stages"]["sft"]["nodes"] = 2  # multi-node: the rendezvous Service too
+    run["spec"]["stages"]["sft"]["params"]["globalBatchSize"] = 32  # 16 per process × 2
     headers = {"Content-Type": "application/merge-patch+json"}
     for kind, name in (("ConfigMap", "tiny-cpu-synthesis-0"), ("Service", "tiny-cpu-sft")):
         r = await client.post(PATHS[kind].format(ns=NS), json=leftover(kind, name))

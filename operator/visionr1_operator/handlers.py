@@ -346,9 +346,17 @@ class Reconciler:
             if st.phase in ("Pending", "Running", "Suspended") and st.attempts > 0
         ]
         spec = (obj.get("spec") or {}).get("mlflow") or {}
-        uri = spec.get("trackingUri") or self.config.mlflow_uri
-        if uri not in (self.config.mlflow_uri, *self.config.policy.allowed_tracking_uris):
-            uri = None  # the refused edit may name any server: never call one not allowed
+        uri: mlflow_runs.Server | None = None
+        tracking = spec.get("trackingUri") or self.config.mlflow_uri
+        # the refused edit may name any server: never call one that is not allowed
+        if status.mlflow_run_id and tracking in (
+            self.config.mlflow_uri,
+            *self.config.policy.allowed_tracking_uris,
+        ):
+            try:
+                uri, _ = await self._server(namespace, tracking, spec.get("credentialsSecret"))
+            except ApiError:
+                uri = None
         if uri and status.mlflow_run_id:
             for a in stopped:
                 stage_run = status.stages[a.stage].mlflow_run_id
