@@ -229,6 +229,14 @@ def test_classify() -> None:
         == "context_length"
     )
     assert failures.classify(ValueError("bad scene")) is None
+    # A live vLLM engine that refused its batch: one request's fault, unless the engine broke.
+    from visionr1_jobs.generation.vllm_backend import EngineBatchError
+
+    refused = "vLLM engine on GPU(s) 0 failed:\nTraceback …\nPIL.UnidentifiedImageError: x.png"
+    assert failures.classify(EngineBatchError(refused)) == "rejected"
+    oom = "vLLM engine on GPU(s) 0 failed:\nTraceback …\ntorch.OutOfMemoryError: CUDA out of memory"
+    assert failures.classify(EngineBatchError(oom)) is None
+    assert failures.classify(RuntimeError(refused)) is None  # not from a live engine's batch
 
 
 def test_a_raising_backend_is_bisected_to_its_bad_rows() -> None:

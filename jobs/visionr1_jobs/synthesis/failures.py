@@ -93,6 +93,8 @@ def classify(exc: BaseException) -> str | None:
         # Also a local engine's "prompt longer than the maximum model length" (not an API error).
         return "context_length"
     if not _is_api_error(exc):
+        if _engine_refused(exc):
+            return "rejected"
         return None  # a bug or a broken setup fails every row: not a row failure
     if status is not None and 400 <= status < 500 and status not in _RETRYABLE_STATUS:
         return "rejected"
@@ -107,21 +109,24 @@ def classify(exc: BaseException) -> str | None:
 _ENGINE_BROKEN = re.compile(r"out of memory|CUDA error|NCCL|EngineDeadError", re.I)
 
 
+def _engine_refused(exc: BaseException) -> bool:
+    """A live local engine raised for its batch (``EngineBatchError``: vLLM refuses a whole
+    batch for one unreadable image or prompt it cannot place), and not because it is broken
+    (out of memory, a CUDA error): bisecting the batch finds the request."""
+    return any(
+        cls.__name__ == "EngineBatchError" for cls in type(exc).__mro__
+    ) and not _ENGINE_BROKEN.search(str(exc))
+
+
 def classify_any(exc: BaseException) -> str | None:
-    """:func:`classify`, and also, as ``rejected``: any error a backend reported for one request
-    in its result (unless it says every request would fail: a refused key, an unknown model),
-    and any error a live local engine raised for its batch (``EngineBatchError``: vLLM refuses
-    a whole batch for one bad image or prompt) unless it says the engine is broken (out of
-    memory, a CUDA error). For eval and the judge, where such a row is counted as failed or
-    scored by rules, never dropped; bisecting the batch finds it."""
+    """:func:`classify`, and also, as ``rejected``, any other error a backend reported for one
+    request in its result, unless it says every request would fail (a refused key, an unknown
+    model). For eval and the judge, where such a row is counted as failed or scored by rules,
+    never dropped."""
     reason = classify(exc)
     if reason is not None:
         return reason
-    if _status(exc) in FATAL_STATUS or _ENGINE_BROKEN.search(str(exc)):
-        return None
-    if isinstance(exc, _Reported) or any(
-        cls.__name__ == "EngineBatchError" for cls in type(exc).__mro__
-    ):
+    if isinstance(exc, _Reported) and _status(exc) not in FATAL_STATUS:
         return "rejected"
     return None
 
