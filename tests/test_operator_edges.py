@@ -285,3 +285,110 @@ async def test_a_failed_jobs_pods_are_listed_when_their_event_is_late() -> None:
     assert status.phase == "Failed" and reason in status.stages["synthesis"].message
     await rec._failed_pods("ml", status, [failed])
     assert len(kube.listed) == 1
+
+
+class EventsKube:
+    """Lists Events (as the API server filters them by field) and Kueue Workloads."""
+
+    def __init__(self, events: list[dict[str, Any]], workloads: list[dict[str, Any]]) -> None:
+        self.events, self.workloads = events, workloads
+        self.listed: list[tuple[str, Any]] = []
+
+    async def list(
+        self,
+        api_version: str,
+        plural: str,
+        namespace: str,
+        label_selector: str | None = None,
+        field_selector: dict[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        self.listed.append((plural, field_selector or label_selector))
+        if plural == "workloads":
+            return self.workloads
+        want = field_selector or {}
+        return [
+            e
+            for e in self.events
+            if e["involvedObject"]["uid"] == want.get("involvedObject.uid")
+            and e["reason"] == want.get("reason")
+        ]
+
+
+async def test_a_pod_less_job_has_its_refusal_read_on_a_backoff_and_dropped_with_pods(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from visionr1_operator import handlers, manifests
+
+    clock = [1000.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+    quota = (
+        'Error creating: pods "p" is forbidden: exceeded quota: gpu, requested: '
+        "requests.nvidia.com/gpu=2, used: requests.nvidia.com/gpu=0, limited: "
+        "requests.nvidia.com/gpu=1"
+    )
+    refused = {
+        "reason": "FailedCreate",
+        "message": quota,
+        "involvedObject": {"kind": "Job", "name": "tiny-cpu-synthesis-0", "uid": "job-uid"},
+    }
+    rec = Reconciler(OperatorConfig())
+    kube = EventsKube([refused], [])
+    rec.kube = kube  # type: ignore[assignment]
+    rec.pod_index = {}
+    job = ObservedJob("tiny-cpu-synthesis-0", "synthesis", 0, uid="job-uid", running_pods=0)
+    # first seen: nothing read yet (its pods are usually a moment away), a read due in 3 s
+    [seen], after = await rec._why_waiting("ml", "tiny-cpu", [job])
+    assert kube.listed == [] and seen.pod_problem is None and after == 3.0
+    clock[0] += 3
+    [seen], after = await rec._why_waiting("ml", "tiny-cpu", [job])
+    assert kube.listed == [("events", {"involvedObject.uid": "job-uid", "reason": "FailedCreate"})]
+    assert seen.pod_problem is not None and seen.pod_problem[0] == "QuotaExceeded"
+    assert after == 6.0  # the next read backs off
+    clock[0] += 1  # a reconcile in between reads nothing and keeps what was read
+    [seen], after = await rec._why_waiting("ml", "tiny-cpu", [job])
+    assert len(kube.listed) == 1 and seen.pod_problem is not None and after == 5.0
+    # its pod is created: nothing waits any more
+    rec.pod_index = {("ml", job.name): [manifests.PodFacts("p", job.name, "Pending")]}
+    [seen], after = await rec._why_waiting("ml", "tiny-cpu", [job])
+    assert after is None and seen.pod_problem is None and rec.state_of("ml", "tiny-cpu") == {}
+
+
+async def test_a_kueue_suspended_job_shows_kueues_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from visionr1_operator import handlers, kueue
+
+    clock = [1000.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+    why = "couldn't assign flavors to pod set main: insufficient quota for nvidia.com/gpu"
+    workload = {
+        "metadata": {
+            "name": "job-x",
+            "labels": {kueue.JOB_UID_LABEL: "job-uid"},
+            "ownerReferences": [{"kind": "Job", "name": "tiny-cpu-sft-0", "uid": "job-uid"}],
+        },
+        "status": {"conditions": [{"type": "QuotaReserved", "status": "False", "message": why}]},
+    }
+    rec = Reconciler(OperatorConfig())
+    kube = EventsKube([], [workload])
+    rec.kube = kube  # type: ignore[assignment]
+    job = ObservedJob("tiny-cpu-sft-0", "sft", 0, uid="job-uid", suspended=True, queue="gpu")
+    await rec._why_waiting("ml", "tiny-cpu", [job])
+    clock[0] += 3
+    [seen], _ = await rec._why_waiting("ml", "tiny-cpu", [job])
+    assert kube.listed == [("workloads", f"{kueue.JOB_UID_LABEL}=job-uid")]
+    assert seen.admission == why
+    # a Job the operator itself holds (spec.suspend) is not Kueue's to explain
+    held = ObservedJob("tiny-cpu-sft-0", "sft", 0, uid="job-uid", suspended=True, held=True)
+    assert (await rec._why_waiting("ml", "tiny-cpu", [held]))[1] is None
+
+
+def test_a_pods_new_message_for_the_same_reason_is_not_news() -> None:
+    from visionr1_operator.handlers import _same_reason
+    from visionr1_operator.manifests import PodFacts
+
+    a = PodFacts("p", "j", "Pending", ("Unschedulable", "0/5 nodes are available"))
+    b = PodFacts("p", "j", "Pending", ("Unschedulable", "0/6 nodes are available"))
+    assert _same_reason(a, b)
+    assert not _same_reason(a, PodFacts("p", "j", "Pending", ("ErrImagePull", "no such image")))
+    assert not _same_reason(a, PodFacts("p", "j", "Running", a.problem))  # the phase is news
+    assert not _same_reason(PodFacts("p", "j", "Pending"), a)  # a first problem is news
+    assert not _same_reason(None, a)
