@@ -324,7 +324,7 @@ def _generate(
     backends: list[Any] = []
 
     def reason_and_write(chunk: Any, described: Any) -> tuple[Any, list[Any], float]:
-        stats_rows = reason_batch(
+        rows, stats, dropped = reason_batch(
             described,
             prompts,
             reasoner,
@@ -332,7 +332,6 @@ def _generate(
             describer_name=names["describer"],
             reasoner_name=names["reasoner"],
         )
-        rows, stats, dropped = stats_rows
         # The drop list first: a chunk file on disk means its drops are on disk too. Chunks are
         # written in order: the next chunk's reasoner starts only after this returns.
         S.write_failed(out_dir, chunk, dropped)
