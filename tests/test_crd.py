@@ -65,8 +65,14 @@ def test_crd_shape() -> None:
         "Phase",
         "Stage",
         "Progress",
+        "Step",
+        "ETA",
+        "Metric",
+        "GPU-Hours",
         "Age",
     ]
+    wide_only = [c["name"] for c in version["additionalPrinterColumns"] if c.get("priority")]
+    assert wide_only == ["GPU-Hours"]
     text = yaml.safe_dump(doc)
     assert "$ref" not in text and "anyOf" not in text  # structural
     conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"][

@@ -640,6 +640,17 @@ class StageStatus(Model):
     outputs: dict[str, str] = Field(default_factory=dict)
     progress: str | None = None
     message: str | None = None
+    step: int | None = Field(None, description="Last optimizer step the stage logged to MLflow.")
+    total_steps: int | None = Field(None, description="Steps the stage will take in all.")
+    metric: str | None = Field(
+        None, description="The stage's key metric, latest value (loss, reward, accuracy)."
+    )
+    gpu_hours: float | None = Field(
+        None, ge=0, description="GPUs x running time of the stage's finished attempts' pods (h)."
+    )
+    charged_attempts: int = Field(
+        0, ge=0, description="Attempts whose pods are counted in gpuHours."
+    )
 
 
 class VisionR1RunStatus(Model):
@@ -654,6 +665,14 @@ class VisionR1RunStatus(Model):
     observed_generation: int | None = None
     start_time: str | None = None
     finish_time: str | None = None
+    step: str | None = Field(None, description="The running stage's step/total, e.g. 12/40.")
+    eta: str | None = Field(None, description="Time the running stage still needs, e.g. 3m10s.")
+    metric: str | None = Field(
+        None, description="Key metric of the running (or last) stage, e.g. reward=0.41."
+    )
+    gpu_hours: float | None = Field(
+        None, ge=0, description="GPU-hours of every stage's finished attempts (chargeback)."
+    )
 
 
 # Run names: every child name is derived from it and must be a DNS-1035 label (≤ 63, a letter

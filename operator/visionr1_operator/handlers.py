@@ -67,7 +67,17 @@ from typing import Any, TypeVar
 import kopf
 from pydantic import ValidationError
 
-from visionr1_operator import compat, kueue, manifests, mlflow_runs, refusals
+from visionr1_jobs.config import STAGES
+from visionr1_operator import (
+    chargeback,
+    compat,
+    kueue,
+    manifests,
+    mlflow_runs,
+    peering,
+    refusals,
+    watch,
+)
 from visionr1_operator.api import (
     API_VERSION,
     GROUP,
@@ -141,6 +151,14 @@ class OperatorConfig:
     mlflow_timeout_s: float = 30.0
     mlflow_retry_s: float = 30.0
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # How often a running stage's MLflow run is read for its step, ETA and key metric.
+    metrics_interval_s: float = 30.0
+    # Standby replicas: the kopf peering object's name (None: standalone, one replica), how long
+    # a silent peer counts as alive, and where the peering objects live (peering.py).
+    peering: str | None = None
+    peering_lifetime_s: int = 15
+    namespaces: tuple[str, ...] = ()
+    clusterwide: bool = False
 
 
 class ObjectInTheWay(Exception):
@@ -211,6 +229,8 @@ class Reconciler:
         # (namespace, run) → Job name → why it has no pods / is not admitted (read on a timer)
         self.waiting: dict[tuple[str, str], dict[str, WaitCheck]] = {}
         self.wait_timers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # (namespace, run) → the task polling its stages' MLflow metrics
+        self.watchers: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------------ triggers
 
@@ -256,7 +276,7 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         """Drop every piece of in-memory state of a run (it was deleted)."""
         key = (namespace, name)
-        for timers in (self.timers, self.wait_timers):
+        for timers in (self.timers, self.wait_timers, self.watchers):
             timer = timers.pop(key, None)
             if timer is not None and timer is not asyncio.current_task():
                 timer.cancel()
@@ -324,10 +344,17 @@ class Reconciler:
         jobs, recheck = await self._why_waiting(namespace, name, jobs)
         actions = plan(run, status, jobs, now, self.config.retry)
         new, extra = await self._execute(run, obj, status, actions, now, jobs)
+        new = await self._charge(namespace, new, jobs, now)
+        if not any(st.phase == "Running" for st in new.stages.values()):
+            new.step = new.eta = None  # no stage runs: no step to show, nothing to wait for
         await self._finish(obj, status, new, [*actions, *extra], now, executed=True)
         self._schedule_check(
             namespace, name, None if new.phase in ("Failed", "Succeeded") else recheck
         )
+        if (run.spec.mlflow.tracking_uri or self.config.mlflow_uri) and any(
+            watch.wants_watch(new, s, st) for s, st in new.stages.items()
+        ):
+            self._watch(namespace, name)
 
     async def _fail_invalid(
         self, obj: Mapping[str, Any], status: VisionR1RunStatus, refusal: FinishRun, now: datetime
@@ -437,6 +464,109 @@ class Reconciler:
             log.warning("%s: cannot read why Job %s waits: %s", namespace, job.name, exc)
             return None
         return refusals.refusal(events, job.uid, job.stage)
+
+    async def _charge(
+        self,
+        namespace: str,
+        status: VisionR1RunStatus,
+        jobs: list[ObservedJob],
+        now: datetime,
+    ) -> VisionR1RunStatus:
+        """Add the GPU-hours of every attempt that has ended (its Job succeeded or failed) and
+        is not counted yet: GPUs × running time of its pods, listed once per attempt."""
+        assert self.kube is not None
+        for job in sorted(jobs, key=lambda j: j.attempt):
+            st = status.stages.get(job.stage)
+            if st is None or job.outcome not in ("succeeded", "failed"):
+                continue
+            if job.attempt < st.charged_attempts:
+                continue
+            try:
+                pods = await self.kube.list(
+                    "v1", "pods", namespace, label_selector=f"{manifests.JOB_NAME_LABEL}={job.name}"
+                )
+            except ApiError as exc:  # counted on a later reconcile
+                log.info("%s: listing pods of %s for GPU-hours: %s", namespace, job.name, exc)
+                continue
+            st.gpu_hours = round((st.gpu_hours or 0.0) + chargeback.gpu_hours(pods, now), 6)
+            st.charged_attempts = job.attempt + 1
+        charged = [st.gpu_hours for st in status.stages.values() if st.gpu_hours is not None]
+        if charged:
+            status.gpu_hours = round(sum(charged), 6)
+        return status
+
+    # ------------------------------------------------------------------ what a user watches
+
+    def _watch(self, namespace: str, name: str) -> None:
+        """Poll the run's stages' MLflow runs every metrics_interval_s while one wants it."""
+        key = (namespace, name)
+        task = self.watchers.get(key)
+        if task is not None and not task.done():
+            return
+
+        async def loop() -> None:
+            try:
+                while True:
+                    await asyncio.sleep(self.config.metrics_interval_s)
+                    try:
+                        if not await self._watch_once(namespace, name):
+                            return
+                    except Exception as exc:  # noqa: BLE001 (never in the run's way)
+                        log.info("%s/%s: reading stage metrics: %s", namespace, name, exc)
+            finally:
+                if self.watchers.get(key) is asyncio.current_task():
+                    del self.watchers[key]
+
+        self.watchers[key] = asyncio.create_task(loop())
+
+    async def _watch_once(self, namespace: str, name: str) -> bool:
+        """Read the metrics of each stage that wants it and patch the watch fields of the
+        status (only those). False when no stage wants a poll any more."""
+        assert self.kube is not None
+        async with self.locks[(namespace, name)]:
+            try:
+                obj = await self.kube.get(API_VERSION, PLURAL, namespace, name)
+            except ApiError as exc:
+                if exc.status == 404:
+                    return False
+                raise
+            status = _status(obj)
+            run, _ = accepted_run({k: v for k, v in obj.items() if k != "status"})
+            wanted = [s for s, st in status.stages.items() if watch.wants_watch(status, s, st)]
+            if run is None or not wanted:
+                return False
+            uri, error = await self._server(
+                namespace, run.spec.mlflow.tracking_uri, run.spec.mlflow.credentials_secret
+            )
+            if uri is None:
+                if error:
+                    log.info("%s/%s: %s", namespace, name, error)
+                return False
+            new = status
+            for stage in sorted(wanted, key=STAGES.index):
+                st = status.stages[stage]
+                got, error = await self._mlflow(
+                    uri, mlflow_runs.stage_metrics, st.mlflow_run_id, stage
+                )
+                if got is None:
+                    log.info("%s/%s: %s", namespace, name, error)
+                    continue
+                latest, history = got
+                seen = watch.summarize(run, stage, latest, watch.json_history(history))
+                new = watch.apply_watch(new, stage, seen)
+                if st.phase != "Running":
+                    # one last read of a finished stage; a stage that logged none keeps none
+                    new.stages[stage].metric = new.stages[stage].metric or ""
+            if new != status:
+                await self.kube.patch(
+                    API_VERSION,
+                    PLURAL,
+                    namespace,
+                    name,
+                    {"status": watch.patch(new)},
+                    subresource="status",
+                )
+            return any(watch.wants_watch(new, s, st) for s, st in new.stages.items())
 
     def _admit(
         self, namespace: str, name: str, obj: Mapping[str, Any], status: VisionR1RunStatus
@@ -896,7 +1026,7 @@ class Reconciler:
         await self._end(uri, status.mlflow_run_id, "KILLED")
 
     async def close(self) -> None:
-        for task in [*self.timers.values(), *self.background]:
+        for task in [*self.timers.values(), *self.watchers.values(), *self.background]:
             task.cancel()
         if self.kube is not None:
             await self.kube.close()
@@ -995,8 +1125,16 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=GROUP, key="last-handled-configuration"
         )
-        # One replica (kopf has no leader election): no peering objects to need RBAC for.
-        settings.peering.standalone = True
+        if config.peering:
+            # Standby replicas (peering.py): kopf pauses all but the oldest live pod.
+            settings.peering.name = config.peering
+            settings.peering.mandatory = True
+            settings.peering.standalone = False
+            settings.peering.lifetime = config.peering_lifetime_s
+            settings.peering.stealth = True  # keep-alives are not worth a log line each
+        else:
+            # One replica: no peering objects to need RBAC for.
+            settings.peering.standalone = True
         # Watch the namespaces given, as given: no CRD or namespace listing.
         settings.scanning.disabled = True
         # Our own Events say what happened; kopf's per-handler chatter only when it goes wrong.
@@ -1025,6 +1163,8 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
             rec.kube = Kube(KubeConfig.from_service_account(), config.timeouts)
         else:
             rec.kube = Kube.from_connection(info, config.timeouts)
+        if config.peering:
+            await peering.ensure(rec.kube, config.peering, config.namespaces, config.clusterwide)
         return info
 
     @kopf.on.cleanup(registry=registry)

@@ -197,6 +197,13 @@ class Kube:
         what = f"{obj['kind']} {meta.get('namespace')}/{meta['name']}"
         await self._call("POST", what, lambda: self._client.create(kind.from_dict(dict(obj))))
 
+    async def create_custom(self, res: Any, obj: Mapping[str, Any]) -> None:
+        """Create ``obj`` of the lightkube generic resource ``res`` (namespaced or global);
+        :class:`ApiError` on refusal, 409 included."""
+        meta = obj["metadata"]
+        what = f"{obj['kind']} {meta.get('namespace') or ''}/{meta['name']}"
+        await self._call("POST", what, lambda: self._client.create(res.from_dict(dict(obj))))
+
     async def get(self, api_version: str, plural: str, namespace: str, name: str) -> dict[str, Any]:
         res = resource(api_version, plural)
         got = await self._call(

@@ -1,6 +1,7 @@
 """``visionr1 operator``: run the VisionR1Run operator (what the chart's Deployment runs).
 
-One replica, standalone (kopf has no leader election); the watched namespaces are given exactly
+One replica standalone, or several with ``--peering`` (one active, the others on standby:
+peering.py); the watched namespaces are given exactly
 (no globs: namespace scanning is off, so the operator needs no right to list namespaces).
 """
 
@@ -109,6 +110,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder of each run's PVC mounted read-only at /data in stage pods "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=float(os.environ.get("VISIONR1_METRICS_INTERVAL", "30")),
+        metavar="SECONDS",
+        help="how often a running stage's MLflow run is read for the step, ETA and key metric "
+        "that `kubectl get vr1` shows (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--peering",
+        default=os.environ.get("VISIONR1_PEERING") or None,
+        metavar="NAME",
+        help="run as one of several replicas, the oldest live one active (kopf peering object "
+        "NAME, created when missing; needs the kopf.dev peering CRDs); default: standalone",
+    )
+    parser.add_argument(
+        "--peering-lifetime",
+        type=int,
+        default=15,
+        metavar="SECONDS",
+        help="how long a silent replica counts as alive: the longest takeover (default: 15)",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
 
 
@@ -143,6 +166,7 @@ def main(args: Any) -> int:
 
     import kopf
 
+    from visionr1_operator import peering
     from visionr1_operator.handlers import OperatorConfig, make_registry
     from visionr1_operator.plan import RetryPolicy
 
@@ -177,12 +201,19 @@ def main(args: Any) -> int:
         mlflow_uri=args.mlflow_uri,
         mlflow_credentials=own_credentials,
         retry=RetryPolicy(base_s=args.retry_backoff, max_s=max(600.0, args.retry_backoff)),
+        metrics_interval_s=max(1.0, args.metrics_interval),
+        peering=args.peering,
+        peering_lifetime_s=max(12, args.peering_lifetime),
+        namespaces=tuple(namespaces),
+        clusterwide=bool(args.all_namespaces),
         policy=policy,
     )
     asyncio.run(
         kopf.operator(
             registry=make_registry(config),
-            standalone=True,
+            standalone=not args.peering,
+            peering_name=args.peering,
+            priority=peering.priority(),
             clusterwide=bool(args.all_namespaces),
             namespaces=namespaces,
             liveness_endpoint=args.liveness or None,

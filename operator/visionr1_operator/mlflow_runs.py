@@ -219,6 +219,19 @@ def end(uri: Tracking, run_id: str, status: str) -> None:
         client.set_terminated(run_id, status=status)
 
 
+def stage_metrics(uri: Tracking, run_id: str, stage: str) -> tuple[dict[str, float], list[Any]]:
+    """A stage run's latest metrics, and the history of its key metric (watch.key_metric; MLflow
+    Metric objects, [] when not logged yet). Read only: what ``kubectl get vr1`` shows."""
+    from visionr1_operator.watch import KEY_METRIC
+
+    client = _client(uri)
+    latest = dict(client.get_run(run_id).data.metrics)
+    key = KEY_METRIC.get(stage)
+    if key is None or key not in latest:
+        return latest, []
+    return latest, list(client.get_metric_history(run_id, key))
+
+
 def set_tags(uri: Tracking, run_id: str, tags: dict[str, str]) -> None:
     client = _client(uri)
     for k, v in tags.items():

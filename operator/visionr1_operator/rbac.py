@@ -47,6 +47,17 @@ KUEUE_RULES: tuple[Rule, ...] = (Rule("kueue.x-k8s.io", "workloads", frozenset({
 # Secret make the request.
 CREDENTIAL_RULES: tuple[Rule, ...] = (Rule("", "secrets", frozenset({"get"})),)
 
+# Standby replicas (the chart's ``operator.replicas`` >= 2, ``--peering``): kopf lists, watches
+# and patches the release's peering object with keep-alives; the operator creates it at start
+# (peering.py). A KopfPeering in each watched namespace, or, watching every namespace, one
+# ClusterKopfPeering. Not in RULES: a standalone operator never calls them.
+PEERING_RULES: tuple[Rule, ...] = (
+    Rule("kopf.dev", "kopfpeerings", frozenset({"list", "watch", "patch", "create"})),
+)
+CLUSTER_PEERING_RULES: tuple[Rule, ...] = (
+    Rule("kopf.dev", "clusterkopfpeerings", frozenset({"list", "watch", "patch", "create"})),
+)
+
 # Cluster-scoped, so never in a namespace's Role: before creating a stage's Job the operator
 # reads its namespace's pod-security.kubernetes.io/enforce label (a restricted namespace gets
 # pods without the root init container). The chart grants it in a ClusterRole of its own,

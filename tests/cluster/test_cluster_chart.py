@@ -31,6 +31,7 @@ CHART = REPO / "charts" / "visionr1-operator"
 RELEASE = "vr1-chart"
 NS = "vr1-chart-system"
 FULLNAME = f"{RELEASE}-visionr1-operator"  # <release>-<chart> (README: fullnameOverride)
+CLUSTER_NAME = f"{NS}-{FULLNAME}"  # cluster-scoped objects: the release's namespace in the name
 WATCHED = ["vr1-chart-team-a", "vr1-chart-team-b"]
 # Only the API objects are under test here: the chart's pods are kept off the node (an operator
 # watching every namespace would reconcile the other tests' runs). test_cluster_operator and the
@@ -126,10 +127,10 @@ def test_install_upgrade_uninstall_as_the_readme_says(
 
     sa = kget(cp, "serviceaccount", FULLNAME, "-n", NS)
     assert sa["automountServiceAccountToken"] is False
-    role = kget(cp, "clusterrole", FULLNAME)
+    role = kget(cp, "clusterrole", CLUSTER_NAME)
     assert _triples(role["rules"]) == _triples(as_policy_rules())
-    binding = kget(cp, "clusterrolebinding", FULLNAME)
-    assert binding["roleRef"]["name"] == FULLNAME
+    binding = kget(cp, "clusterrolebinding", CLUSTER_NAME)
+    assert binding["roleRef"]["name"] == CLUSTER_NAME
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NS}]
     deploy = kget(cp, "deployment", FULLNAME, "-n", NS)
     pod = deploy["spec"]["template"]["spec"]
@@ -190,8 +191,8 @@ def test_install_upgrade_uninstall_as_the_readme_says(
         for c in kget(cp, "crd", CRD_NAME)["spec"]["versions"][0]["additionalPrinterColumns"]
     ]
     assert "Upgraded" in columns  # helm upgrade updated the CRD (a template, not crds/)
-    assert kget_or_none(cp, "clusterrole", FULLNAME) is None
-    assert kget_or_none(cp, "clusterrolebinding", FULLNAME) is None
+    assert kget_or_none(cp, "clusterrole", CLUSTER_NAME) is None
+    assert kget_or_none(cp, "clusterrolebinding", CLUSTER_NAME) is None
     for ns in WATCHED:
         assert _triples(kget(cp, "role", FULLNAME, "-n", ns)["rules"]) == _triples(
             as_policy_rules()

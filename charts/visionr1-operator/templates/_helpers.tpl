@@ -21,6 +21,13 @@
 {{- printf "%s-mlflow" (include "visionr1.fullname" . | trunc 56 | trimSuffix "-") }}
 {{- end }}
 
+{{/* Cluster-scoped objects (ClusterRoles and their bindings, the ClusterKopfPeering): the
+release's namespace in the name, so two releases of the same name (a release per tenant
+namespace) never share or overwrite one. */}}
+{{- define "visionr1.clusterName" -}}
+{{- printf "%s-%s" .Release.Namespace (include "visionr1.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "visionr1.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -113,6 +120,13 @@ operator/visionr1_operator/rbac.py (tests/test_chart.py keeps the two equal).
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+{{- if and (gt (int .Values.operator.replicas) 1) .Values.watchNamespaces }}
+# Standby replicas (kopf peering): each watched namespace's peering object of this release is
+# created by the operator at start, read, watched and patched with the pods' keep-alives.
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["list", "watch", "patch", "create"]
+{{- end }}
 {{- if .Values.kueue.enabled }}
 # Queued runs: Kueue owns a queued Job's spec.suspend, so spec.suspend of a run deactivates and
 # reactivates the Job's Workload (found by the Job's uid: a label-selected list).

@@ -38,6 +38,13 @@ class MlflowMetrics(TrainerCallback):
         self.cfg = cfg
         self.targets = targets  # run id -> step offset
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        # The steps the trainer plans (the operator shows step/total and an ETA from them).
+        if state.is_world_process_zero and state.max_steps:
+            for run_id, offset in self.targets.items():
+                total = {"total_steps": state.max_steps + offset}
+                log_metrics(run_id, self.cfg, total, step=state.global_step + offset)
+
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
     ) -> None:

@@ -1,0 +1,54 @@
+"""GPU-hours per stage, for chargeback: GPUs × running time of each of the stage's pods.
+
+A pod holds its GPUs from the moment the kubelet accepts it (``status.startTime``: the device
+plugin has allocated them) until its last container ends; a pod still running is counted up to
+now. Pure: pod objects in, hours out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+GPU = "nvidia.com/gpu"
+
+
+def _time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def pod_gpus(pod: Mapping[str, Any]) -> int:
+    """GPUs the pod's containers hold (their nvidia.com/gpu limits, or requests)."""
+    total = 0
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        res = c.get("resources") or {}
+        value = (res.get("limits") or {}).get(GPU) or (res.get("requests") or {}).get(GPU) or 0
+        total += int(value)
+    return total
+
+
+def pod_seconds(pod: Mapping[str, Any], now: datetime) -> float:
+    """Seconds from the pod's start to its last container's end (or ``now`` while one runs)."""
+    status = pod.get("status") or {}
+    start = _time(status.get("startTime"))
+    if start is None:
+        return 0.0
+    ends = [
+        _time(((cs.get("state") or {}).get("terminated") or {}).get("finishedAt"))
+        for cs in status.get("containerStatuses") or []
+    ]
+    finished = [e for e in ends if e is not None]
+    if finished and len(finished) == len(ends):
+        end_at = max(finished)  # every container has ended
+    else:
+        end_at = now
+    return max(0.0, (end_at - start).total_seconds())
+
+
+def gpu_hours(pods: Iterable[Mapping[str, Any]], now: datetime | None = None) -> float:
+    """GPU-hours of ``pods``: the sum of each pod's GPUs × running time."""
+    now = now or datetime.now(UTC)
+    return sum(pod_gpus(p) * pod_seconds(p, now) for p in pods) / 3600.0

@@ -1,0 +1,155 @@
+"""What ``kubectl get vr1`` shows of a running stage: its step and total, an ETA, its key metric.
+
+Read from the channel every stage already writes, its MLflow run (the operator polls it; stage
+pods need no right to write the VisionR1Run). Pure: MLflow's answers in, status fields out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from visionr1_operator.api import StageStatus, VisionR1Run, VisionR1RunStatus
+
+#: The metric a stage is judged by, as its stage program logs it into the stage's MLflow run.
+KEY_METRIC = {"sft": "loss", "grpo": "reward"}
+#: The training callback logs the trainer's planned steps (plus the PTST offset) under this key.
+TOTAL_STEPS_METRIC = "total_steps"
+_ACCURACY_SUFFIX = "accuracy"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One logged value of a metric: MLflow's step, timestamp (ms) and value."""
+
+    step: int
+    timestamp_ms: int
+    value: float
+
+
+@dataclass(frozen=True)
+class StageWatch:
+    step: int | None
+    total: int | None
+    metric: str | None  # "loss=0.412"
+    eta_s: float | None
+
+
+def key_metric(stage: str, latest: dict[str, float]) -> str | None:
+    """The key metric's name for ``stage`` among the run's ``latest`` metrics: loss (SFT), reward
+    (GRPO), an accuracy (eval: the first by name, e.g. ``final.mathvista.accuracy``)."""
+    if stage in KEY_METRIC:
+        return KEY_METRIC[stage] if KEY_METRIC[stage] in latest else None
+    if stage == "eval":
+        found = sorted(k for k in latest if k.split(".")[-1] == _ACCURACY_SUFFIX)
+        return found[0] if found else None
+    return None
+
+
+def planned_steps(run: VisionR1Run, stage: str, logged_total: float | None) -> int | None:
+    """GRPO: the PTST table's steps (the spec knows them all; the trainer knows one row at a
+    time); SFT: spec maxSteps, else what the trainer planned and logged."""
+    if stage == "grpo":
+        return sum(row.steps for row in run.spec.stages.grpo.params.ptst) or None
+    if stage == "sft" and run.spec.stages.sft.params.max_steps:
+        return run.spec.stages.sft.params.max_steps
+    return int(logged_total) if logged_total and logged_total > 0 else None
+
+
+def summarize(
+    run: VisionR1Run,
+    stage: str,
+    latest: dict[str, float],
+    history: list[Point],
+) -> StageWatch:
+    """``latest``: the stage run's metrics (latest values); ``history``: the key metric's points."""
+    name = key_metric(stage, latest)
+    metric = (
+        f"{name.split('.')[-1] if stage != 'eval' else name}={_short(latest[name])}"
+        if name
+        else None
+    )
+    total = planned_steps(run, stage, latest.get(TOTAL_STEPS_METRIC))
+    step = max((p.step for p in history), default=None) if stage in KEY_METRIC else None
+    eta = eta_seconds(history, total)
+    return StageWatch(step, total, metric, eta)
+
+
+def eta_seconds(history: list[Point], total: int | None) -> float | None:
+    """Seconds to ``total`` at the rate between the first and the last logged step."""
+    if total is None or len(history) < 2:
+        return None
+    first = min(history, key=lambda p: (p.step, p.timestamp_ms))
+    last = max(history, key=lambda p: (p.step, p.timestamp_ms))
+    steps, ms = last.step - first.step, last.timestamp_ms - first.timestamp_ms
+    if steps <= 0 or ms <= 0:
+        return None
+    return max(0.0, (total - last.step) * ms / steps / 1000.0)
+
+
+def _short(value: float) -> str:
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def duration(seconds: float | None) -> str | None:
+    """42s, 3m10s, 2h05m: what fits a printer column."""
+    if seconds is None:
+        return None
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def apply_watch(status: VisionR1RunStatus, stage: str, watch: StageWatch) -> VisionR1RunStatus:
+    """A copy of ``status`` with ``stage``'s watch fields and the run's columns set: the run's
+    columns follow the running stage (or, once none runs, the last stage with a metric)."""
+    out = status.model_copy(deep=True)
+    st = out.stages.setdefault(stage, StageStatus())
+    st.step, st.total_steps = watch.step, watch.total
+    st.metric = watch.metric or st.metric
+    running = st.phase == "Running"
+    if running and watch.step is not None:
+        out.step = f"{watch.step}/{watch.total}" if watch.total else str(watch.step)
+    else:
+        out.step = None
+    out.eta = duration(watch.eta_s) if running else None
+    out.metric = st.metric or out.metric
+    return out
+
+
+def wants_watch(status: VisionR1RunStatus, stage: str, st: StageStatus) -> bool:
+    """Stages worth a poll: running ones with an MLflow run, and a finished one that has no
+    metric yet (eval logs its accuracy at the very end)."""
+    if not st.mlflow_run_id:
+        return False
+    if st.phase == "Running":
+        return True
+    return (
+        st.phase == "Succeeded" and st.metric is None and (stage in KEY_METRIC or stage == "eval")
+    )
+
+
+def json_history(points: list[Any]) -> list[Point]:
+    """MLflow's Metric objects (step, timestamp, value) as Points."""
+    return [Point(int(m.step), int(m.timestamp), float(m.value)) for m in points]
+
+
+def patch(status: VisionR1RunStatus) -> dict[str, Any]:
+    """The watch fields of ``status`` as a merge patch of the status (None removes a field):
+    nothing else, so a poll never overwrites what a reconcile wrote."""
+    return {
+        "step": status.step,
+        "eta": status.eta,
+        "metric": status.metric,
+        "stages": {
+            name: {"step": st.step, "totalSteps": st.total_steps, "metric": st.metric}
+            for name, st in status.stages.items()
+            if st.step is not None or st.total_steps is not None or st.metric is not None
+        },
+    }
