@@ -50,5 +50,11 @@ async def ensure(kube: Kube, name: str, namespaces: Iterable[str], clusterwide: 
             await kube.create_custom(CLUSTER if ns is None else NAMESPACED, obj)
             log.info("created %s %s", kind, name if ns is None else f"{ns}/{name}")
         except ApiError as exc:
+            if exc.status == 404:
+                raise RuntimeError(
+                    f"cannot create {kind} {name}: the kopf.dev peering CRDs are not installed; "
+                    "apply crds/kopf-peering.yaml (or install the chart with crds.install), or "
+                    "run one replica without --peering"
+                ) from exc
             if exc.status != 409:  # 409: there already, made by a peer
                 raise
