@@ -68,8 +68,11 @@ def test_grpo_total_is_the_ptst_table_and_eval_shows_an_accuracy() -> None:
     seen = watch.summarize(run, "grpo", {"reward": 0.4, "total_steps": 5}, hist)
     assert (seen.step, seen.total, seen.metric) == (5, total, "reward=0.4")
     assert seen.eta_s == pytest.approx((total - 5) * 2.0)
-    ev = watch.summarize(run, "eval", {"final.toy.accuracy": 0.625, "final.toy.n": 8}, [])
-    assert ev.metric == "final.toy.accuracy=0.625" and ev.step is None and ev.eta_s is None
+    run.spec.stages.eval.params.checkpoints = ["base", "sft", "grpo/stage-1"]
+    logged = {"base.toy.accuracy": 0.1, "grpo-stage-1.toy.accuracy": 0.625, "sft.toy.n": 8}
+    ev = watch.summarize(run, "eval", logged, [])
+    # the last checkpoint's (the trained model's) accuracy, not the base model's
+    assert ev.metric == "grpo-stage-1.toy.accuracy=0.625" and ev.step is None and ev.eta_s is None
     assert watch.summarize(run, "synthesis", {"kept": 3.0}, []).metric is None
 
 

@@ -7,6 +7,8 @@ pods need no right to write the VisionR1Run). Pure: MLflow's answers in, status 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,13 +38,23 @@ class StageWatch:
     eta_s: float | None
 
 
-def key_metric(stage: str, latest: dict[str, float]) -> str | None:
+def checkpoint_slug(name: str) -> str:
+    """How the eval stage names a checkpoint in its metrics (``grpo/stage-1`` → ``grpo-stage-1``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "checkpoint"
+
+
+def key_metric(stage: str, latest: dict[str, float], checkpoints: Sequence[str] = ()) -> str | None:
     """The key metric's name for ``stage`` among the run's ``latest`` metrics: loss (SFT), reward
-    (GRPO), an accuracy (eval: the first by name, e.g. ``final.mathvista.accuracy``)."""
+    (GRPO), an accuracy (eval: that of the last of ``checkpoints`` that has one, the trained
+    model, e.g. ``grpo.mathvista.accuracy``; else the first by name)."""
     if stage in KEY_METRIC:
         return KEY_METRIC[stage] if KEY_METRIC[stage] in latest else None
     if stage == "eval":
         found = sorted(k for k in latest if k.split(".")[-1] == _ACCURACY_SUFFIX)
+        for checkpoint in reversed(list(checkpoints)):
+            mine = [k for k in found if k.split(".")[0] == checkpoint_slug(checkpoint)]
+            if mine:
+                return mine[0]
         return found[0] if found else None
     return None
 
@@ -64,7 +76,7 @@ def summarize(
     history: list[Point],
 ) -> StageWatch:
     """``latest``: the stage run's metrics (latest values); ``history``: the key metric's points."""
-    name = key_metric(stage, latest)
+    name = key_metric(stage, latest, run.spec.stages.eval.params.checkpoints)
     metric = (
         f"{name.split('.')[-1] if stage != 'eval' else name}={_short(latest[name])}"
         if name
