@@ -16,7 +16,9 @@ from visionr1_operator.cli import build_parser
 REPO = Path(__file__).resolve().parents[1]
 
 
-def render(values: dict[str, Any], release: str = "vr1", namespace: str = "team-a") -> list[dict]:
+def render(
+    values: dict[str, Any], release: str = "vr1", namespace: str = "visionr1-a"
+) -> list[dict]:
     with helm.Chart.load(str(CHART)) as chart:
         return documents(chart.render(values, name=release, namespace=namespace, is_install=True))
 
@@ -36,11 +38,11 @@ def test_two_replicas_watching_namespaces_peer_in_each_namespace() -> None:
     }
     ctr = container(deployment)
     args = build_parser().parse_args(ctr["args"])
-    assert args.peering == "team-a-vr1-visionr1-operator"  # the release's namespace in it
+    assert args.peering == "visionr1-a-vr1-visionr1-operator"  # the release's namespace in it
     assert args.peering_lifetime == 15
     assert env_of(ctr)["POD_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     for role in find(docs, "Role"):
-        assert permissions(role) == rules(rbac.RULES, rbac.PEERING_RULES)
+        assert permissions(role) == rules(rbac.RULES, rbac.CREDENTIAL_RULES, rbac.PEERING_RULES)
     # the peering CRDs come with the VisionR1Run CRD, as crds/ ships them
     crds = {d["metadata"]["name"]: d for d in find(docs, "CustomResourceDefinition")}
     shipped = [d for d in yaml.safe_load_all((REPO / "crds/kopf-peering.yaml").read_text()) if d]
@@ -54,9 +56,9 @@ def test_two_replicas_cluster_wide_peer_in_one_cluster_peering() -> None:
     (role,) = [
         r for r in find(docs, "ClusterRole") if not r["metadata"]["name"].endswith("-namespaces")
     ]
-    assert permissions(role) == rules(rbac.RULES, rbac.CLUSTER_PEERING_RULES)
+    assert permissions(role) == rules(rbac.RULES, rbac.CREDENTIAL_RULES, rbac.CLUSTER_PEERING_RULES)
     args = build_parser().parse_args(container(one(docs, "Deployment", "operator"))["args"])
-    assert args.all_namespaces and args.peering == "team-a-vr1-visionr1-operator"
+    assert args.all_namespaces and args.peering == "visionr1-a-vr1-visionr1-operator"
 
 
 def test_one_replica_is_standalone_without_peering_rights_or_crds() -> None:
@@ -76,8 +78,8 @@ def test_one_replica_is_standalone_without_peering_rights_or_crds() -> None:
 
 
 def test_a_release_per_tenant_namespace_shares_no_cluster_scoped_name() -> None:
-    """Same release name in two namespaces, the CRD installed on its own (crds/): nothing
-    cluster-scoped of one release overwrites the other's."""
+    """Same release name in two namespaces (one per tenant, each watching its tenant's), the
+    CRD installed on its own (crds/): nothing cluster-scoped of one overwrites the other's."""
     cluster_scoped = ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition")
 
     def names(namespace: str, watched: list[str] | None) -> set[tuple[str, str]]:
@@ -88,6 +90,6 @@ def test_a_release_per_tenant_namespace_shares_no_cluster_scoped_name() -> None:
         return {(d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] in cluster_scoped}
 
     for watched_a, watched_b in ((["team-a"], ["team-b"]), (None, None)):
-        a, b = names("team-a", watched_a), names("team-b", watched_b)
+        a, b = names("visionr1-a", watched_a), names("visionr1-b", watched_b)
         assert a and b and not a & b, (a, b)
-        assert all(name.startswith("team-a-") for _, name in a)
+        assert all(name.startswith("visionr1-a-") for _, name in a)

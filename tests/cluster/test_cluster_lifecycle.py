@@ -149,6 +149,7 @@ def lab(
         "watchNamespaces": [NS],
         "image": {**_image_values(images["operator"]), "pullPolicy": "IfNotPresent"},
         "operator": {
+            "trainerImage": images["trainer-cpu"],  # the runs' image: allowed (deny by default)
             "replicas": 2,
             "peeringLifetimeSeconds": LIFETIME_S,
             "retryBackoffSeconds": 1,
@@ -427,16 +428,19 @@ def test_two_releases_one_per_tenant_namespace_share_the_crd(
     ensure_crd(cp)
     _peering_crds(cp)
     tenants = [f"vr1-tenant-a-{SUFFIX}", f"vr1-tenant-b-{SUFFIX}"]
+    homes = {ns: f"{ns}-ops" for ns in tenants}  # each tenant's release, beside its namespace
     release = "visionr1"
     try:
         for ns in tenants:
             create_namespace(cp, ns)
+            create_namespace(cp, homes[ns])
             values = {
                 "crds": {"install": False},
                 "watchNamespaces": [ns],
                 "image": {**_image_values(images["operator"]), "pullPolicy": "IfNotPresent"},
                 "mlflow": {"enabled": False},
                 "operator": {
+                    "trainerImage": images["trainer-cpu"],
                     "replicas": 2,
                     "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
                 },
@@ -444,7 +448,7 @@ def test_two_releases_one_per_tenant_namespace_share_the_crd(
             path = tmp_path / f"{ns}.yaml"
             path.write_text(yaml.safe_dump(values))
             out = cp.helm(
-                "install", release, str(CHART), "-n", ns, "-f", str(path), "--wait",
+                "install", release, str(CHART), "-n", homes[ns], "-f", str(path), "--wait",
                 "--timeout=300s", timeout=360, check=False,
             )  # fmt: skip
             assert out.returncode == 0, out.stderr
@@ -479,22 +483,25 @@ def test_two_releases_one_per_tenant_namespace_share_the_crd(
             assert kget(cp, "vr1", "tenant-run", "-n", ns)["status"]["phase"] == "Succeeded"
         # Each release's operator reconciled its own namespace's run and never the other's.
         for ns, other in (tenants, tenants[::-1]):
-            log = ChartOperator(cp, ns, f"{release}-visionr1-operator").log()
+            log = ChartOperator(cp, homes[ns], f"{release}-visionr1-operator").log()
             # its API requests (the client logs each): its own namespace's run, nothing else
             assert f"/namespaces/{ns}/visionr1runs/tenant-run" in log, log[-3000:]
             assert f"/namespaces/{other}/" not in log
             assert FORBIDDEN_RE.search(log) is None, log[-3000:]
         # Cluster-scoped objects per release: uninstalling one leaves the other's in place.
-        cp.helm("uninstall", release, "-n", tenants[0], "--wait")
-        kept = f"{tenants[1]}-{release}-visionr1-operator-namespaces"
+        cp.helm("uninstall", release, "-n", homes[tenants[0]], "--wait")
+        kept = f"{homes[tenants[1]]}-{release}-visionr1-operator-namespaces"
         assert kget_or_none(cp, "clusterrole", kept) is not None
-        gone = f"{tenants[0]}-{release}-visionr1-operator-namespaces"
+        gone = f"{homes[tenants[0]]}-{release}-visionr1-operator-namespaces"
         assert kget_or_none(cp, "clusterrole", gone) is None
         assert kget_or_none(cp, "crd", CRD_NAME) is not None
     finally:
         for ns in tenants:
-            cp.helm("uninstall", release, "-n", ns, "--wait", check=False)
-            cp.kubectl("delete", "namespace", ns, "--timeout=180s", check=False, timeout=200)
+            cp.helm("uninstall", release, "-n", homes[ns], "--wait", check=False)
+            for gone_ns in (ns, homes[ns]):
+                cp.kubectl(
+                    "delete", "namespace", gone_ns, "--timeout=180s", check=False, timeout=200
+                )
             cp.kubectl("delete", "pv", f"pv-{ns}-{PVC}", check=False)
             shutil.rmtree(cp.pv_root / f"{ns}-{PVC}", ignore_errors=True)
 
