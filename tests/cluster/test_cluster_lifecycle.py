@@ -407,7 +407,12 @@ def test_helm_upgrade_mid_run_to_a_stricter_operator_with_a_new_parameter(
 
     # The stricter rule is live: the same name is refused for a new run, naming the field.
     again = "upgrade-two"
-    apply(cp, with_stages(tiny_cluster_run(again, NS, PVC), ["synthesis"]))
+    apply(
+        cp,
+        with_stages(
+            tiny_cluster_run(again, NS, PVC, image=lab.images["trainer-cpu"]), ["synthesis"]
+        ),
+    )
     refused = wait_for(lambda: lab.phase(again) == "Failed" and lab.run(again), 120, "refusal")
     failed = condition(refused, "Failed")
     assert failed["reason"] == "InvalidSpec"
