@@ -333,7 +333,11 @@ def test_two_processes_under_torchrun(world: dict[str, Path], tmp_path: Path) ->
     assert sft.extra["gradient_accumulation_steps"] == 2  # 4 = 1 per process × 2 processes × 2
     _load(ws / "sft" / "final")
 
-    ptst = [{"maxCompletionLength": 16, "numGenerations": 2, "steps": 2}]
+    # Two sub-stages: each is a torchrun launch of its own on the same rendezvous port.
+    ptst = [
+        {"maxCompletionLength": 16, "numGenerations": 2, "steps": 2},
+        {"maxCompletionLength": 16, "numGenerations": 2, "steps": 1},
+    ]
     grpo_cfg = _grpo_config(
         ws, world, {"path": "sft", "format": "stage", "stage": "sft"}, ptst, saveSteps=2
     )
@@ -348,12 +352,17 @@ def test_two_processes_under_torchrun(world: dict[str, Path], tmp_path: Path) ->
     assert out.returncode == 0, out.stderr[-4000:]
     grpo = read_manifest(ws, "grpo")
     assert grpo is not None and grpo.extra["world_size"] == 2
+    assert out.stderr.count("torch.distributed.run") == 2  # a launch per sub-stage
     done = json.loads((ws / "grpo" / "stage-1" / "_done.json").read_text())
+    done2 = json.loads((ws / "grpo" / "stage-2" / "_done.json").read_text())
     assert [r["step"] for r in done["series"]] == [1.0, 2.0]
-    _load(ws / "grpo" / "stage-1" / "final")
+    assert [r["step"] for r in done2["series"]] == [1.0]
+    assert done["world_size"] == done2["world_size"] == 2
+    assert done["process_at_start"]["pid"] != done2["process_at_start"]["pid"]
+    _load(ws / "grpo" / "stage-2" / "final")
     # Only rank 0 wrote to MLflow: one run per stage/sub-stage, one value per step.
     runs = _runs(ws)
-    assert sorted(r.info.run_name for r in runs) == ["grpo", "sft", "stage-1"]
+    assert sorted(r.info.run_name for r in runs) == ["grpo", "sft", "stage-1", "stage-2"]
     client = _client(ws)
     assert [m.step for m in client.get_metric_history(sft.mlflow_run_id, "loss")] == [1, 2]
     stage1 = next(r for r in runs if r.info.run_name == "stage-1")

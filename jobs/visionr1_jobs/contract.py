@@ -36,6 +36,9 @@ MANIFEST = "_manifest.json"
 # Written by a torchrun child that hit invalid input: torchrun reports any failing child as exit
 # 1, so the launcher reads this marker to exit 65 (permanent) instead of being retried.
 INVALID_MARKER = "_invalid_input.txt"
+# Set in a stage program started by another one (a PTST sub-stage's own process): it reports
+# invalid input through the same marker, for its launcher to exit 65.
+CHILD_ENV = "VISIONR1_CHILD"
 
 
 class InvalidInput(Exception):
@@ -388,7 +391,7 @@ def run_stage(
     except InvalidInput as exc:
         print(f"error: {exc}", file=out)
         write_termination_message(str(exc))
-        if cfg is not None and "LOCAL_RANK" in os.environ:
+        if cfg is not None and ("LOCAL_RANK" in os.environ or CHILD_ENV in os.environ):
             atomic_write(Path(cfg.workspace) / cfg.output_dir / INVALID_MARKER, f"{exc}\n")
         print(
             f"(exit {EXIT_INVALID_INPUT}: invalid config or input; retrying will not help)",

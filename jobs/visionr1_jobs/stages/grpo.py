@@ -3,34 +3,48 @@
 
 Each row of ``params.ptst`` runs as a sub-stage ``grpo/stage-N`` (its budget, samples per
 prompt and steps), starting from the previous sub-stage's final weights and logging into its own
-MLflow run nested under the GRPO stage run. A finished sub-stage leaves ``stage-N/_done.json`` and
-is never redone; an interrupted one resumes from its newest complete checkpoint. The KL reference
-is the GRPO input model throughout (``resetReferenceEachStage`` makes it each sub-stage's start).
+MLflow run nested under the GRPO stage run. The KL reference is the GRPO input model throughout
+(``resetReferenceEachStage`` makes it each sub-stage's start).
+
+Every sub-stage trains in processes of its own: the stage program (the pod's PID 1) starts the
+same program again per sub-stage, under torchrun with the pod's world when it has several
+processes, and waits for it. When a sub-stage's processes exit, its DeepSpeed engine, colocated
+vLLM engine, CUDA memory and process group go with them, so sub-stage 2 starts on a clean
+device (an in-process trainer left the first engine beside the second). Each sub-stage records
+its pid and memory at start and end in its done marker.
+
+A finished sub-stage leaves ``stage-N/_done.json`` and is never redone; an interrupted one
+resumes from its newest complete checkpoint. Sub-stages continue through the prompts: sub-stage
+k takes the ones after sub-stage k-1's last (training.prompt_order), and samples with seed
+``seed + k - 1``.
 
 Outputs: ``{"model": "grpo/stage-K/final", "stage-1": "grpo/stage-1/final", …}`` and the PTST
-summary (``grpo/ptst_summary.json`` + ``.png``, also MLflow artifacts).
+summary (``grpo/ptst_summary.json`` + ``.png``, also MLflow artifacts); the manifest's
+``extra.prompt_order`` holds each sub-stage's first and last prompt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from visionr1_jobs.config import GRPOParams, PTSTStage, ResolvedStageConfig
-from visionr1_jobs.contract import (
-    InvalidInput,
-    StageManifest,
-    read_manifest,
-    stage_dir,
-)
+from visionr1_jobs.contract import InvalidInput, StageManifest, stage_dir
 from visionr1_jobs.training import checkpoints as ckpt
-from visionr1_jobs.training import ptst, runtime
+from visionr1_jobs.training import prompt_order, ptst, runtime
 from visionr1_jobs.training.inputs import model_input
 
 log = logging.getLogger("visionr1.grpo")
+
+#: Set by the stage program on the processes it starts for one sub-stage (1-based index), and
+#: the GRPO stage's MLflow run id for the sub-stage's nested run (empty off the lead pod).
+SUBSTAGE_ENV = "VISIONR1_PTST_SUBSTAGE"
+STAGE_RUN_ENV = "VISIONR1_GRPO_RUN_ID"
 
 
 def run(cfg: ResolvedStageConfig) -> StageManifest | None:
@@ -38,8 +52,21 @@ def run(cfg: ResolvedStageConfig) -> StageManifest | None:
     assert isinstance(params, GRPOParams)
     folder = stage_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    from visionr1_jobs.training.launch import launch_failed, planned_world_size, relaunch
+    assigned = os.environ.get(SUBSTAGE_ENV)
+    if assigned:
+        index = int(assigned)
+        if not 1 <= index <= len(params.ptst):
+            raise InvalidInput(f"{SUBSTAGE_ENV}={assigned} is outside 1..{len(params.ptst)}")
+        train_substage(cfg, params, folder, index, os.environ.get(STAGE_RUN_ENV) or None)
+        return None  # the stage program that started this one writes the manifest
+    from visionr1_jobs.training.launch import planned_world_size, under_torchrun
 
+    if under_torchrun():
+        raise InvalidInput(
+            "the grpo stage starts its own processes for each PTST sub-stage (under torchrun "
+            "when VISIONR1_NPROC_PER_NODE / VISIONR1_NNODES ask for several); run it as "
+            "`python -m visionr1_jobs grpo --config FILE`, not under torchrun"
+        )
     world_size = planned_world_size()
     for index in range(len(params.ptst)):  # refuse impossible splits before spawning processes
         runtime.grpo_plan(params, index, world_size)
@@ -49,13 +76,7 @@ def run(cfg: ResolvedStageConfig) -> StageManifest | None:
     # Before any process starts: a sub-stage already (partly) trained under other settings is
     # refused here, so its exit 65 is the stage's (see training.ptst).
     ptst.check_rows(folder, ptst.plan_rows(params, folder, model_input(cfg)))
-    rc = relaunch("grpo", cfg.model_dump_json(by_alias=True), folder)
-    if rc is not None:
-        manifest = read_manifest(cfg.workspace, cfg.output_dir)
-        if rc != 0 or manifest is None:
-            raise RuntimeError(launch_failed("grpo", rc))
-        return manifest
-    return train(cfg, params, folder)
+    return run_substages(cfg, params, folder, world_size)
 
 
 def rollout_mode(params: GRPOParams) -> str | None:
@@ -94,126 +115,182 @@ def _data_rows(
     return grpo_rows(samples, params.system_prompt), sum(skipped.values())
 
 
-def train(cfg: ResolvedStageConfig, params: GRPOParams, folder: Path) -> StageManifest | None:
-    from visionr1_jobs.training.data import drop_long_prompts, to_dataset
+def run_substages(
+    cfg: ResolvedStageConfig, params: GRPOParams, folder: Path, world_size: int
+) -> StageManifest | None:
+    """Train each unfinished sub-stage in its own processes, in order; then (on the lead pod)
+    the PTST summary, the final model in MLflow and the stage manifest.
+
+    Every pod of a multi-node job runs this loop, each starting its share of the sub-stage's
+    torchrun world; the lead pod (node rank 0, whose rank 0 writes the done markers) also logs
+    and publishes. Nothing here touches a GPU.
+    """
+    from visionr1_jobs.training.launch import launch_child, launch_failed
     from visionr1_jobs.training.mlflow_log import (
-        log_artifact,
-        log_metrics,
-        log_model,
         log_params,
         resumable_run,
     )
 
     started = time.time()
-    world = runtime.world_from_env()
-    source = model_input(cfg)
-    rows, skipped = _data_rows(cfg, params, folder)
-    processor = runtime.load_processor(source, params.min_pixels, params.max_pixels)
-    rows, dropped = drop_long_prompts(rows, processor, params.max_prompt_length)
-    dataset = to_dataset(rows)
-    bf16 = runtime.use_bf16(params.bf16)
+    lead = int(os.environ.get("JOB_COMPLETION_INDEX", "0") or 0) == 0
     vllm_mode = rollout_mode(params)
-    counts = {
-        "prompts": float(len(rows)),
-        "prompts_dropped_too_long": float(dropped),
-        "rows_skipped_unusable": float(skipped),
-    }
-
-    # The stage run is ended before the sub-stages start: MLflow's fluent API cannot start a
-    # second top-level run while one is active, and each sub-stage is its own (nested) run.
-    with resumable_run(cfg, folder) as run:
+    launcher = "torchrun" if world_size > 1 else "the sub-stage's process"
+    config_json = cfg.model_dump_json(by_alias=True)
+    records: list[dict[str, Any]] = []
+    ctx = resumable_run(cfg, folder) if lead else contextlib.nullcontext(None)
+    with ctx as run:  # a failure below ends the stage run FAILED
         grpo_run_id = run.info.run_id if run is not None else None
         if grpo_run_id:
             log_params(
                 grpo_run_id,
                 cfg,
                 {
-                    "derived.world_size": world.world_size,
-                    "derived.bf16": bf16,
+                    "derived.world_size": world_size,
                     "derived.rollout": vllm_mode or "transformers",
-                    "derived.source_model": source,
+                    "derived.source_model": model_input(cfg),
                 },
             )
-            log_metrics(grpo_run_id, cfg, counts)
-
-    rows_planned = ptst.plan_rows(params, folder, source)
-    ptst.check_rows(folder, rows_planned)  # again on every rank (also when run without run())
-    done_records: list[dict[str, Any]] = []
-    start = source
-    steps_before = 0
-    try:
-        for index, row in enumerate(params.ptst, start=1):
-            sub_dir = folder / ptst.substage_name(index)
-            record = ptst.read_done(sub_dir)
-            if record is None:
-                record = _substage(
-                    cfg,
-                    params,
-                    index,
-                    row,
-                    rows_planned[index - 1],
-                    sub_dir,
-                    start,
-                    source,
-                    dataset,
-                    processor,
-                    bf16,
-                    vllm_mode,
-                    world,
-                    grpo_run_id,
-                    steps_before,
-                )
+        for index in range(1, len(params.ptst) + 1):
+            name = ptst.substage_name(index)
+            record = ptst.read_done(folder / name)
+            if record is not None:
+                log.warning("grpo: %s already finished; not redoing it", name)
             else:
-                log.warning("grpo: %s already finished; not redoing it", sub_dir.name)
-            done_records.append(record)
-            start = str(sub_dir / "final")
-            steps_before += row.steps
-    except BaseException:
-        if grpo_run_id:
-            from visionr1_jobs.tracking import outbox
+                env = {SUBSTAGE_ENV: str(index), STAGE_RUN_ENV: grpo_run_id or ""}
+                rc = launch_child("grpo", config_json, folder, env)
+                record = ptst.read_done(folder / name)
+                if rc != 0 or record is None:
+                    raise RuntimeError(launch_failed(f"grpo/{name}", rc, launcher))
+            records.append(record)
+        if not lead:
+            return None
+        return _publish(cfg, params, folder, records, run, started, vllm_mode, world_size)
 
-            outbox(cfg).terminated(grpo_run_id, "FAILED")
-        raise
 
-    outputs = {"model": f"{cfg.output_dir}/{ptst.substage_name(len(params.ptst))}/final"}
-    for index in range(1, len(params.ptst) + 1):
+def _publish(
+    cfg: ResolvedStageConfig,
+    params: GRPOParams,
+    folder: Path,
+    records: list[dict[str, Any]],
+    run: Any,
+    started: float,
+    vllm_mode: str | None,
+    world_size: int,
+) -> StageManifest:
+    from visionr1_jobs.training.mlflow_log import log_artifact, log_metrics, log_model
+
+    last = len(params.ptst)
+    outputs = {"model": f"{cfg.output_dir}/{ptst.substage_name(last)}/final"}
+    for index in range(1, last + 1):
         name = ptst.substage_name(index)
         outputs[name] = f"{cfg.output_dir}/{name}/final"
-    metrics = dict(counts)
-    for rec in done_records:
+    # Every sub-stage prepares the same prompts; the newest marker that counted them says how.
+    counts: dict[str, float] = next(
+        (dict(r["data_counts"]) for r in reversed(records) if "data_counts" in r), {}
+    )
+    metrics = {k: float(v) for k, v in counts.items()}
+    for rec in records:
         for key, value in rec.get("metrics", {}).items():
             metrics[f"{rec['name']}/{key}"] = float(value)
     extra: dict[str, Any] = {
         "rollout": vllm_mode or "transformers",
-        "world_size": world.world_size,
-        "bf16": bf16,
+        "world_size": world_size,
+        "bf16": bool(records[-1].get("bf16", False)),
+        "prompt_order": {r["name"]: r["prompt_order"] for r in records if "prompt_order" in r},
     }
-    json_path = png_path = None
-    if world.is_main:
-        json_path, png_path = ptst.write_summary(folder, done_records)
-        extra["ptst_summary"] = f"{cfg.output_dir}/{json_path.name}"
-    with resumable_run(cfg, folder) as run:
-        if run is not None and json_path and png_path:
-            rid = run.info.run_id
-            log_metrics(rid, cfg, {k.replace("/", "."): v for k, v in metrics.items()})
-            log_artifact(rid, cfg, json_path)
-            log_artifact(rid, cfg, png_path)
-            extra |= log_model(
-                rid,
-                cfg,
-                folder / ptst.substage_name(len(params.ptst)) / "final",
-                params.register_model,
-            )
-    manifest = StageManifest(
+    json_path, png_path = ptst.write_summary(folder, records)
+    extra["ptst_summary"] = f"{cfg.output_dir}/{json_path.name}"
+    if run is not None:
+        rid = run.info.run_id
+        log_metrics(rid, cfg, {k.replace("/", "."): v for k, v in metrics.items()})
+        log_artifact(rid, cfg, json_path)
+        log_artifact(rid, cfg, png_path)
+        extra |= log_model(
+            rid, cfg, folder / ptst.substage_name(last) / "final", params.register_model
+        )
+    return StageManifest(
         stage="grpo",
         outputs=outputs,
-        rows={"prompts": len(rows), "prompts_dropped_too_long": dropped},
+        rows={k: int(v) for k, v in counts.items() if k in ("prompts", "prompts_dropped_too_long")},
         metrics=metrics,
-        mlflow_run_id=grpo_run_id,
+        mlflow_run_id=run.info.run_id if run is not None else None,
         started_at=started,
         extra=extra,
     )
-    return runtime.publish(cfg, manifest, world)
+
+
+def train_substage(
+    cfg: ResolvedStageConfig,
+    params: GRPOParams,
+    folder: Path,
+    index: int,
+    grpo_run_id: str | None,
+) -> None:
+    """One sub-stage, in the processes started for it: prepare the prompts, take this
+    sub-stage's span of the prompt stream, train to the done marker."""
+    from visionr1_jobs.training.data import drop_long_prompts, to_dataset
+
+    at_start = runtime.process_memory()
+    world = runtime.world_from_env()
+    name = ptst.substage_name(index)
+    sub_dir = folder / name
+    if ptst.read_done(sub_dir) is not None:
+        log.warning("grpo: %s already finished; not redoing it", name)
+        return
+    source = model_input(cfg)
+    planned = ptst.plan_rows(params, folder, source)
+    ptst.check_rows(folder, planned)  # again on every rank (also when started by hand)
+    rows, skipped = _data_rows(cfg, params, folder)
+    processor = runtime.load_processor(source, params.min_pixels, params.max_pixels)
+    rows, dropped = drop_long_prompts(rows, processor, params.max_prompt_length)
+    if not rows:
+        raise InvalidInput(
+            f"params.maxPromptLength ({params.max_prompt_length}) leaves no prompt: all {dropped} "
+            "are longer (see the warning above for the longest); raise it"
+            if dropped
+            else "params.dataset has no usable prompts"
+        )
+    row = params.ptst[index - 1]
+    steps_before = [r.steps for r in params.ptst[: index - 1]]
+    span = prompt_order.span(
+        len(rows),
+        params.seed,
+        prompt_order.substage_start(params, index - 1),
+        prompt_order.prompts_taken(params, index - 1),
+    )
+    # The trainer keeps this order (shuffle_dataset off): rollout r generates for rows
+    # r × promptsPerRollout onwards.
+    dataset = to_dataset(rows).select(list(span.indices))
+    bf16 = runtime.use_bf16(params.bf16)
+    record = _substage(
+        cfg,
+        params,
+        index,
+        row,
+        planned[index - 1],
+        sub_dir,
+        dataset,
+        processor,
+        bf16,
+        rollout_mode(params),
+        world,
+        grpo_run_id,
+        sum(steps_before),
+        {
+            "prompt_order": span.record([r["id"] for r in rows]),
+            "data_counts": {
+                "prompts": len(rows),
+                "prompts_dropped_too_long": dropped,
+                "rows_skipped_unusable": skipped,
+            },
+            "bf16": bf16,
+            "world_size": world.world_size,
+            "process_at_start": at_start,
+        },
+    )
+    if world.is_main:
+        ptst.write_done(sub_dir, record | {"process_at_end": runtime.process_memory()})
+    runtime.barrier()
 
 
 def _substage(
@@ -223,8 +300,6 @@ def _substage(
     row: PTSTStage,
     planned: dict[str, Any],
     sub_dir: Path,
-    start: str,
-    source: str,
     dataset: Any,
     processor: Any,
     bf16: bool,
@@ -232,8 +307,16 @@ def _substage(
     world: runtime.World,
     grpo_run_id: str | None,
     steps_before: int,
+    facts: dict[str, Any],
 ) -> dict[str, Any]:
-    """Train one PTST sub-stage to its done marker (resuming from its last checkpoint)."""
+    """Train one PTST sub-stage to its final weights (resuming from its last checkpoint) and
+    return its done record; ``facts`` (its prompts, data counts, process) go into the record.
+
+    The hand-off: the policy starts from the row's ``start_model`` (the GRPO input for stage-1,
+    else the previous sub-stage's final weights) and the KL reference is its
+    ``reference_model`` (the GRPO input, or the start with ``resetReferenceEachStage``), as
+    :func:`ptst.plan_rows` decides.
+    """
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
@@ -248,7 +331,9 @@ def _substage(
     checkpoints_dir = sub_dir / "checkpoints"
     final = sub_dir / "final"
     plan = runtime.grpo_plan(params, index - 1, world.world_size)
-    reference = start if params.reset_reference_each_stage else source
+    start, reference = planned["start_model"], planned["reference_model"]
+    # Sub-stage k samples with its own seed, so its rollouts are no replay of stage k-1's.
+    seed = params.seed + index - 1
     if world.is_main:
         ptst.write_row(sub_dir, planned)
     record: dict[str, Any] = {
@@ -266,12 +351,18 @@ def _substage(
         "num_iterations": params.num_iterations,
         "rollout_completions": plan.generation_batch_size,
         "rollout_completions_per_process": plan.rollout_per_process,
+        "trainer_seed": seed,
     }
+    order = facts["prompt_order"]
     with resumable_run(cfg, sub_dir, name, nested_under=grpo_run_id) as run:
         run_id = run.info.run_id if run is not None else None
         if run_id:
             log_params(
-                run_id, cfg, {f"ptst.{k}": v for k, v in record.items() if k != "row"} | planned
+                run_id,
+                cfg,
+                {f"ptst.{k}": v for k, v in record.items() if k != "row"}
+                | planned
+                | {f"prompts.{k}": v for k, v in order.items()},
             )
         watch = RewardSignalWatch()
         if ckpt.is_complete_model(final):
@@ -282,7 +373,10 @@ def _substage(
             ds_path = runtime.write_deepspeed_config(params.deepspeed, bf16, sub_dir)
             # The config comes before the model: with ZeRO-3 it makes from_pretrained partition.
             args = GRPOConfig(
-                **runtime.common_training_kwargs(params, checkpoints_dir, bf16, ds_path),
+                **runtime.common_training_kwargs(params, checkpoints_dir, bf16, ds_path)
+                | {"seed": seed},
+                # The dataset holds this sub-stage's span of the prompt stream, in order.
+                shuffle_dataset=False,
                 learning_rate=params.learning_rate,
                 # Every sub-stage starts a fresh Adam: without a warmup its first bias-corrected
                 # steps move each weight by about the full learning rate at once.
@@ -348,9 +442,7 @@ def _substage(
             "mlflow_run_id": run_id,
             "finished_at": time.time(),
         }
-        if world.is_main:
-            ptst.write_done(sub_dir, record)
-    runtime.barrier()
+        record |= facts
     return record
 
 

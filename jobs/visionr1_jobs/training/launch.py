@@ -109,34 +109,85 @@ def relaunch(stage: str, config_json: str, folder: Path) -> int | None:
     Returns torchrun's exit status, or None when this process should train by itself.
     The resolved config is written into the stage folder for the children to read.
     """
-    from visionr1_jobs.contract import atomic_write
-
-    path = folder / "_launch_config.json"
-    cmd = torchrun_command(stage, str(path))
+    cmd = torchrun_command(stage, str(folder / LAUNCH_CONFIG))
     if cmd is None:
         return None
-    from visionr1_jobs.contract import INVALID_MARKER, write_termination_message
+    return _run_child(stage, cmd, config_json, folder, None)
+
+
+def launch_child(stage: str, config_json: str, folder: Path, env: dict[str, str]) -> int:
+    """Run the stage program again in processes of its own, with ``env`` added: under torchrun
+    (the same world the pod would get) when the environment asks for several processes, else
+    one plain child. Returns the exit status; a child that refused its input raises
+    :class:`InvalidInput` here with its reason.
+
+    Why a child and not a call: everything the child allocated (a DeepSpeed engine, a colocated
+    vLLM engine, CUDA memory, NCCL groups, leaked host memory) is gone when it exits, which no
+    in-process teardown guarantees.
+    """
+    cmd = torchrun_command(stage, str(folder / LAUNCH_CONFIG)) or [
+        sys.executable,
+        "-m",
+        "visionr1_jobs",
+        stage,
+        "--config",
+        str(folder / LAUNCH_CONFIG),
+    ]
+    return _run_child(stage, cmd, config_json, folder, env)
+
+
+LAUNCH_CONFIG = "_launch_config.json"
+
+
+def _run_child(
+    stage: str, cmd: list[str], config_json: str, folder: Path, env: dict[str, str] | None
+) -> int:
+    from visionr1_jobs.contract import (
+        CHILD_ENV,
+        INVALID_MARKER,
+        atomic_write,
+        write_termination_message,
+    )
 
     marker = folder / INVALID_MARKER
     marker.unlink(missing_ok=True)
     # A failing rank writes its reason there (the container's file, shared by every process of
     # the pod): start empty, so that what is there afterwards is this launch's.
     write_termination_message("")
-    atomic_write(path, config_json)
+    atomic_write(folder / LAUNCH_CONFIG, config_json)
+    child_env = None if env is None else {**os.environ, CHILD_ENV: "1", **env}
     print(f"[{stage}] launching {' '.join(cmd)}", file=sys.stderr, flush=True)
-    rc = subprocess.call(cmd)
+    rc = wait_forwarding_stop(subprocess.Popen(cmd, env=child_env))
     if rc != 0 and marker.exists():
         # A rank refused its input: permanent, whatever exit code torchrun chose.
         raise InvalidInput(marker.read_text().strip())
     return rc
 
 
-def launch_failed(stage: str, rc: int) -> str:
-    """Why a torchrun launch failed, with the failing rank's own reason when it wrote one (a
-    rank's last error line, as its termination message), for the stage's error."""
+def wait_forwarding_stop(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> int:
+    """Wait for ``proc``; if this process is stopped meanwhile (SIGTERM raises SystemExit in the
+    stage program, Ctrl-C KeyboardInterrupt), stop the child the same way first: in a pod only
+    PID 1 gets the kubelet's SIGTERM, and torchrun passes it on to its ranks."""
+    try:
+        return proc.wait()
+    except BaseException:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+
+
+def launch_failed(stage: str, rc: int, launcher: str = "torchrun") -> str:
+    """Why a launch failed, with the failing rank's own reason when it wrote one (a rank's last
+    error line, as its termination message), for the stage's error. ``launcher`` names what
+    exited (torchrun, or a stage's own child process)."""
     from visionr1_jobs.contract import read_termination_message
 
     said = read_termination_message()
     if rc != 0 and said:
-        return f"{stage}: torchrun exited with status {rc}; a rank failed with: {said}"
-    return f"{stage}: torchrun exited with status {rc}; see the ranks' logs above"
+        return f"{stage}: {launcher} exited with status {rc}; a rank failed with: {said}"
+    return f"{stage}: {launcher} exited with status {rc}; see the ranks' logs above"

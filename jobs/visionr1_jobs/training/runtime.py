@@ -65,6 +65,41 @@ def use_bf16(requested: bool) -> bool:
     return torch.cuda.is_bf16_supported()
 
 
+def process_memory() -> dict[str, Any]:
+    """This process's id and memory now: resident and peak resident host memory (MiB), and on a
+    GPU the CUDA memory torch holds (allocated, reserved, peak allocated; MiB).
+
+    A PTST sub-stage records it when it starts and when it ends: the peak a fresh process reports
+    at its start is only its imports, so a sub-stage that inherited its predecessor's engines and
+    tensors would show it there.
+    """
+    import resource
+
+    out: dict[str, Any] = {
+        "pid": os.getpid(),
+        # ru_maxrss is in KiB on Linux.
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        out["rss_mib"] = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):  # not Linux
+        out["rss_mib"] = None
+    if has_cuda():
+        import torch
+
+        device = world_from_env().local_rank  # this rank's GPU, not every rank's GPU 0
+        free, total = torch.cuda.mem_get_info(device)
+        out |= {
+            # Every process's memory on this GPU (a predecessor's engine would show here).
+            "cuda_device_used_mib": (total - free) / 2**20,
+            "cuda_allocated_mib": torch.cuda.memory_allocated(device) / 2**20,
+            "cuda_reserved_mib": torch.cuda.memory_reserved(device) / 2**20,
+            "cuda_peak_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+        }
+    return out
+
+
 # --------------------------------------------------------------------------- batches
 
 
