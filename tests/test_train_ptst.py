@@ -221,7 +221,10 @@ def test_mlflow_and_the_manifest_record_each_substages_prompts(trained: dict[str
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"ptst": [PTST[0], {**PTST[1], "steps": 8}]}, r"params\.ptst\[1\]\.steps: grpo/stage-2 was trained with 4,"),
+        (
+            {"ptst": [PTST[0], {**PTST[1], "steps": 8}]},
+            r"params\.ptst\[1\]\.steps: grpo/stage-2 was trained with 4,",
+        ),
         (
             {"ptst": [{**PTST[0], "maxCompletionLength": 16}, PTST[1]]},
             r"ptst\[0\]\.maxCompletionLength",
