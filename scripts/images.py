@@ -445,6 +445,17 @@ def dockerfile_args(dockerfile: Path) -> set[str]:
     return names
 
 
+CONFIG_SCHEMA_LABEL = "io.visionr1.config-schema"
+
+
+def config_schema(config: Path = REPO / "jobs" / "visionr1_jobs" / "config.py") -> str:
+    """``CONFIG_SCHEMA`` of the stage programs, read from their source (no import: stdlib only)."""
+    match = re.search(r"(?m)^CONFIG_SCHEMA = (\d+)$", config.read_text())
+    if match is None:
+        raise ImagesError(f"{config}: no CONFIG_SCHEMA = <int> line")
+    return match.group(1)
+
+
 def labels(image: Image, source: Source) -> dict[str, str]:
     """The OCI labels that vary per build, given as ``buildah bud --label``: buildah's layer cache
     keys a LABEL instruction by its text before build arguments are substituted, so a cached
@@ -457,6 +468,10 @@ def labels(image: Image, source: Source) -> dict[str, str]:
         "org.opencontainers.image.version": version,
         "org.opencontainers.image.revision": source.revision,
     }
+    if image.name.startswith("trainer"):
+        # The stage config schema its stage programs read (visionr1_jobs.config.CONFIG_SCHEMA):
+        # what an operator's configs must not exceed with fields set off their defaults.
+        out[CONFIG_SCHEMA_LABEL] = config_schema()
     if image.bases:
         final_base = image.bases.get("RUNTIME_IMAGE", image.bases["PYTHON_IMAGE"])
         out["org.opencontainers.image.base.name"] = BASES[final_base].ref(source.suite)

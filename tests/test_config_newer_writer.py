@@ -150,3 +150,19 @@ def test_the_operator_writes_its_schema_version_and_defaults() -> None:
     # the file a stage reads round-trips, and this trainer takes every field of it
     again = ResolvedStageConfig.model_validate_json(cfg.model_dump_json(by_alias=True))
     assert again.stage_params() == cfg.stage_params()
+
+
+def test_trainer_images_carry_their_config_schema_as_a_label() -> None:
+    """What a platform team reads off an image (skopeo inspect) before pointing runs at it."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("images_script", repo / "scripts" / "images.py")
+    assert spec is not None and spec.loader is not None
+    images = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = images  # dataclasses look their module up there
+    spec.loader.exec_module(images)
+    source = images.Source(version="9.9.9", revision="r", suite="bookworm")
+    for name in ("trainer-cpu", "trainer", "operator"):
+        got = images.labels(images.IMAGES[name], source).get("io.visionr1.config-schema")
+        assert got == (str(CONFIG_SCHEMA) if name.startswith("trainer") else None), name
