@@ -4,7 +4,8 @@ build: Debian root filesystems from packages (mmdebstrap, at the suite of
 scripts/cluster/versions.toml's ``[debian]``, from the mirror this host's apt uses), imported into
 buildah as ``localhost/visionr1/base-python:<suite>`` and ``base-python-slim:<suite>`` (each
 built again only when its suite, packages or options change); then ``buildah bud --layers
---isolation chroot`` of each image on them, never pulling: ``operator``, ``trainer-cpu`` and ``mlflow``
+--isolation chroot`` of each image on them, never pulling: ``operator``, ``trainer-cpu``, ``mlflow``
+and ``postgresql`` (on ``base-postgresql``, Debian's postgresql package)
 (``--gpu`` adds the CUDA ``trainer``, whose base is pulled from its registry). Each image is
 tagged ``localhost/visionr1/<name>:<tag>`` in containers-storage; one line per image says its
 build time and size, and ``.visionr1/images/images.json`` records them.
@@ -113,6 +114,9 @@ BASES = {
     "base-python-slim": Base(
         "base-python-slim", "essential", ("python3", "python-is-python3", "ca-certificates")
     ),
+    # The bundled MLflow's PostgreSQL, from Debian's postgresql package (the chart's default is
+    # the official image; the local cluster pulls nothing).
+    "base-postgresql": Base("base-postgresql", "minbase", ("postgresql",)),
 }
 
 
@@ -338,11 +342,23 @@ IMAGES = {
             ("python", "-m", "visionr1_jobs", "--help"),
         ),
     ),
-    "mlflow": Image("mlflow", checks=(("mlflow", "--version"), ("mlflow", "server", "--help"))),
+    "mlflow": Image(
+        "mlflow",
+        checks=(
+            ("mlflow", "--version"),
+            ("mlflow", "server", "--help"),
+            ("python", "-c", "import flask_wtf, psycopg2, mlflow.server.auth"),
+        ),
+    ),
+    "postgresql": Image(
+        "postgresql",
+        bases={"POSTGRES_BASE_IMAGE": "base-postgresql"},
+        checks=(("postgres", "--version"), ("initdb", "--version")),
+    ),
     # The CUDA image: gigabytes of CUDA toolkit pulled from nvidia/cuda (needs a registry).
     "trainer": Image("trainer", bases={}, gpu=True),
 }
-DEFAULT_IMAGES = ("operator", "trainer-cpu", "mlflow")
+DEFAULT_IMAGES = ("operator", "trainer-cpu", "mlflow", "postgresql")
 
 # Where the mounts land in the build containers.
 CA_DIR_TARGET = "/etc/ssl/certs"
@@ -473,7 +489,7 @@ def labels(image: Image, source: Source) -> dict[str, str]:
         # what an operator's configs must not exceed with fields set off their defaults.
         out[CONFIG_SCHEMA_LABEL] = config_schema()
     if image.bases:
-        final_base = image.bases.get("RUNTIME_IMAGE", image.bases["PYTHON_IMAGE"])
+        final_base = image.bases.get("RUNTIME_IMAGE") or next(iter(image.bases.values()))
         out["org.opencontainers.image.base.name"] = BASES[final_base].ref(source.suite)
         out["io.visionr1.debian.suite"] = source.suite
     return out
@@ -664,7 +680,11 @@ def skopeo_command(src: str, dest: str, insecure: bool, digestfile: Path) -> lis
 def helm_install_line(pushed: dict[str, str]) -> str:
     """The chart install pinning the operator and MLflow images by digest (values.yaml's keys)."""
     sets = []
-    for key, name in (("image", "operator"), ("mlflow.image", "mlflow")):
+    for key, name in (
+        ("image", "operator"),
+        ("mlflow.image", "mlflow"),
+        ("mlflow.postgresql.image", "postgresql"),
+    ):
         if name not in pushed:
             continue
         name_tag, _, digest = pushed[name].partition("@")

@@ -106,6 +106,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "nodeSelector": {"pool": "services"},
             "tolerations": [{"key": "pool", "operator": "Exists", "effect": "NoSchedule"}],
             "persistence": {"storageClassName": "fast-ssd", "size": "50Gi"},
+            "postgresql": {
+                "image": {
+                    "repository": "registry.example.com/ml/postgres",
+                    "digest": DIGEST,
+                    "pullPolicy": "Always",
+                }
+            },
         },
     },
     "external-mlflow-no-crd": {
@@ -243,10 +250,8 @@ def test_chart_lints_strictly(name: str) -> None:
         ),
         ({"operator": {"resources": {"limits": {"memory": "lots"}}}}, "/operator/resources"),
         ({"mlflow": {"backendStore": {"type": "mysql"}}}, "/mlflow/backendStore/type"),
-        (
-            {"mlflow": {"backendStore": {"type": "postgresql"}}},
-            "/mlflow/backendStore/postgresql/existingSecret",
-        ),
+        ({"mlflow": {"auth": {"defaultPermission": "ALL"}}}, "/mlflow/auth/defaultPermission"),
+        ({"mlflow": {"postgresql": {"database": "mlflow; drop"}}}, "/mlflow/postgresql/database"),
         ({"mlflow": {"persistence": {"enabled": False}}}, "/mlflow/persistence/enabled"),
         (
             {
@@ -639,13 +644,90 @@ def test_operator_points_at_the_bundled_mlflow_service(
     assert not is_allowed_host_header(allowed, "attacker.example.com")
 
 
-def test_mlflow_defaults_to_sqlite_and_artifacts_on_a_kept_pvc(
+def test_mlflow_defaults_to_the_bundled_postgresql_with_auth(
     docs: dict[str, list[dict[str, Any]]],
 ) -> None:
     default = docs["default"]
     server = one(default, "Deployment", "mlflow")
     ctr = container(server)
+    env = env_of(ctr)
+    # The backend store: the chart's PostgreSQL StatefulSet, its password from a Secret that
+    # the server and the database both read (never written into the pod spec).
+    db = one(default, "StatefulSet", "postgresql")
+    service = one(default, "Service", "postgresql")
+    (db_ctr,) = db["spec"]["template"]["spec"]["containers"]
+    db_env = env_of(db_ctr)
+    password_ref = env["MLFLOW_DB_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    (mount,) = [m for m in db_ctr["volumeMounts"] if m["name"] == "password"]
+    (volume,) = [v for v in db["spec"]["template"]["spec"]["volumes"] if v["name"] == "password"]
+    assert volume["secret"]["secretName"] == password_ref["name"]
+    assert volume["secret"]["items"] == [{"key": password_ref["key"], "path": "password"}]
+    assert db_env["POSTGRES_PASSWORD_FILE"]["value"] == f"{mount['mountPath']}/password"
+    secret = next(
+        d for d in find(default, "Secret") if d["metadata"]["name"] == password_ref["name"]
+    )
+    assert len(secret["stringData"][password_ref["key"]]) == 32
+    assert secret["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    uri = urlsplit(env["MLFLOW_BACKEND_STORE_URI"]["value"].replace("$(MLFLOW_DB_PASSWORD)", "pw"))
+    assert uri.scheme == "postgresql+psycopg2"
+    assert (uri.username, uri.password) == (db_env["POSTGRES_USER"]["value"], "pw")
+    assert (uri.hostname, uri.port) == (service["metadata"]["name"], 5432)
+    assert uri.path == "/" + db_env["POSTGRES_DB"]["value"]
+    assert (
+        service["spec"]["selector"].items() <= db["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert (
+        db["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    )
+    assert db_ctr["image"] == "docker.io/library/postgres:16.4-bookworm"  # upstream, by tag
+    assert db_ctr["securityContext"]["readOnlyRootFilesystem"] is True
+    assert db["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 999
+    # Only the MLflow server reaches the database.
+    policy = one(default, "NetworkPolicy", "postgresql")
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [
+        {"podSelector": {"matchLabels": server["spec"]["selector"]["matchLabels"]}}
+    ]
+    # Authentication: the basic-auth app, the admin login from the chart's Secret, which the
+    # operator reads too (for its own server only).
+    assert ctr["command"][:2] == ["sh", "-c"] and "--app-name basic-auth" in ctr["command"][2]
+    admin = env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert admin["key"] == "MLFLOW_TRACKING_PASSWORD"
+    assert env["MLFLOW_AUTH_DEFAULT_PERMISSION"]["value"] == "NO_PERMISSIONS"
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY" in env
+    operator = container(one(default, "Deployment", "operator"))
+    assert {"secretRef": {"name": admin["name"]}} in operator["envFrom"]
+    # The shell wrapper passes the args through to `mlflow server`.
+    script = ctr["command"][2]
+    wrapper = subprocess.run(
+        ["sh", "-c", script.replace("exec mlflow server", "printf '%s\\n' mlflow server"),
+         *ctr["command"][3:], *ctr["args"]],
+        env={"PATH": os.environ["PATH"], "MLFLOW_AUTH_DEFAULT_PERMISSION": "READ",
+             "MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://u:p@h:5432/d",
+             "TMPDIR": "/tmp"},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert wrapper.returncode in (0, 1), wrapper.stderr  # /tmp/basic_auth.ini may be unwritable
+    if wrapper.returncode == 0:
+        assert wrapper.stdout.split("\n")[:4] == ["mlflow", "server", "--app-name", "basic-auth"]
+
+
+def test_mlflow_on_sqlite_without_auth_for_a_laptop() -> None:
+    out = documents(
+        render({"mlflow": {"backendStore": {"type": "sqlite"}, "auth": {"enabled": False}}})
+    )
+    assert find(out, "StatefulSet") == [] and find(out, "Secret") == []
+    server = one(out, "Deployment", "mlflow")
+    ctr = container(server)
+    assert ctr["command"] == ["mlflow", "server"]
+    assert "envFrom" not in container(one(out, "Deployment", "operator"))
     assert env_of(ctr)["MLFLOW_BACKEND_STORE_URI"]["value"] == "sqlite:////mlflow/mlflow.db"
+
+
+def test_mlflow_artifacts_on_a_kept_pvc(docs: dict[str, list[dict[str, Any]]]) -> None:
+    default = docs["default"]
+    server = one(default, "Deployment", "mlflow")
+    ctr = container(server)
     assert "--artifacts-destination=/mlflow/artifacts" in ctr["args"]
     assert "--serve-artifacts" in ctr["args"]
     pvc = one(default, "PersistentVolumeClaim")

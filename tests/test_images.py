@@ -34,10 +34,13 @@ from repo_paths import REPO
 
 IMAGES = REPO / "images"
 DOCKERFILES = {
-    name: IMAGES / name / "Dockerfile" for name in ("operator", "trainer", "trainer-cpu", "mlflow")
+    name: IMAGES / name / "Dockerfile"
+    for name in ("operator", "trainer", "trainer-cpu", "mlflow", "postgresql")
 }
-# The images `make images` builds on our Debian base (the CUDA trainer only with GPU=1).
+# The Python images `make images` builds on our Debian base (the CUDA trainer only with GPU=1).
 BUILT = ("operator", "trainer-cpu", "mlflow")
+# ... and the one that is Debian's packages only (no pip).
+PACKAGES_ONLY = ("postgresql",)
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SUITE = tomllib.loads((REPO / "scripts" / "cluster" / "versions.toml").read_text())["debian"][
     "suite"
@@ -156,7 +159,7 @@ def test_runs_as_a_numeric_non_root_user(name: str) -> None:
     assert uid.isdigit() and int(uid) > 0 and (not gid or gid.isdigit())
 
 
-@pytest.mark.parametrize("name", DOCKERFILES)
+@pytest.mark.parametrize("name", [n for n in DOCKERFILES if n not in PACKAGES_ONLY])
 def test_every_install_is_constrained(name: str) -> None:
     lines = installs(DOCKERFILES[name])
     assert lines
@@ -218,12 +221,12 @@ def test_make_images_and_push_run_the_build_script_with_the_switches() -> None:
     args = parsed(build)
     assert (args.command, args.tag, args.gpu) == ("build", "t1", "0")
     assert (args.build_ca, args.pip_conf, args.pip_cache) == ("/ca", "/p.conf", "/pc")
-    assert images.selected([], images.truthy(args.gpu)) == list(BUILT)
+    assert images.selected([], images.truthy(args.gpu)) == [*BUILT, *PACKAGES_ONLY]
     # Off: the switches can be emptied (a host whose PyPI needs no CA or pip config).
     args = parsed(make_dry_run("images", "BUILD_CA=", "PIP_CONF=", "GPU=1")[0])
     assert (args.build_ca, args.pip_conf) == ("", "")
     assert images.build_host(args.build_ca, args.pip_conf, "", {}) == images.BuildHost()
-    assert images.selected([], images.truthy(args.gpu)) == [*BUILT, "trainer"]
+    assert images.selected([], images.truthy(args.gpu)) == [*BUILT, *PACKAGES_ONLY, "trainer"]
     # The defaults: the host's CA folder and pip config when they exist.
     args = parsed(make_dry_run("images")[0])
     assert args.build_ca == ("/etc/ssl/certs" if Path("/etc/ssl/certs").is_dir() else "")
@@ -485,7 +488,9 @@ def test_mlflow_image_serves_the_clients_version_as_the_chart_runs_it() -> None:
     # The chart's other stores: PostgreSQL and S3.
     assert {"psycopg2-binary", "boto3", "sqlalchemy", "alembic"} <= set(pins)
     deployment = (chart / "templates" / "mlflow" / "deployment.yaml").read_text()
-    assert 'command: ["mlflow", "server"]' in deployment
+    assert 'command: ["mlflow", "server"]' in deployment  # without auth
+    assert 'exec mlflow server --app-name basic-auth "$@"' in deployment  # with auth
+    assert {"flask-wtf", "wtforms"} <= set(pins)  # the basic-auth app's (mlflow[auth])
     steps = final_stage(DOCKERFILES["mlflow"])
     assert ("ENTRYPOINT", '["mlflow"]') in steps
     pod = values["mlflow"]["podSecurityContext"]
@@ -651,8 +656,8 @@ def test_proxy_variables_are_passed_as_build_arguments() -> None:
 
 
 def test_gpu_trainer_is_the_cuda_dockerfile_on_its_own_bases() -> None:
-    assert images.selected([], gpu=False) == list(BUILT)
-    assert images.selected([], gpu=True) == [*BUILT, "trainer"]
+    assert images.selected([], gpu=False) == [*BUILT, *PACKAGES_ONLY]
+    assert images.selected([], gpu=True) == [*BUILT, *PACKAGES_ONLY, "trainer"]
     source = images.Source(version="0.1.0", revision="abc", suite=SUITE)
     host = images.BuildHost(pip_cache=Path("/cache/pip"))
     cmd = images.bud_command(
@@ -784,7 +789,8 @@ def test_push_writes_pushed_json_and_a_helm_line_that_pins_the_digests(
 ) -> None:
     """The push flow with skopeo stubbed (it writes the digest file, as skopeo does); the helm
     line's --set values rendered through the chart give digest-pinned operator and MLflow images."""
-    digests = {n: "sha256:" + f"{i}" * 64 for i, n in enumerate(BUILT, start=1)}
+    pushing = (*BUILT, *PACKAGES_ONLY)
+    digests = {n: "sha256:" + f"{i}" * 64 for i, n in enumerate(pushing, start=1)}
 
     def fake_run(self: Any, cmd: list[str], name: str) -> None:
         assert cmd[:2] == ["skopeo", "copy"]
@@ -795,9 +801,9 @@ def test_push_writes_pushed_json_and_a_helm_line_that_pins_the_digests(
     monkeypatch.setattr(images, "inspect_image", lambda ref: {"id": "x"})
     monkeypatch.setattr(images.Log, "run", fake_run)
     repo = "127.0.0.1:5000/visionr1"
-    pushed = images.push(list(BUILT), repo, "t1", "auto", images.Log())
+    pushed = images.push(list(pushing), repo, "t1", "auto", images.Log())
     record = json.loads((tmp_path / "pushed.json").read_text())
-    assert record == pushed == {n: f"{repo}/{n}:t1@{digests[n]}" for n in BUILT}
+    assert record == pushed == {n: f"{repo}/{n}:t1@{digests[n]}" for n in pushing}
     out = capsys.readouterr().out
     assert f"spec.images.trainer (trainer-cpu): {record['trainer-cpu']}" in out
 
@@ -817,7 +823,7 @@ def test_push_writes_pushed_json_and_a_helm_line_that_pins_the_digests(
         rendered = chart.render(values, name="visionr1-operator", namespace="visionr1-system")
     deployed = re.findall(r'image: "([^"]+)"', "\n".join(rendered.values()))
     assert sorted(deployed) == sorted(
-        [f"{repo}/operator@{digests['operator']}", f"{repo}/mlflow@{digests['mlflow']}"]
+        f"{repo}/{n}@{digests[n]}" for n in ("operator", "mlflow", "postgresql")
     )
     # and the operator allows runs to use the trainer image pushed with them (deny by default)
     assert f"- --allowed-image={record['trainer-cpu']}" in "\n".join(rendered.values())

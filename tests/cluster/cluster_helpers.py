@@ -65,6 +65,22 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+def mlflow_login(cp: Any, release_namespace: str, fullname: str) -> dict[str, str]:
+    """The chart's generated MLflow admin login (its Secret's keys, decoded)."""
+    import base64
+
+    secret = kget(cp, "secret", f"{fullname}-mlflow-auth", "-n", release_namespace)
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
+def copy_login(cp: Any, login: dict[str, str], namespace: str, name: str = "mlflow-login") -> None:
+    """The login as a Secret of ``namespace``: what a run's spec.mlflow.credentialsSecret names."""
+    args = [f"--from-literal={k}={v}" for k, v in sorted(login.items())]
+    out = cp.kubectl("create", "secret", "generic", name, "-n", namespace, *args, check=False)
+    if out.returncode != 0 and "AlreadyExists" not in out.stderr:
+        raise AssertionError(out.stderr)
+
+
 def create_namespace(cp: Any, name: str) -> None:
     out = cp.kubectl("create", "namespace", name, check=False)
     if out.returncode != 0 and "AlreadyExists" not in out.stderr:
@@ -308,7 +324,7 @@ def tiny_cluster_run(
     run["metadata"] = {"name": name, "namespace": namespace}
     spec = run["spec"]
     spec["storage"] = {"pvc": pvc}
-    spec["mlflow"] = {"experiment": f"cluster-{namespace}"}
+    spec["mlflow"] = {**spec["mlflow"], "experiment": f"cluster-{namespace}"}  # its login kept
     if image:  # the trainer image the stage pods run, pinned by digest
         spec["images"] = {"trainer": image, "pullPolicy": "IfNotPresent"}
     return run

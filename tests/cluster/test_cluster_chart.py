@@ -23,7 +23,7 @@ from cluster_helpers import (
     tiny_cluster_run,
 )
 
-from visionr1_operator.rbac import RULES, as_policy_rules
+from visionr1_operator.rbac import CREDENTIAL_RULES, RULES, as_policy_rules
 
 pytestmark = pytest.mark.cluster
 
@@ -139,7 +139,7 @@ def test_install_upgrade_uninstall_as_the_readme_says(
 
     # The API server's own authorizer: the ServiceAccount may do exactly what rbac.RULES say,
     # in any namespace, and nothing the operator does not need.
-    for rule in RULES:
+    for rule in (*RULES, *CREDENTIAL_RULES):
         for verb in rule.verbs:
             assert _sa_can(cp, verb, _resource(rule.api_group, rule.resource), WATCHED[0]), (
                 verb,
@@ -147,7 +147,8 @@ def test_install_upgrade_uninstall_as_the_readme_says(
             )
     for verb, resource in [
         ("delete", "jobs.batch"),
-        ("get", "secrets"),
+        ("list", "secrets"),  # a run's credentials Secret only by name (get)
+        ("watch", "secrets"),
         ("delete", "pods"),
         ("delete", "visionr1runs.visionr1.io"),
         ("list", "namespaces"),

@@ -18,6 +18,7 @@ Set VISIONR1_CLUSTER_DOCS=path to write what kubectl shows during the tiny run t
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -40,11 +41,13 @@ from cluster_helpers import (
     PortForward,
     apply,
     condition,
+    copy_login,
     create_namespace,
     ensure_crd,
     items,
     kget,
     kget_or_none,
+    mlflow_login,
     tiny_cluster_run,
     wait_for,
     with_stages,
@@ -199,6 +202,13 @@ def world(
                     },
                     "mlflow": {
                         "image": _image_values(images["mlflow"]),
+                        # The chart's defaults: PostgreSQL (our image, from Debian's packages)
+                        # and authentication on.
+                        "postgresql": {
+                            "image": _image_values(images["postgresql"]),
+                            "persistence": {"size": "1Gi"},
+                            "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
+                        },
                         "workers": 1,
                         "persistence": {"size": "1Gi", "keep": False},
                         "resources": {"requests": {"cpu": "50m", "memory": "256Mi"}},
@@ -223,8 +233,18 @@ def world(
         pv.chmod(0o755)
         os.chown(pv, 0, 0)
         _toy_world(pv / "shared")  # the operator's default --shared-data-path
-        with PortForward(cp, RELEASE_NS, f"svc/{FULLNAME}-mlflow", 5000) as mlflow:
-            yield World(cp, pv, mlflow.url, operator, tmp)
+        # The runs' MLflow login (examples/tiny-cluster.yaml's credentialsSecret), and this
+        # process's, as a user copies the chart's admin Secret (README).
+        login = mlflow_login(cp, RELEASE_NS, FULLNAME)
+        copy_login(cp, login, NS)
+        saved = {k: os.environ.get(k) for k in login}
+        os.environ.update(login)
+        try:
+            with PortForward(cp, RELEASE_NS, f"svc/{FULLNAME}-mlflow", 5000) as mlflow:
+                yield World(cp, pv, mlflow.url, operator, tmp)
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     finally:
         # Runs carry the operator's finalizer: delete them while it still runs.
         if installed_ok(cp) and not operator.pods():
@@ -724,6 +744,113 @@ def test_a_bad_manifest_is_refused_and_creates_nothing(world: World) -> None:
     assert kget_or_none(w.cp, "vr1", name, "-n", NS) is None
     assert items(w.cp, "jobs,configmaps", "-n", NS, "-l", f"visionr1.io/run={name}") == []
     w.assert_no_forbidden()
+
+
+def test_what_a_tenant_may_not_ask_for_is_refused_naming_the_field(world: World) -> None:
+    """Deny by default, against the chart-installed operator and the real API server: what the
+    CRD's rules catch is refused at `kubectl apply`; what the cluster's lists catch fails the run
+    at once (NotAllowed), naming each field, with nothing created."""
+    w = world
+    # The API server (CEL): a Secret the run does not list, a loader variable.
+    unlisted = _small("reads-a-secret", ["synthesis"])
+    unlisted["spec"]["stages"]["synthesis"]["env"] = [
+        {"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "ops-admin", "key": "token"}}}
+    ]
+    preload = _small("preloads", ["synthesis"])
+    preload["spec"]["stages"]["synthesis"]["env"] = [{"name": "LD_PRELOAD", "value": "/x.so"}]
+    for run, field, words in (
+        (unlisted, "spec", "reads a Secret not listed in spec.secrets"),
+        (preload, "spec.stages.synthesis.env[0]", "may not be set in env"),
+    ):
+        out = apply(w.cp, run, check=False)
+        assert out.returncode != 0 and field in out.stderr and words in out.stderr, out.stderr
+        assert kget_or_none(w.cp, "vr1", run["metadata"]["name"], "-n", NS) is None
+    # The same Secret listed in spec.secrets: admitted by the API server.
+    listed = copy.deepcopy(unlisted)
+    listed["metadata"]["name"] = "lists-its-secret"
+    listed["spec"]["secrets"] = ["ops-admin"]
+    listed["spec"]["suspend"] = True  # admitted is all this checks: nothing needs to run
+    assert apply(w.cp, listed).returncode == 0
+    # The operator (the chart's lists, all at their defaults): another image, a priority class,
+    # a node selector, a toleration, another tracking server.
+    name = "asks-too-much"
+    run = _small(name, ["synthesis"])
+    spec = run["spec"]
+    spec["images"]["trainer"] = "docker.io/someone/miner:1"
+    spec["priorityClassName"] = "system-node-critical"
+    spec["mlflow"]["trackingUri"] = "http://collector.example.net:5000"
+    syn = spec["stages"]["synthesis"]
+    syn["nodeSelector"] = {"node-role.kubernetes.io/control-plane": ""}
+    syn["tolerations"] = [{"operator": "Exists"}]
+    apply(w.cp, run)
+    obj = w.wait_phase(name, ("Failed",), 120)
+    failed = condition(obj, "Failed")
+    assert failed["reason"] == "NotAllowed", failed
+    for field in (
+        "spec.images.trainer",
+        "spec.priorityClassName",
+        "spec.stages.synthesis.nodeSelector",
+        "spec.stages.synthesis.tolerations[0]",
+        "spec.mlflow.trackingUri",
+    ):
+        assert f"{field}: " in failed["message"], (field, failed["message"])
+    assert "operator.allowedImages" in failed["message"]
+    assert "NotAllowed" in w.cp.kubectl("describe", "vr1", name, "-n", NS).stdout
+    assert w.jobs(name) == [] and w.pods(name) == []
+    assert items(w.cp, "configmaps", "-n", NS, "-l", f"visionr1.io/run={name}") == []
+    # A system namespace can never be watched: the chart refuses to render.
+    out = w.cp.helm(
+        "template", "x", str(CHART), "-n", RELEASE_NS, "--set", "watchNamespaces={kube-system}",
+        check=False,
+    )  # fmt: skip
+    assert out.returncode != 0 and "watchNamespaces: kube-system is a system namespace" in (
+        out.stderr
+    )
+    w.cp.kubectl("delete", "vr1", name, "lists-its-secret", "-n", NS, "--wait=false", check=False)
+    w.assert_no_forbidden()
+
+
+def test_the_bundled_mlflow_runs_on_postgresql_and_refuses_anonymous_requests(
+    world: World,
+) -> None:
+    """The chart's default MLflow: authentication on (an anonymous request gets 401, the login
+    of the runs' Secret is let in) and its store in the chart's PostgreSQL, where the runs the
+    operator and the stage pods logged are rows. Needs a finished run: after the tiny run."""
+    import httpx
+
+    w = world
+    search = f"{w.mlflow_uri}/api/2.0/mlflow/experiments/get-by-name"
+    params = {"experiment_name": f"cluster-{NS}"}
+    anonymous = httpx.get(search, params=params, timeout=30)
+    assert anonymous.status_code == 401, anonymous.text
+    login = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"])
+    wrong = httpx.get(search, params=params, auth=(login[0], "not-the-password"), timeout=30)
+    assert wrong.status_code == 401
+    ok = httpx.get(search, params=params, auth=login, timeout=30)
+    assert ok.status_code == 200, ok.text
+    client = w.mlflow()
+    experiment = client.get_experiment_by_name(f"cluster-{NS}")
+    finished = client.search_runs(
+        [experiment.experiment_id], filter_string="attributes.status = 'FINISHED'"
+    )
+    assert finished, "no finished run in the tiny run's experiment"
+    # The rows are in PostgreSQL (the server's store), read with psql in its pod.
+    (db_pod,) = items(
+        w.cp, "pods", "-n", RELEASE_NS, "-l", "app.kubernetes.io/component=postgresql"
+    )
+    query = (
+        "SELECT count(*) FROM runs WHERE status = 'FINISHED' AND experiment_id = "
+        f"{int(experiment.experiment_id)}"
+    )
+    psql = w.cp.kubectl(
+        "exec", db_pod["metadata"]["name"], "-n", RELEASE_NS, "--", "sh", "-c",
+        'PGPASSWORD="$(cat /etc/postgresql-password/password)" psql -h 127.0.0.1 -U mlflow '
+        f'-d mlflow -tAc "{query}"',
+    )  # fmt: skip
+    assert int(psql.stdout.strip()) == len(finished) > 0, psql.stdout + psql.stderr
+    server = kget(w.cp, "deployment", f"{FULLNAME}-mlflow", "-n", RELEASE_NS)
+    command = server["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "--app-name basic-auth" in " ".join(command)
 
 
 def test_sft_on_two_pods_follows_the_one_pod_loss_curve(world: World, cold_start: str) -> None:

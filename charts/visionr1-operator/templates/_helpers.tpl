@@ -139,3 +139,48 @@ operator/visionr1_operator/rbac.py (tests/test_chart.py keeps the two equal).
 {{- define "visionr1.mlflow.needsVolume" -}}
 {{- if or (eq .Values.mlflow.backendStore.type "sqlite") (not .Values.mlflow.artifacts.destination) }}true{{ end }}
 {{- end }}
+
+{{/* The bundled PostgreSQL (MLflow's backend store): its objects' name and pod labels. */}}
+{{- define "visionr1.postgresql.fullname" -}}
+{{- printf "%s-postgresql" (include "visionr1.fullname" . | trunc 52 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "visionr1.postgresql.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "visionr1.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: postgresql
+{{- end }}
+
+{{/* "true" when the chart runs PostgreSQL itself: MLflow on PostgreSQL without a URI of the user's. */}}
+{{- define "visionr1.postgresql.bundled" -}}
+{{- $m := .Values.mlflow }}
+{{- if and $m.enabled (eq $m.backendStore.type "postgresql") (not $m.backendStore.postgresql.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{/* The Secret holding the bundled PostgreSQL's password (key `password`). */}}
+{{- define "visionr1.postgresql.secretName" -}}
+{{- .Values.mlflow.postgresql.existingSecret | default (include "visionr1.postgresql.fullname" .) }}
+{{- end }}
+
+{{/* "true" when the bundled MLflow server runs with authentication. */}}
+{{- define "visionr1.mlflow.auth" -}}
+{{- if and .Values.mlflow.enabled .Values.mlflow.auth.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The Secret holding MLflow's admin login (MLFLOW_TRACKING_USERNAME/PASSWORD). */}}
+{{- define "visionr1.mlflow.authSecretName" -}}
+{{- .Values.mlflow.auth.existingSecret | default (printf "%s-auth" (include "visionr1.mlflow.fullname" .)) }}
+{{- end }}
+
+{{/*
+A generated secret value that stays the same across upgrades: the existing Secret's, read back
+with lookup (empty under `helm template`, where a fresh one is made).
+*/}}
+{{- define "visionr1.keptSecretValue" -}}
+{{- $existing := lookup "v1" "Secret" .namespace .name }}
+{{- if and $existing (hasKey ($existing.data | default dict) .key) }}
+{{- index $existing.data .key | b64dec }}
+{{- else }}
+{{- randAlphaNum 32 }}
+{{- end }}
+{{- end }}
