@@ -645,7 +645,7 @@ def test_operator_points_at_the_bundled_mlflow_service(
 
 
 def test_mlflow_defaults_to_the_bundled_postgresql_with_auth(
-    docs: dict[str, list[dict[str, Any]]],
+    docs: dict[str, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
     default = docs["default"]
     server = one(default, "Deployment", "mlflow")
@@ -698,18 +698,25 @@ def test_mlflow_defaults_to_the_bundled_postgresql_with_auth(
     operator = container(one(default, "Deployment", "operator"))
     assert {"secretRef": {"name": admin["name"]}} in operator["envFrom"]
     # The shell wrapper passes the args through to `mlflow server`.
-    script = ctr["command"][2]
+    ini = tmp_path / "basic_auth.ini"
+    script = ctr["command"][2].replace("/tmp/basic_auth.ini", str(ini))
     wrapper = subprocess.run(
         ["sh", "-c", script.replace("exec mlflow server", "printf '%s\\n' mlflow server"),
          *ctr["command"][3:], *ctr["args"]],
         env={"PATH": os.environ["PATH"], "MLFLOW_AUTH_DEFAULT_PERMISSION": "READ",
-             "MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://u:p@h:5432/d",
-             "TMPDIR": "/tmp"},
+             "MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://u:p%40ss@h:5432/d"},
         capture_output=True, text=True, check=False,
     )  # fmt: skip
-    assert wrapper.returncode in (0, 1), wrapper.stderr  # /tmp/basic_auth.ini may be unwritable
-    if wrapper.returncode == 0:
-        assert wrapper.stdout.split("\n")[:4] == ["mlflow", "server", "--app-name", "basic-auth"]
+    assert wrapper.returncode == 0, wrapper.stderr
+    assert wrapper.stdout.split("\n")[:4] == ["mlflow", "server", "--app-name", "basic-auth"]
+    # What MLflow's auth app reads from the file (mlflow.server.auth.config parses it with a
+    # plain ConfigParser): the store's URI as given, '%' and all.
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ini)
+    assert config["mlflow"]["database_uri"] == "postgresql+psycopg2://u:p%40ss@h:5432/d"
+    assert config["mlflow"]["default_permission"] == "READ"
 
 
 def test_mlflow_on_sqlite_without_auth_for_a_laptop() -> None:
