@@ -926,3 +926,47 @@ def test_built_trainer_cpu_runs_the_stage_programs() -> None:
         assert subprocess.run(cmd, capture_output=True, text=True).stdout.strip() == "1000"
     finally:
         subprocess.run(["buildah", "rm", container.strip()], capture_output=True)
+
+
+# The official postgres image's start-up contract, as the chart uses it (templates/mlflow/
+# postgresql.yaml): a password file, a user and a database, PGDATA below the mount point.
+POSTGRES_START = """
+export PGDATA=/tmp/pgd/pgdata POSTGRES_USER=mlflow POSTGRES_DB=mlflow
+mkdir -p /tmp/pw && printf secret-pw > /tmp/pw/password
+export POSTGRES_PASSWORD_FILE=/tmp/pw/password
+(docker-entrypoint.sh postgres -c listen_addresses=127.0.0.1 -p 55432 -k /tmp > /tmp/pg.log 2>&1 &)
+for i in $(seq 90); do pg_isready -q -h 127.0.0.1 -p 55432 && break; sleep 1; done
+PGPASSWORD=secret-pw psql -h 127.0.0.1 -p 55432 -U mlflow -d mlflow -tAc \
+  "select current_user || ' ' || current_database()"
+PGPASSWORD=wrong psql -h 127.0.0.1 -p 55432 -U mlflow -d mlflow -tAc "select 1" 2>&1 | tail -n 1
+pg_ctl -D "$PGDATA" stop -m fast > /dev/null
+id -u
+"""
+
+
+@pytest.mark.images
+def test_built_postgresql_starts_as_the_official_image_does() -> None:
+    """Our Debian-packaged PostgreSQL, run (in a network namespace of its own, loopback only):
+    the first start creates the user and database from the environment, the password file's
+    password lets the user in and a wrong one does not, as uid 999."""
+    record = images.read_json(images.RECORD_DIR / "images.json").get("postgresql")
+    tools = all(shutil.which(t) for t in ("buildah", "podman", "unshare", "ip"))
+    if not record or not tools or os.geteuid() != 0 or not images.inspect_image(record["id"]):
+        pytest.skip("no postgresql image from make images in containers-storage (root needed)")
+    container = images.capture(["buildah", "from", "--pull=never", record["id"]]).strip()
+    try:
+        run = shlex.join(
+            ["buildah", "run", "--isolation", "chroot", container, "--", "sh", "-c", POSTGRES_START]
+        )
+        out = subprocess.run(
+            ["unshare", "--net", "sh", "-c", f"ip link set lo up && {run}"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        subprocess.run(["buildah", "rm", container], capture_output=True)
+    lines = out.stdout.strip().splitlines()
+    assert "mlflow mlflow" in lines, out.stdout + out.stderr
+    assert 'password authentication failed for user "mlflow"' in out.stdout
+    assert lines[-1] == "999"
