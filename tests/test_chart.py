@@ -844,6 +844,11 @@ def test_notes_say_what_to_run_next(rendered: dict[str, dict[str, str]]) -> None
     assert f"rollout status deployment/{deployment['metadata']['name']}" in notes
     assert f"port-forward svc/{service['metadata']['name']} 5000:5000" in notes
     assert "kubectl -n ml get vr1 -w" in notes
+    # MLflow's authentication: where the admin login is, how a run logs in
+    admin = env_of(container(one(documents(rendered["default"]), "Deployment", "mlflow")))[
+        "MLFLOW_AUTH_ADMIN_PASSWORD"
+    ]["valueFrom"]["secretKeyRef"]["name"]
+    assert f"get secret {admin} -o jsonpath" in notes and "spec.mlflow.credentialsSecret" in notes
     namespaced = rendered["namespaced-rbac"]["visionr1-operator/templates/NOTES.txt"]
     assert "in: ml-team-a, ml-team-b" in namespaced and "-n ml-team-a apply" in namespaced
     external = rendered["external-mlflow-no-crd"]["visionr1-operator/templates/NOTES.txt"]
