@@ -704,7 +704,8 @@ def test_mlflow_defaults_to_the_bundled_postgresql_with_auth(
         ["sh", "-c", script.replace("exec mlflow server", "printf '%s\\n' mlflow server"),
          *ctr["command"][3:], *ctr["args"]],
         env={"PATH": os.environ["PATH"], "MLFLOW_AUTH_DEFAULT_PERMISSION": "READ",
-             "MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://u:p%40ss@h:5432/d"},
+             "MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://u:p%40ss@h:5432/d",
+             "MLFLOW_AUTH_CACHE_TTL_SECONDS": env["MLFLOW_AUTH_CACHE_TTL_SECONDS"]["value"]},
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert wrapper.returncode == 0, wrapper.stderr
@@ -717,6 +718,7 @@ def test_mlflow_defaults_to_the_bundled_postgresql_with_auth(
     config.read(ini)
     assert config["mlflow"]["database_uri"] == "postgresql+psycopg2://u:p%40ss@h:5432/d"
     assert config["mlflow"]["default_permission"] == "READ"
+    assert config.getint("mlflow", "auth_cache_ttl_seconds") == 60
 
 
 def test_mlflow_on_sqlite_without_auth_for_a_laptop() -> None:

@@ -813,34 +813,37 @@ def test_what_a_tenant_may_not_ask_for_is_refused_naming_the_field(world: World)
 def test_the_bundled_mlflow_runs_on_postgresql_and_refuses_anonymous_requests(
     world: World,
 ) -> None:
-    """The chart's default MLflow: authentication on (an anonymous request gets 401, the login
-    of the runs' Secret is let in) and its store in the chart's PostgreSQL, where the runs the
-    operator and the stage pods logged are rows. Needs a finished run: after the tiny run."""
+    """The chart's default MLflow: authentication on (an anonymous request gets 401, a wrong
+    password too, the runs' login is let in) and its store in the chart's PostgreSQL: a run
+    logged with the login is a row there, read with psql in the database's pod. (The tiny run
+    logs every stage with that login: test_tiny_run_end_to_end.)"""
     import httpx
 
     w = world
+    experiment_name = f"auth-check-{NS}"
     search = f"{w.mlflow_uri}/api/2.0/mlflow/experiments/get-by-name"
-    params = {"experiment_name": f"cluster-{NS}"}
-    anonymous = httpx.get(search, params=params, timeout=30)
+    params = {"experiment_name": experiment_name}
+    anonymous = httpx.get(search, params=params, timeout=60)
     assert anonymous.status_code == 401, anonymous.text
     login = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"])
-    wrong = httpx.get(search, params=params, auth=(login[0], "not-the-password"), timeout=30)
+    wrong = httpx.get(search, params=params, auth=(login[0], "not-the-password"), timeout=60)
     assert wrong.status_code == 401
-    ok = httpx.get(search, params=params, auth=login, timeout=30)
-    assert ok.status_code == 200, ok.text
     client = w.mlflow()
-    experiment = client.get_experiment_by_name(f"cluster-{NS}")
-    finished = client.search_runs(
-        [experiment.experiment_id], filter_string="attributes.status = 'FINISHED'"
-    )
-    assert finished, "no finished run in the tiny run's experiment"
+    experiment_id = client.create_experiment(experiment_name)
+    run = client.create_run(experiment_id, run_name="auth-check")
+    client.log_metric(run.info.run_id, "m", 1.0)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    ok = httpx.get(search, params=params, auth=login, timeout=60)
+    assert ok.status_code == 200 and ok.json()["experiment"]["experimentId"] == experiment_id
+    finished = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'")
+    assert [r.info.run_id for r in finished] == [run.info.run_id]
     # The rows are in PostgreSQL (the server's store), read with psql in its pod.
     (db_pod,) = items(
         w.cp, "pods", "-n", RELEASE_NS, "-l", "app.kubernetes.io/component=postgresql"
     )
     query = (
         "SELECT count(*) FROM runs WHERE status = 'FINISHED' AND experiment_id = "
-        f"{int(experiment.experiment_id)}"
+        f"{int(experiment_id)}"
     )
     psql = w.cp.kubectl(
         "exec", db_pod["metadata"]["name"], "-n", RELEASE_NS, "--", "sh", "-c",
