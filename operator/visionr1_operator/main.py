@@ -192,6 +192,11 @@ def main(args: Any) -> int:
     )
     from visionr1_operator import mlflow_runs
 
+    if args.mlflow_uri or policy.allowed_tracking_uris:
+        # MLflow's client is otherwise imported on first use, inside the first call's timeout
+        # (30 s), which a busy node's import can use up: the run's first stage went untracked.
+        import mlflow.tracking  # noqa: F401
+
     # The operator's own MLflow login (the chart's Secret) is for its own server only: taken out
     # of the environment, where MLflow's client would send it to any server.
     own_credentials = mlflow_runs.credentials_from_env(dict(os.environ))
