@@ -230,3 +230,18 @@ def test_zero_reward_spread_warns(caplog: pytest.LogCaptureFixture) -> None:
         watch.on_log(None, state, None, logs={"frac_reward_zero_std": 1.0, "reward": 0.0})
     assert watch.zero_signal_steps == [3]
     assert "nothing is being learned" in caplog.text
+
+
+def test_a_checkpoint_loads_onto_an_indexed_cpu_device(tmp_path: Path) -> None:
+    """What a multi-process CPU resume does with transformers < 5.18 (our images): the optimizer
+    state is loaded with map_location=cpu:0, which torch alone cannot restore."""
+    import torch
+
+    from visionr1_jobs.training.checkpoints import indexed_cpu_loadable
+
+    path = tmp_path / "optimizer.pt"
+    torch.save({"exp_avg": torch.arange(3.0)}, path)
+    indexed_cpu_loadable()
+    state = torch.load(path, map_location=torch.device("cpu", 0), weights_only=True)
+    assert torch.equal(state["exp_avg"], torch.arange(3.0))
+    assert state["exp_avg"].device.type == "cpu"

@@ -23,8 +23,10 @@ limit go into the stage's message, and from there into the run's conditions and 
 
 Retries belong to the plan (one Job per attempt, with the operator's backoff), so every Job has
 ``backoffLimit: 0``; its podFailurePolicy still matters: exit code 65 fails the Job with reason
-``PodFailurePolicy`` (how the plan tells a permanent failure from a retryable one), and pods
-evicted by a node disruption are replaced without failing the Job at all.
+``PodFailurePolicy`` (how the plan tells a permanent failure from a retryable one); a pod
+evicted by a node disruption is replaced without failing the Job, except in a multi-pod training
+Job, where losing any pod fails the whole attempt at once and the next attempt resumes from the
+checkpoint (:func:`pod_failure_policy`).
 """
 
 from __future__ import annotations
@@ -330,6 +332,43 @@ def _workspace_init(run: VisionR1Run, image: str, pull_policy: str) -> dict[str,
     }
 
 
+def pod_failure_policy(multi_node: bool) -> dict[str, Any]:
+    """How the Job controller reads a failed pod (every Job has ``backoffLimit: 0``).
+
+    * exit 65 / 66: FailJob (reason ``PodFailurePolicy``, the code in the message): the plan
+      fails the run (65) or re-merges the producer and retries (66);
+    * a pod disrupted by the cluster (condition ``DisruptionTarget``: eviction, preemption, a
+      drained or lost node):
+      - one-pod Job: Ignore; the Job controller starts a new pod, which resumes from the last
+        checkpoint without spending a retry;
+      - multi-pod training Job: Count, i.e. the attempt fails at once (``BackoffLimitExceeded``,
+        retryable). Its pods form one static torchrun group: a new pod cannot join the ranks
+        still running, which would wait on the lost one until the collective's timeout. The
+        Job controller then terminates the surviving pods (SIGTERM: the stage program stops at
+        once), and the plan starts the next attempt, which resumes from the checkpoint and
+        counts against ``backoffLimit``;
+    * any other non-zero exit (a killed or crashed rank: 137, 1, 143): counted, so the attempt
+      fails and the plan retries it the same way.
+    """
+    rules: list[dict[str, Any]] = [
+        {
+            "action": "FailJob",
+            "onExitCodes": {
+                "containerName": CONTAINER,
+                "operator": "In",
+                # 65: permanent; 66 (input missing): retried by the plan, which needs the
+                # code in the Job's condition to re-merge the producer.
+                "values": [EXIT_INVALID_INPUT, EXIT_INPUT_MISSING],
+            },
+        },
+        {
+            "action": "Count" if multi_node else "Ignore",
+            "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+        },
+    ]
+    return {"rules": rules}
+
+
 def job(
     run: VisionR1Run,
     stage: str,
@@ -443,24 +482,7 @@ def job(
         "parallelism": nodes,
         "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
         "suspend": bool(spec.queue_name),  # Kueue admits (unsuspends) queued Jobs
-        "podFailurePolicy": {
-            "rules": [
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": CONTAINER,
-                        "operator": "In",
-                        # 65: permanent; 66 (input missing): retried by the plan, which
-                        # needs the code in the Job's condition to re-merge the producer.
-                        "values": [EXIT_INVALID_INPUT, EXIT_INPUT_MISSING],
-                    },
-                },
-                {
-                    "action": "Ignore",
-                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-                },
-            ]
-        },
+        "podFailurePolicy": pod_failure_policy(is_multi_node(run, stage)),
         "template": {
             "metadata": {"labels": labels(run.metadata.name, stage, attempt)},
             "spec": pod_spec,

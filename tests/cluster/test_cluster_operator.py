@@ -893,6 +893,125 @@ def test_sft_on_two_pods_follows_the_one_pod_loss_curve(world: World, cold_start
         assert abs(one - two) <= 0.02 * abs(one), (step, losses)
 
 
+def _progress_lines(w: World, pod: str) -> list[dict[str, Any]]:
+    log = w.cp.kubectl("logs", pod, "-n", NS, "-c", "stage", "--tail=-1", check=False).stdout
+    out = []
+    for line in log.splitlines():
+        if line.startswith("VISIONR1_PROGRESS "):
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line.split(" ", 1)[1]))
+    return out
+
+
+def test_a_lost_rank_restarts_the_two_pod_stage_from_its_checkpoint(
+    world: World, cold_start: str
+) -> None:
+    """SFT on two pods (one torchrun group over gloo). Once a checkpoint is written, attempt 1
+    loses index 1's pod (force-deleted, as a lost node leaves it); attempt 2, once it has written
+    a newer checkpoint, loses index 0 (evicted through the Eviction API: the pod gets the
+    DisruptionTarget condition). Each time the attempt fails at once (the Job controller counts
+    the lost pod against backoffLimit 0 and terminates the surviving rank: nobody waits on a
+    collective's timeout), the operator starts the next attempt after its backoff, and that
+    attempt's two pods resume from the newest complete checkpoint; the third finishes."""
+    w, name = world, "lost-rank"
+    run = _sft_only(name, cold_start, maxSteps=STEPS, globalBatchSize=8, perDeviceBatchSize=2,
+                    saveSteps=2)  # fmt: skip
+    run["spec"]["stages"]["sft"]["nodes"] = 2
+    run["spec"]["stages"]["sft"]["resources"] = {"memory": "3Gi"}
+    apply(w.cp, run)
+
+    def attempt_pod(attempt: int, index: int) -> dict[str, Any] | None:
+        for p in w.pods(name):
+            lab = p["metadata"]["labels"]
+            if (
+                lab.get("visionr1.io/attempt") == str(attempt)
+                and lab.get("batch.kubernetes.io/job-completion-index") == str(index)
+                and not p["metadata"].get("deletionTimestamp")
+            ):
+                return p
+        return None
+
+    def both_running(attempt: int) -> bool:
+        pods = [attempt_pod(attempt, i) for i in (0, 1)]
+        return all(p and p["status"].get("phase") == "Running" for p in pods)
+
+    def evict(pod: str) -> None:
+        body = {"apiVersion": "policy/v1", "kind": "Eviction",
+                "metadata": {"name": pod, "namespace": NS}}  # fmt: skip
+        w.cp.kubectl("create", "--raw", f"/api/v1/namespaces/{NS}/pods/{pod}/eviction",
+                     "-f", "-", input=json.dumps(body))  # fmt: skip
+
+    def force_delete(pod: str) -> None:
+        w.cp.kubectl("delete", "pod", pod, "-n", NS, "--grace-period=0", "--force", "--wait=false")
+
+    figures: list[dict[str, Any]] = []
+    checkpoint = 0
+    for attempt, (index, lose) in enumerate(((1, force_delete), (0, evict))):
+        checkpoint = _wait_checkpoint(w, name, checkpoint + 2, timeout=600)
+        victim = attempt_pod(attempt, index)
+        assert victim and victim["status"].get("phase") == "Running", w.diagnose(name)
+        if attempt > 0:  # this attempt resumed at a checkpoint, not at step 0
+            trained = _trained(w, attempt, name)
+            # It started right after the checkpoint the lost attempt had written (or a newer one
+            # written while the attempt went down).
+            assert trained and trained[0]["done"] - 1 >= figures[-1]["checkpoint_step"], trained
+            figures[-1]["lost_to_first_resumed_step_s"] = round(
+                trained[0]["time"] - figures[-1]["lost_at"], 1
+            )
+        lose(victim["metadata"]["name"])
+        lost_at = time.time()
+        job_name = f"{name}-sft-{attempt}"
+
+        def failed(job_name: str = job_name) -> dict[str, Any] | None:
+            job = kget_or_none(w.cp, "job", job_name, "-n", NS)
+            return condition(job, "Failed") if job else None
+
+        cond = wait_for(failed, 120, f"{job_name} to fail")
+        failed_s = time.time() - lost_at
+        assert cond["reason"] == "BackoffLimitExceeded", cond  # retryable, not PodFailurePolicy
+        wait_for(lambda a=attempt: both_running(a + 1), 150, f"attempt {attempt + 2}'s pods", 0.5)
+        figures.append({
+            "lost": f"index {index} ({lose.__name__})",
+            "checkpoint_step": checkpoint,
+            "lost_to_attempt_failed_s": round(failed_s, 1),
+            "lost_to_new_pods_running_s": round(time.time() - lost_at, 1),
+            "lost_at": lost_at,
+        })  # fmt: skip
+
+    obj = w.wait_phase(name, ("Succeeded", "Failed"), 600)
+    assert obj["status"]["phase"] == "Succeeded", w.diagnose(name)
+    manifest = w.stage_manifest(name, "sft")
+    assert manifest is not None and manifest["metrics"]["global_step"] == STEPS
+    resumed = manifest["metrics"]["resumed_from_step"]
+    assert resumed >= checkpoint, (resumed, checkpoint)
+    assert sorted(_jobs_by_attempt(w, name)) == [("sft", "0"), ("sft", "1"), ("sft", "2")]
+    assert obj["status"]["stages"]["sft"]["attempts"] == 3
+    trained = _trained(w, 2, name)
+    assert trained[0]["done"] == resumed + 1, trained
+    figures[-1]["lost_to_first_resumed_step_s"] = round(
+        trained[0]["time"] - figures[-1]["lost_at"], 1
+    )
+    for fig in figures:
+        fig.pop("lost_at")
+    print("lost rank:", json.dumps(figures))
+    for fig in figures:
+        assert fig["lost_to_new_pods_running_s"] <= 120, figures
+    w.assert_no_forbidden()
+
+
+def _trained(w: World, attempt: int, name: str) -> list[dict[str, Any]]:
+    """Rank 0's progress lines of ``attempt`` for the steps it trained (``done``: the step,
+    ``time``: when)."""
+    pods = [
+        p["metadata"]["name"]
+        for p in w.pods(name)
+        if p["metadata"]["labels"].get("visionr1.io/attempt") == str(attempt)
+        and p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "0"
+    ]
+    lines = [x for pod in pods for x in _progress_lines(w, pod)]
+    return [x for x in lines if x.get("stage") == "sft" and "loss" in x]
+
+
 def test_a_restricted_namespace_runs_the_tiny_example(world: World) -> None:
     """Pod Security "restricted" enforced on the runs' namespace (last in this module: it changes
     the namespace). On a PVC of the default StorageClass (local-path: a folder the pods' user may

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from visionr1_jobs.contract import fsync_dir
 
@@ -85,7 +86,35 @@ def resume_point(folder: Path, is_main: bool, label: str) -> Path | None:
     resume = latest_complete_checkpoint(folder)
     if resume is not None:
         log.warning("%s: resuming from %s", label, resume.name)
+        indexed_cpu_loadable()
     return resume
+
+
+_INDEXED_CPU_REGISTERED = False
+
+
+def indexed_cpu_loadable() -> None:
+    """Let ``torch.load`` map storages to an indexed CPU device (``cpu:0``).
+
+    On CPU with several processes, transformers before 5.18 (the version vLLM allows, in our
+    images) loads the optimizer state with ``map_location=args.device``, which is ``cpu:0`` there,
+    and torch knows no such location: every multi-process CPU resume failed with "don't know how
+    to restore data location ... (tagged with cpu:0)". A CPU index means nothing, so such a
+    location is plain CPU. Registered once per process, through torch's public registry.
+    """
+    global _INDEXED_CPU_REGISTERED
+    if _INDEXED_CPU_REGISTERED:
+        return
+    import torch
+
+    def tag(storage: Any) -> str | None:
+        return None  # saving is unchanged
+
+    def restore(storage: Any, location: str) -> Any:
+        return storage.cpu() if location.startswith("cpu:") else None
+
+    torch.serialization.register_package(30, tag, restore)
+    _INDEXED_CPU_REGISTERED = True
 
 
 def starting_weights(base: str, resume: Path | None) -> str:

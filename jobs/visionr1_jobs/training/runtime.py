@@ -376,9 +376,13 @@ def barrier() -> None:
 def publish(
     cfg: ResolvedStageConfig, manifest: StageManifest, world: World
 ) -> StageManifest | None:
-    """Rank 0 marks the stage done; every rank waits for it. Other ranks return None so the
-    contract writes nothing for them."""
+    """Rank 0 marks the stage done; other ranks return None so the contract writes nothing for
+    them.
+
+    No barrier here: by now every collective is over (the final weights are saved), and rank 0
+    may have spent minutes uploading the final model to MLflow. The other ranks exit at once
+    instead of waiting on it with a collective's timeout; torchrun's agents wait for each other
+    on their own store (and give up after its exit-barrier timeout without failing anything)."""
     if world.is_main:
         write_manifest(cfg, manifest)
-    barrier()
     return manifest if world.is_main else None
