@@ -947,17 +947,20 @@ def test_a_lost_rank_restarts_the_two_pod_stage_from_its_checkpoint(
     figures: list[dict[str, Any]] = []
     checkpoint = 0
     for attempt, (index, lose) in enumerate(((1, force_delete), (0, evict))):
-        checkpoint = _wait_checkpoint(w, name, checkpoint + 2, timeout=600)
-        victim = attempt_pod(attempt, index)
-        assert victim and victim["status"].get("phase") == "Running", w.diagnose(name)
-        if attempt > 0:  # this attempt resumed at a checkpoint, not at step 0
-            trained = _trained(w, attempt, name)
-            # It started right after the checkpoint the lost attempt had written (or a newer one
-            # written while the attempt went down).
-            assert trained and trained[0]["done"] - 1 >= figures[-1]["checkpoint_step"], trained
+        if attempt == 0:
+            checkpoint = _wait_checkpoint(w, name, 2, timeout=600)
+        else:
+            # This attempt resumed right after the checkpoint the lost one had written (or a
+            # newer one written while it went down), not at step 0.
+            trained = wait_for(lambda a=attempt: _trained(w, a, name), 300, "a resumed step", 2)
+            assert trained[0]["done"] - 1 >= figures[-1]["checkpoint_step"], trained
             figures[-1]["lost_to_first_resumed_step_s"] = round(
                 trained[0]["time"] - figures[-1]["lost_at"], 1
             )
+            # lose it once it has written a checkpoint of its own
+            checkpoint = _wait_checkpoint(w, name, trained[0]["done"] + 1, timeout=600)
+        victim = attempt_pod(attempt, index)
+        assert victim and victim["status"].get("phase") == "Running", w.diagnose(name)
         lose(victim["metadata"]["name"])
         lost_at = time.time()
         job_name = f"{name}-sft-{attempt}"
