@@ -206,9 +206,12 @@ def test_the_standby_takes_over_from_a_killed_active_operator_and_users_see_prog
 
     active = lab.active_pod()
     (standby,) = [p for p in pods if p != active]
-    # kopf starts every replica paused; only the active one has resumed
-    assert "Resuming operations" in lab.pod_log(active)
-    assert "Resuming operations" not in lab.pod_log(standby)
+    # The standby stands by: its last word on peering is a pause (or none: it never resumed).
+    # (Both replicas of a fresh install may resume for a moment before each sees the other.)
+    before = lab.pod_log(standby)
+    last_pause, last_resume = before.rfind("Pausing operations"), before.rfind("Resuming")
+    assert last_resume == -1 or last_resume < last_pause, before[-3000:]
+    resumed_before = before.count("Resuming operations")
     pids = cp.container_pids(RELEASE_NS, active)
     assert pids, f"no running container of {active}"
     killed_at = time.monotonic()
@@ -221,7 +224,9 @@ def test_the_standby_takes_over_from_a_killed_active_operator_and_users_see_prog
     wide: list[str] = []
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
-        if takeover_s is None and "Resuming operations" in lab.pod_log(standby):
+        if takeover_s is None and lab.pod_log(standby).count("Resuming operations") > (
+            resumed_before
+        ):
             takeover_s = time.monotonic() - killed_at
             _say(f"takeover after {takeover_s:.1f} s")
         st = (kget_or_none(cp, "vr1", name, "-n", NS) or {}).get("status") or {}
@@ -322,8 +327,15 @@ def _newer_tree(dest: Path) -> None:
     probe = '    upgrade_probe: int = Field(0, ge=0, description="New in 0.2.0.")\n'
     seed = '    seed: int = Field(42, ge=0, description="Training seed.")\n'
     edit("jobs/visionr1_jobs/config.py", seed, seed + probe)  # SFT and GRPO
-    judge = '    judge: Literal["rule", "llm"] = Field("rule", description="rule = reproducible default.")\n'
-    edit("jobs/visionr1_jobs/config.py", judge, judge + probe)  # eval
+    config = dest / "jobs" / "visionr1_jobs" / "config.py"
+    text, n = re.subn(  # eval: before EvalParams' first field
+        r"(?ms)^(class EvalParams\(Model\):.*?\n)(    benchmarks: )",
+        lambda m: m.group(1) + probe + m.group(2),
+        config.read_text(),
+        count=1,
+    )
+    assert n == 1, "EvalParams' first field moved (the test needs updating)"
+    config.write_text(text)
     api = dest / "operator" / "visionr1_operator" / "api.py"
     text = api.read_text()
     text, n = re.subn(r"(?m)^MAX_RUN_NAME = .*$", "MAX_RUN_NAME = 10", text)
