@@ -53,6 +53,7 @@ same handlers with their own settings.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import logging
 import math
@@ -117,6 +118,8 @@ from visionr1_operator.validate import accepted_run, validate_object
 
 # Recorded in kopf's settings; no handler needs it, so kopf adds none and removes a stale one.
 FINALIZER = f"{GROUP}/finalizer"
+# kopf's copy of the last spec it handled (settings.persistence.diffbase_storage below)
+KOPF_DIFFBASE = f"{GROUP}/last-handled-configuration"
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 # A live Job without pods: when its FailedCreate Events (or a Kueue-suspended Job's Workload) are
 # read first, and at most how long apart later reads are (doubling in between).
@@ -124,6 +127,9 @@ FIRST_CHECK_S = 3.0
 MAX_CHECK_S = 60.0
 # A pod's trouble with the same reason and a new message reconciles at most this often.
 PROBLEM_REFRESH_S = 60.0
+# How long the status this process wrote stands in for the one its watch shows, which should
+# catch up within a second: if it never does (someone else wrote the status), the watch wins.
+WRITTEN_TRUST_S = 30.0
 log = logging.getLogger("visionr1.operator")
 # The condition reason of a run the cluster's policy refuses (policy.policy_problems).
 NOT_ALLOWED = "NotAllowed"
@@ -159,6 +165,11 @@ class OperatorConfig:
     peering_lifetime_s: int = 15
     namespaces: tuple[str, ...] = ()
     clusterwide: bool = False
+    # How long a namespace's Pod Security label, once read, is taken as it was.
+    pod_security_ttl_s: float = 10.0
+    # A status write that changes only what a person reads while a stage runs (its pods'
+    # progress and message) waits until this long after the run's previous write.
+    progress_interval_s: float = 5.0
 
 
 class ObjectInTheWay(Exception):
@@ -193,6 +204,33 @@ def _status(obj: Mapping[str, Any]) -> VisionR1RunStatus:
 def _status_patch(status: VisionR1RunStatus) -> dict[str, Any]:
     # Merge patch: send None for cleared fields so they are removed, not left stale.
     return {"status": status.model_dump(mode="json", by_alias=True)}
+
+
+def _indexed_run(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What a reconcile reads of a run, kept in memory per run: its metadata without
+    managedFields and without kopf's annotation that holds a copy of the whole spec."""
+    meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    notes = meta.get("annotations") or {}
+    kept = {k: v for k, v in notes.items() if k != KOPF_DIFFBASE}
+    if notes:
+        meta["annotations"] = kept
+    out = {k: body.get(k) for k in ("apiVersion", "kind", "spec", "status") if k in body}
+    return copy.deepcopy({**out, "metadata": meta})
+
+
+def _progress_only(old: VisionR1RunStatus, new: VisionR1RunStatus, actions: list[Action]) -> bool:
+    """Whether ``new`` differs from ``old`` only in what a person reads while a stage runs (a
+    stage's progress and message, a condition's message) and nothing is said in an Event."""
+    if any(describe(a) is not None for a in actions):
+        return False
+
+    def shape(s: VisionR1RunStatus) -> VisionR1RunStatus:
+        stages = {k: v.model_copy(update={"progress": None, "message": None})
+                  for k, v in s.stages.items()}  # fmt: skip
+        conditions = [c.model_copy(update={"message": ""}) for c in s.conditions]
+        return s.model_copy(update={"stages": stages, "conditions": conditions})
+
+    return shape(old) == shape(new)
 
 
 def _tracking_ok(status: VisionR1RunStatus) -> bool:
@@ -231,20 +269,41 @@ class Reconciler:
         self.wait_timers: dict[tuple[str, str], asyncio.Task[None]] = {}
         # (namespace, run) → the task polling its stages' MLflow metrics
         self.watchers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.run_index: Any = None  # kopf.Index: (namespace, run) → the run, as last watched
+        # (namespace, run) → the status this process last wrote and when, while the watch has
+        # not shown it yet: until it does, the index's status is older than the run's
+        self.written: dict[tuple[str, str], tuple[VisionR1RunStatus, float]] = {}
+        # Runs with a reconcile waiting for their lock: a trigger that comes meanwhile rides on
+        # it (it reads the run, its Jobs and pods only once it holds the lock).
+        self.queued: set[tuple[str, str]] = set()
+        # namespace → (monotonic expiry, its Pod Security enforce level)
+        self.pod_security_levels: dict[str, tuple[float, str | None]] = {}
+        # (namespace, run) → monotonic time of this process's last status write
+        self.last_write: dict[tuple[str, str], float] = {}
+        # (namespace, run) → monotonic time its timer fires
+        self.due: dict[tuple[str, str], float] = {}
 
     # ------------------------------------------------------------------ triggers
 
-    def schedule(self, namespace: str, name: str, after_s: float) -> None:
+    def schedule(
+        self, namespace: str, name: str, after_s: float, *, keep_sooner: bool = False
+    ) -> None:
+        """Reconcile the run in ``after_s`` seconds, replacing its timer (``keep_sooner``: unless
+        that one fires sooner)."""
         key = (namespace, name)
         old = self.timers.get(key)
         if old is not None and not old.done():
+            if keep_sooner and self.due.get(key, float("inf")) <= time.monotonic() + after_s:
+                return
             old.cancel()
 
         async def later() -> None:
             await asyncio.sleep(after_s)
             self.timers.pop(key, None)
+            self.due.pop(key, None)
             await self.reconcile_quietly(namespace, name)
 
+        self.due[key] = time.monotonic() + after_s
         self.timers[key] = asyncio.create_task(later())
 
     def _schedule_check(self, namespace: str, name: str, after_s: float | None) -> None:
@@ -288,6 +347,9 @@ class Reconciler:
         self.created.pop(key, None)
         self.blocked.pop(key, None)
         self.waiting.pop(key, None)
+        self.written.pop(key, None)
+        self.last_write.pop(key, None)
+        self.due.pop(key, None)
 
     def state_of(self, namespace: str, name: str) -> dict[str, Any]:
         """What this process keeps about one run (for tests and debugging)."""
@@ -301,25 +363,67 @@ class Reconciler:
             "blocked": self.blocked,
             "waiting": self.waiting,
             "wait_timers": self.wait_timers,
+            "written": self.written,
+            "last_write": self.last_write,
+            "due": self.due,
         }
-        return {k: store[key] for k, store in stores.items() if key in store}
+        out = {k: store[key] for k, store in stores.items() if key in store}
+        if key in self.queued:
+            out["queued"] = True
+        return out
 
     # ------------------------------------------------------------------ the reconcile
 
     async def reconcile(self, namespace: str, name: str) -> None:
+        """Bring the run one step closer to its spec. Triggers that come while a reconcile of
+        the same run waits for its lock are dropped: that one reads everything after it gets
+        the lock. (A burst of pod and Job events used to queue one reconcile each behind the
+        lock; the Job's completion waited for all of them: the tail of the load benchmark.)"""
         assert self.kube is not None, "not logged in"
         key = (namespace, name)
-        async with self.locks[key]:
+        if key in self.queued:
+            return
+        self.queued.add(key)
+        try:
+            async with self.locks[key]:
+                self.queued.discard(key)
+                obj = await self._read_run(key)
+                if obj is not None:
+                    await self._reconcile(namespace, name, obj)
+                    return
+        finally:
+            self.queued.discard(key)
+        self.forget(namespace, name)  # gone: after the lock is released, so it goes too
+
+    async def _read_run(self, key: tuple[str, str]) -> dict[str, Any] | None:
+        """The run as the watch's index has it, with the status this process wrote last while
+        the watch has not shown that yet (the operator is the status's only writer; after
+        ``WRITTEN_TRUST_S`` the index is trusted again); None when the index does not have it
+        (it is gone). No GET per reconcile: at 1,000 runs half the operator's requests were
+        these. A spec older than the API server's is harmless: its
+        edit is a trigger of its own, seen once the watch brings it."""
+        assert self.kube is not None
+        index = self.run_index
+        if index is None:  # no kopf (a test driving the Reconciler): the API server
             try:
-                obj = await self.kube.get(API_VERSION, PLURAL, namespace, name)
+                return await self.kube.get(API_VERSION, PLURAL, *key)
             except ApiError as exc:
                 if exc.status != 404:
                     raise
-                obj = None
-            if obj is not None:
-                await self._reconcile(namespace, name, obj)
-                return
-        self.forget(namespace, name)  # gone: after the lock is released, so it goes too
+                return None
+        # kopf fills its indexes from the watch before any handler runs: not there, gone
+        found = next(iter(index.get(key, [])), None)
+        if found is None:
+            return None
+        obj = copy.deepcopy(found)  # the reconcile's own, never the index's
+        mine = self.written.get(key)
+        if mine is not None:
+            status, at = mine
+            if _status(found) == status or time.monotonic() - at > WRITTEN_TRUST_S:
+                del self.written[key]  # the watch has caught up
+            else:
+                obj["status"] = _status_patch(status)["status"]
+        return obj
 
     async def _reconcile(self, namespace: str, name: str, obj: dict[str, Any]) -> None:
         assert self.kube is not None
@@ -662,7 +766,20 @@ class Reconciler:
 
     async def _pod_security(self, namespace: str) -> str | None:
         """The Pod Security level the namespace enforces (its label), None when it enforces
-        none or cannot be read (RBAC without namespaces get: the run's own setting decides)."""
+        none or cannot be read (RBAC without namespaces get: the run's own setting decides).
+        Read at most once per ``pod_security_ttl_s`` per namespace: a burst of stage starts
+        costs one GET, and a relabelled namespace counts within seconds."""
+        cached = self.pod_security_levels.get(namespace)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        level = await self._read_pod_security(namespace)
+        self.pod_security_levels[namespace] = (
+            time.monotonic() + self.config.pod_security_ttl_s,
+            level,
+        )
+        return level
+
+    async def _read_pod_security(self, namespace: str) -> str | None:
         assert self.kube is not None
         try:
             ns = await self.kube.namespace(namespace)
@@ -693,7 +810,14 @@ class Reconciler:
         if not executed:
             new = apply(new, actions, now)
         new.observed_generation = meta.get("generation", new.observed_generation)
-        if new != old:
+        key = (meta["namespace"], meta["name"])
+        wait = self.last_write.get(key, -1e9) + self.config.progress_interval_s - time.monotonic()
+        if new != old and wait > 0 and _progress_only(old, new, actions):
+            # Later, with whatever the pods say then: a run's pods changing state (pending,
+            # running, done) within seconds cost a write each, most of the API server's load
+            # at 1,000 runs. A timer that fires sooner (a retry) is kept.
+            self.schedule(*key, wait, keep_sooner=True)
+        elif new != old:
             await self.kube.patch(
                 API_VERSION,
                 PLURAL,
@@ -702,6 +826,9 @@ class Reconciler:
                 _status_patch(new),
                 subresource="status",
             )
+            self.last_write[key] = time.monotonic()
+            # the index's status is older until the watch shows this one
+            self.written[key] = (new, time.monotonic())
         for a in actions:
             described = describe(a)
             if described is not None:
@@ -1068,9 +1195,10 @@ def _watch_children(
         namespace: str,
         job_index: Any,
         pod_index: Any,
+        run_index: Any,
         **_: Any,
     ) -> None:
-        rec.job_index, rec.pod_index = job_index, pod_index
+        rec.job_index, rec.pod_index, rec.run_index = job_index, pod_index, run_index
         meta = body.get("metadata") or {}
         run_name = (meta.get("labels") or {}).get(manifests.LABEL_RUN)
         if not run_name:
@@ -1193,13 +1321,17 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
         facts = manifests.observe_pod(body)
         return None if facts is None else {(namespace, facts.job): facts}
 
+    @kopf.index(GROUP, VERSION, PLURAL, id="run_index", registry=registry)
+    def run_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> Any:
+        return {(namespace, name): _indexed_run(body)}
+
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
     async def run_changed(
-        name: str, namespace: str, job_index: Any, pod_index: Any, **_: Any
+        name: str, namespace: str, job_index: Any, pod_index: Any, run_index: Any, **_: Any
     ) -> None:
-        rec.job_index, rec.pod_index = job_index, pod_index
+        rec.job_index, rec.pod_index, rec.run_index = job_index, pod_index, run_index
         try:
             await rec.reconcile(namespace, name)
         except ApiError as exc:

@@ -202,6 +202,11 @@ def main(args: Any) -> int:
     own_credentials = mlflow_runs.credentials_from_env(dict(os.environ))
     for key in mlflow_runs.CREDENTIAL_KEYS:
         os.environ.pop(key, None)
+    if not args.verbose:
+        # A line per API request and per handled watch event (tens of thousands an hour with
+        # many runs) are debugging, not the operator's log; failures still show.
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     config = OperatorConfig(
         mlflow_uri=args.mlflow_uri,
         mlflow_credentials=own_credentials,

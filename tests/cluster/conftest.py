@@ -21,7 +21,7 @@ Tests marked ``cluster`` take ``control_plane`` and get a :class:`controlplane.h
                                      nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3
     cp.pv_root: Path                 the folders behind the PersistentVolumes
     cp.logs_dir: Path                one log per component, and pods/<ns>_<pod>_<container>.log
-    cp.make_pvc(namespace, name, size="10Gi", *, uid=1000, gid=1000) -> Path
+    cp.make_pvc(namespace, name, size="10Gi", *, uid=1000, gid=1000, nodes=None) -> Path
                                      a PV (hostPath under pv_root, storage class visionr1-local)
                                      and a PVC bound to it (waits for Bound); returns the folder,
                                      owned by uid:gid, that pods see at the PVC's mount path

@@ -156,12 +156,21 @@ class ControlPlane:
 
     # -- storage --
     def make_pvc(
-        self, namespace: str, name: str, size: str = "10Gi", *, uid: int = 1000, gid: int = 1000
+        self,
+        namespace: str,
+        name: str,
+        size: str = "10Gi",
+        *,
+        uid: int = 1000,
+        gid: int = 1000,
+        nodes: list[str] | None = None,
     ) -> Path:
         """A hostPath PV under ``pv_root`` pre-bound to a new PVC ``namespace/name``.
 
         Returns the PV's folder, owned by ``uid:gid`` like a share prepared for the stage user.
-        Waits until the real PV controller reports the claim Bound.
+        Waits until the real PV controller reports the claim Bound. ``nodes``: where pods using
+        it may be scheduled (default: the local node; KWOK's fake nodes mount nothing, so the
+        load benchmark adds them).
         """
         pv_name = f"pv-{namespace}-{name}"
         folder = self.pv_root / f"{namespace}-{name}"
@@ -186,7 +195,7 @@ class ControlPlane:
                                     {
                                         "key": "kubernetes.io/hostname",
                                         "operator": "In",
-                                        "values": [self.node_name],
+                                        "values": nodes or [self.node_name],
                                     }
                                 ]
                             }
