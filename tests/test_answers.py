@@ -244,3 +244,18 @@ def test_thread_safe_under_concurrency() -> None:
 def test_in_process_mode_without_worker() -> None:
     assert answers_match("2\\sqrt{2}", "\\sqrt{8}", timeout_s=None) is True
     assert answers_match("2\\sqrt{3}", "\\sqrt{8}", timeout_s=None) is False
+
+
+def test_a_long_letter_tail_that_fails_at_its_end_is_refused_at_once() -> None:
+    """A GRPO rollout wrote such an answer and the unit-tail pattern backtracked exponentially on
+    it (26 letters: 20 s; the rollout's hung the run). Checked in a child with a deadline, so a
+    regression fails instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    code = "from visionr1_jobs.answers import to_number; print(to_number('5 ' + 'ab' * 200 + '!'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert out.stdout.strip() == "None"
+    assert to_number("12 kg m") == 12.0 and to_number("5 m. s") == 5.0

@@ -194,8 +194,11 @@ def normalize_text(s: str) -> str:
     return s.casefold()
 
 
+# Possessive (``++``): with a plain ``+`` inside the repeated group, a run of n letters can be
+# split n ways over and over, so a tail that fails at its end ("5 abab…ab!", as a GRPO rollout
+# may write) backtracked exponentially: 26 letters took 20 s, a 60-letter one hung a run.
 _UNIT_TAIL = re.compile(
-    r"(?:\s*(?:[a-zA-Z\u00b5\u03bc]+\.?(?:\s*(?:\^\s*\{?\d\}?|[²³]))?|(?:\\?%)))+\s*$"
+    r"(?:\s*+(?:[a-zA-Z\u00b5\u03bc]++\.?(?:\s*(?:\^\s*\{?\d\}?|[²³]))?|(?:\\?%)))+\s*$"
 )
 _NUM = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _FRAC = re.compile(r"^([-+]?)\\frac\{([-+]?[\d.]+)\}\{([-+]?[\d.]+)\}$")
