@@ -896,10 +896,12 @@ def test_sft_on_two_pods_follows_the_one_pod_loss_curve(world: World, cold_start
 def _progress_lines(w: World, pod: str) -> list[dict[str, Any]]:
     log = w.cp.kubectl("logs", pod, "-n", NS, "-c", "stage", "--tail=-1", check=False).stdout
     out = []
-    for line in log.splitlines():
-        if line.startswith("VISIONR1_PROGRESS "):
+    for line in log.replace("\r", "\n").splitlines():
+        # a progress bar's update may precede the line on the same row of the log
+        at = line.find("VISIONR1_PROGRESS ")
+        if at >= 0:
             with contextlib.suppress(json.JSONDecodeError):
-                out.append(json.loads(line.split(" ", 1)[1]))
+                out.append(json.loads(line[at + len("VISIONR1_PROGRESS ") :]))
     return out
 
 
