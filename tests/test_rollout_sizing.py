@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -316,7 +317,6 @@ def test_grpo_stage_rolls_out_once_for_the_steps_it_feeds(tmp_path: Path) -> Non
     """The real stage on CPU (tiny model, TRL's GRPOTrainer, transformers generate): one rollout
     of 2 prompts × 2 samples feeds 2 optimizer steps, trained on twice (numIterations 2), so 4
     steps generate once; the policy and TRL's KL reference use the attention asked for."""
-    import trl
 
     from visionr1_jobs.__main__ import main as stage_main
     from visionr1_jobs.config import ResolvedStageConfig
@@ -329,21 +329,6 @@ def test_grpo_stage_rolls_out_once_for_the_steps_it_feeds(tmp_path: Path) -> Non
     rl = tmp_path / "toy" / "rl"
     ws = tmp_path / "ws"
     ws.mkdir()
-    seen: dict[str, Any] = {"rollouts": []}
-
-    class Recording(trl.GRPOTrainer):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            seen["args"] = self.args
-            seen["attn"] = (
-                self.model.config._attn_implementation,
-                self.ref_model.config._attn_implementation,
-            )
-
-        def _generate_and_score_completions(self, inputs: Any) -> Any:
-            seen["rollouts"].append([x["id"] for x in inputs])
-            return super()._generate_and_score_completions(inputs)
-
     cfg = ResolvedStageConfig(
         stage="grpo",
         workspace=str(ws),
@@ -371,17 +356,29 @@ def test_grpo_stage_rolls_out_once_for_the_steps_it_feeds(tmp_path: Path) -> Non
     )
     path = ws / "grpo.json"
     path.write_text(cfg.model_dump_json(by_alias=True))
+    # The sub-stage trains in a process of its own: a probe on the children's path records what
+    # their GRPOTrainer was given and which prompts each rollout consumed.
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    probe_path = Path(__file__).resolve().parent / "substage_probe"
+    jobs = str(Path(__file__).resolve().parents[1] / "jobs")
     mp = pytest.MonkeyPatch()
-    mp.setattr(trl, "GRPOTrainer", Recording)
+    mp.setenv(
+        "PYTHONPATH", os.pathsep.join([str(probe_path), jobs, os.environ.get("PYTHONPATH", "")])
+    )
+    mp.setenv("VISIONR1_PROBE_DIR", str(probe_dir))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     try:
         assert stage_main(["grpo", "--config", str(path)]) == 0
     finally:
         mp.undo()
 
-    args = seen["args"]
-    assert (args.steps_per_generation, args.num_iterations, args.generation_batch_size) == (2, 2, 4)
-    assert seen["attn"] == ("eager", "eager")
-    (rollout,) = seen["rollouts"]  # 4 steps, 2 × 2 fed by each rollout
+    (probe_file,) = probe_dir.glob("trainer-*.json")
+    seen = json.loads(probe_file.read_text())
+    sizes = (seen["steps_per_generation"], seen["num_iterations"], seen["generation_batch_size"])
+    assert sizes == (2, 2, 4)
+    assert seen["attn"] == ["eager", "eager"]
+    (rollout,) = seen["batches"]  # 4 steps, 2 × 2 fed by each rollout
     assert len(rollout) == 4 and len(set(rollout)) == 2
     done = json.loads((ws / "grpo" / "stage-1" / "_done.json").read_text())
     assert (done["steps_per_rollout"], done["rollout_completions"]) == (2, 4)

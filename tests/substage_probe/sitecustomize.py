@@ -4,7 +4,7 @@ Python imports ``sitecustomize`` at start-up from the path, so a test that puts 
 first on PYTHONPATH and sets ``VISIONR1_PROBE_DIR`` reaches into every child process without a
 hook in the stage code. In each process that builds a GRPOTrainer it writes
 ``trainer-<pid>.json``: the digests of the policy and KL-reference weights the trainer holds
-when it starts, the trainer's seed, and the ids of the prompts each generation batch consumed.
+when it starts, the trainer's seed, its rollout sizes and attention kernels, and the ids of the prompts each generation batch consumed.
 It also replaces the reward with one that moves the random tiny model (the real reward is
 always 0 for it, so no advantage and no weight change).
 """
@@ -49,6 +49,13 @@ if os.environ.get("VISIONR1_PROBE_DIR"):
                 "policy": weights_digest(self.model),
                 "reference": weights_digest(self.ref_model),
                 "batches": [],
+                "steps_per_generation": self.args.steps_per_generation,
+                "num_iterations": self.args.num_iterations,
+                "generation_batch_size": self.args.generation_batch_size,
+                "attn": [
+                    self.model.config._attn_implementation,
+                    self.ref_model.config._attn_implementation if self.ref_model else None,
+                ],
             }
             self._dump()
 

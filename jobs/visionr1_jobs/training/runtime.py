@@ -65,6 +65,23 @@ def use_bf16(requested: bool) -> bool:
     return torch.cuda.is_bf16_supported()
 
 
+def _peak_rss_mib() -> float:
+    """This process image's peak resident memory (MiB).
+
+    VmHWM, not getrusage's ru_maxrss: the kernel carries ru_maxrss across fork and exec, so a child
+    started by a large parent would report the parent's peak as its own.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource  # not Linux: the best there is
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def process_memory() -> dict[str, Any]:
     """This process's id and memory now: resident and peak resident host memory (MiB), and on a
     GPU the CUDA memory torch holds (allocated, reserved, peak allocated; MiB).
@@ -73,13 +90,7 @@ def process_memory() -> dict[str, Any]:
     at its start is only its imports, so a sub-stage that inherited its predecessor's engines and
     tensors would show it there.
     """
-    import resource
-
-    out: dict[str, Any] = {
-        "pid": os.getpid(),
-        # ru_maxrss is in KiB on Linux.
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    out: dict[str, Any] = {"pid": os.getpid(), "peak_rss_mib": _peak_rss_mib()}
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
         out["rss_mib"] = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
