@@ -800,8 +800,8 @@ def test_what_a_tenant_may_not_ask_for_is_refused_naming_the_field(world: World)
     assert items(w.cp, "configmaps", "-n", NS, "-l", f"visionr1.io/run={name}") == []
     # A system namespace can never be watched: the chart refuses to render.
     out = w.cp.helm(
-        "template", "x", str(CHART), "-n", RELEASE_NS, "--set", "watchNamespaces={kube-system}",
-        check=False,
+        "template", "x", str(CHART), "-n", RELEASE_NS, "--kube-version", "1.31.0",
+        "--set", "watchNamespaces={kube-system}", check=False,
     )  # fmt: skip
     assert out.returncode != 0 and "watchNamespaces: kube-system is a system namespace" in (
         out.stderr
@@ -834,7 +834,7 @@ def test_the_bundled_mlflow_runs_on_postgresql_and_refuses_anonymous_requests(
     client.log_metric(run.info.run_id, "m", 1.0)
     client.set_terminated(run.info.run_id, "FINISHED")
     ok = httpx.get(search, params=params, auth=login, timeout=60)
-    assert ok.status_code == 200 and ok.json()["experiment"]["experimentId"] == experiment_id
+    assert ok.status_code == 200 and ok.json()["experiment"]["experiment_id"] == experiment_id
     finished = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'")
     assert [r.info.run_id for r in finished] == [run.info.run_id]
     # The rows are in PostgreSQL (the server's store), read with psql in its pod.
