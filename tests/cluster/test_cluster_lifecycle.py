@@ -158,6 +158,12 @@ def lab(
         },
         "mlflow": {
             "image": _image_values(images["mlflow"]),
+            # the chart's defaults: PostgreSQL (our image, from Debian's packages), auth on
+            "postgresql": {
+                "image": _image_values(images["postgresql"]),
+                "persistence": {"size": "1Gi"},
+                "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
+            },
             "workers": 1,
             "persistence": {"size": "1Gi", "keep": False},
             "resources": {"requests": {"cpu": "50m", "memory": "256Mi"}},
