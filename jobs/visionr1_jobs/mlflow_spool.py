@@ -216,7 +216,7 @@ class Spool:
                     )
                 return n
             if row["kind"] == "params":
-                from visionr1_jobs.tracking import log_params_noting_changes
+                from visionr1_jobs.mlflow_params import log_params_noting_changes
 
                 log_params_noting_changes(client, row["run_id"], row["values"])
             elif row["kind"] == "terminated":

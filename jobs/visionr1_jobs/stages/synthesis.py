@@ -96,7 +96,7 @@ def _log_setup(params: SynthesisParams, prompts: dict[str, Any], names: dict[str
 
     for step, prompt in prompts.items():
         mlflow.log_text(prompt.text, f"prompts/{prompt.version}/{step}.txt")
-    from visionr1_jobs.tracking import log_params_noting_changes
+    from visionr1_jobs.mlflow_params import log_params_noting_changes
 
     with_hash = {f"prompt.{step}.sha256": p.sha256 for step, p in prompts.items()}
     # A resumed run holds these already; changed prompts are noted on the run, not dropped.

@@ -86,7 +86,7 @@ def resumable_run(
 def log_params(run_id: str, cfg: ResolvedStageConfig, params: dict[str, Any]) -> None:
     """Log params into ``run_id`` through the outbox; a retried attempt with the same values is
     a no-op and a changed value keeps the first attempt's param and is recorded as a tag and in
-    the run's note (:func:`visionr1_jobs.tracking.log_params_noting_changes`)."""
+    the run's note (:func:`visionr1_jobs.mlflow_params.log_params_noting_changes`)."""
     outbox(cfg).params(run_id, {k: str(v) for k, v in params.items()})
 
 
