@@ -34,11 +34,13 @@ from cluster_helpers import (
     ChartOperator,
     apply,
     condition,
+    copy_login,
     create_namespace,
     ensure_crd,
     items,
     kget,
     kget_or_none,
+    mlflow_login,
     tiny_cluster_run,
     wait_for,
     with_stages,
@@ -172,6 +174,9 @@ def lab(
     operator = ChartOperator(cp, RELEASE_NS, FULLNAME)
     try:
         _install(cp, values, tmp)
+        # The runs' MLflow login (the tiny example's credentialsSecret): the chart's MLflow
+        # requires one by default.
+        copy_login(cp, mlflow_login(cp, RELEASE_NS, FULLNAME), NS)
         pv = Path(cp.make_pvc(NS, PVC, "10Gi"))
         for child in pv.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
