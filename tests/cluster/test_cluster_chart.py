@@ -146,7 +146,6 @@ def test_install_upgrade_uninstall_as_the_readme_says(
                 rule,
             )
     for verb, resource in [
-        ("delete", "jobs.batch"),
         ("list", "secrets"),  # a run's credentials Secret only by name (get)
         ("watch", "secrets"),
         ("delete", "pods"),
