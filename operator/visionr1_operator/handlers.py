@@ -628,12 +628,10 @@ class Reconciler:
         status (only those). False when no stage wants a poll any more."""
         assert self.kube is not None
         async with self.locks[(namespace, name)]:
-            try:
-                obj = await self.kube.get(API_VERSION, PLURAL, namespace, name)
-            except ApiError as exc:
-                if exc.status == 404:
-                    return False
-                raise
+            # From the watch, as a reconcile reads it (the operator has no get on runs).
+            obj = await self._read_run((namespace, name))
+            if obj is None:
+                return False
             status = _status(obj)
             run, _ = accepted_run({k: v for k, v in obj.items() if k != "status"})
             wanted = [s for s, st in status.stages.items() if watch.wants_watch(status, s, st)]
