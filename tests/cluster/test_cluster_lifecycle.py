@@ -137,8 +137,8 @@ def _peering_crds(cp: Any) -> None:
         cp.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
 
 
-# Known failing on the local cluster at this commit (each failed in the last full cluster run;
-# their causes are not yet found): kept running, reported as xfail, so a fix shows as XPASS.
+# Known failing on the local cluster at this commit (each failed in the last cluster run; their
+# causes are not yet found): kept running, reported as xfail, so a fix shows as XPASS.
 NOT_YET_PASSING = pytest.mark.xfail(
     reason="fails on the local cluster at this commit; cause under investigation", strict=False
 )
@@ -378,7 +378,6 @@ def _build_operator(tree: Path, registry: str) -> str:
     return pushed["operator"]
 
 
-@NOT_YET_PASSING
 def test_helm_upgrade_mid_run_to_a_stricter_operator_with_a_new_parameter(
     lab: Lab, tmp_path: Path
 ) -> None:
