@@ -46,6 +46,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 VERSIONS = REPO / "scripts" / "cluster" / "versions.toml"
@@ -677,30 +678,47 @@ def skopeo_command(src: str, dest: str, insecure: bool, digestfile: Path) -> lis
     return [*cmd, f"containers-storage:{src}", f"docker://{dest}"]
 
 
-def helm_install_line(pushed: dict[str, str]) -> str:
-    """The chart install pinning the operator and MLflow images by digest (values.yaml's keys)."""
-    sets = []
-    for key, name in (
-        ("image", "operator"),
-        ("mlflow.image", "mlflow"),
-        ("mlflow.postgresql.image", "postgresql"),
-    ):
+CHART_IMAGE_KEYS = (  # values.yaml's image keys and the image each one deploys
+    ("image", "operator"),
+    ("mlflow.image", "mlflow"),
+    ("mlflow.postgresql.image", "postgresql"),
+)
+
+
+def helm_sets(pushed: dict[str, str]) -> list[tuple[str, str]]:
+    """The chart values that pin the pushed operator, MLflow and PostgreSQL images by digest and
+    allow runs the pushed trainer-cpu image (the operator denies other images by default)."""
+    sets: list[tuple[str, str]] = []
+    for key, name in CHART_IMAGE_KEYS:
         if name not in pushed:
             continue
         name_tag, _, digest = pushed[name].partition("@")
         repository, _, tag = name_tag.rpartition(":")
-        sets += [
-            f"--set {key}.repository={repository}",
-            f"--set {key}.tag={tag}",
-            f"--set {key}.digest={digest}",
-        ]
-    if "trainer-cpu" in pushed:  # the runs' image: allowed by the operator (deny by default)
-        sets.append(f"--set operator.trainerImage={pushed['trainer-cpu']}")
+        sets += [(f"{key}.repository", repository), (f"{key}.tag", tag), (f"{key}.digest", digest)]
+    if "trainer-cpu" in pushed:
+        sets.append(("operator.trainerImage", pushed["trainer-cpu"]))
+    return sets
+
+
+def helm_values(pushed: dict[str, str]) -> dict[str, Any]:
+    """``helm_sets`` as a values file (``helm install -f``)."""
+    values: dict[str, Any] = {}
+    for key, value in helm_sets(pushed):
+        *parents, leaf = key.split(".")
+        node = values
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return values
+
+
+def helm_install_line(pushed: dict[str, str]) -> str:
+    """The chart install pinning the pushed images by digest, as ``--set`` flags."""
     return " \\\n    ".join(
         [
             "helm install visionr1-operator charts/visionr1-operator -n visionr1-system "
             "--create-namespace",
-            *sets,
+            *(f"--set {key}={value}" for key, value in helm_sets(pushed)),
         ]
     )
 
@@ -724,14 +742,19 @@ def push(names: Sequence[str], repo: str, tag: str, insecure: str, log: Log) -> 
     # An --only push updates its images' entries; those of the same repository stay.
     earlier = read_json(RECORD_DIR / "pushed.json")
     kept = {k: v for k, v in earlier.items() if k not in pushed and v.startswith(f"{repo}/")}
-    write_json(RECORD_DIR / "pushed.json", {**kept, **pushed})
+    record = {**kept, **pushed}
+    write_json(RECORD_DIR / "pushed.json", record)
+    # The same pins as a values file: a node that cached an older image under the same tag never
+    # runs it (a tag with imagePullPolicy IfNotPresent would).
+    write_json(RECORD_DIR / "helm-values.json", helm_values(record))
     log.line("")
     log.line("Install the chart with these images, pinned by digest:")
     log.line("    " + helm_install_line(pushed))
     for name in ("trainer-cpu", "trainer"):
         if name in pushed:
             log.line(f"A VisionR1Run's spec.images.trainer ({name}): {pushed[name]}")
-    log.line(f"Written: {RECORD_DIR / 'pushed.json'}")
+    log.line(f"Or: helm install ... -f {RECORD_DIR / 'helm-values.json'}")
+    log.line(f"Written: {RECORD_DIR / 'pushed.json'}, {RECORD_DIR / 'helm-values.json'}")
     return pushed
 
 

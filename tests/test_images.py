@@ -810,23 +810,26 @@ def test_push_writes_pushed_json_and_a_helm_line_that_pins_the_digests(
     helm = pytest.importorskip("helm_python")
     line = images.helm_install_line(pushed)
     assert line in out
-    values: dict[str, Any] = {}
+    from_line: dict[str, Any] = {}
     words = shlex.split(line)
     for key, value in (words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "--set"):
         *parents, leaf = key.split(".")
-        node = values
+        node = from_line
         for parent in parents:
             node = node.setdefault(parent, {})
         node[leaf] = value
     assert words[:3] == ["helm", "install", "visionr1-operator"]
-    with helm.Chart.load(str(REPO / "charts" / "visionr1-operator")) as chart:
-        rendered = chart.render(values, name="visionr1-operator", namespace="visionr1-system")
-    deployed = re.findall(r'image: "([^"]+)"', "\n".join(rendered.values()))
-    assert sorted(deployed) == sorted(
-        f"{repo}/{n}@{digests[n]}" for n in ("operator", "mlflow", "postgresql")
-    )
-    # and the operator allows runs to use the trainer image pushed with them (deny by default)
-    assert f"- --allowed-image={record['trainer-cpu']}" in "\n".join(rendered.values())
+    # The values file (helm install -f) pins the same images as the line.
+    from_file = json.loads((tmp_path / "helm-values.json").read_text())
+    for values in (from_line, from_file):
+        with helm.Chart.load(str(REPO / "charts" / "visionr1-operator")) as chart:
+            rendered = chart.render(values, name="visionr1-operator", namespace="visionr1-system")
+        deployed = re.findall(r'image: "([^"]+)"', "\n".join(rendered.values()))
+        assert sorted(deployed) == sorted(
+            f"{repo}/{n}@{digests[n]}" for n in ("operator", "mlflow", "postgresql")
+        )
+        # and the operator allows runs the trainer image pushed with them (deny by default)
+        assert f"- --allowed-image={record['trainer-cpu']}" in "\n".join(rendered.values())
 
 
 # ------------------------------------------------------------- the images `make images` built

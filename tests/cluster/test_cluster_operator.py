@@ -652,8 +652,9 @@ def test_deleting_a_run_collects_its_children_and_ends_its_mlflow_run(
     world: World, cold_start: str
 ) -> None:
     w, name = world, "doomed"
-    run = _sft_only(name, cold_start, maxSteps=500)
-    run["spec"]["stages"]["sft"]["nodes"] = 2  # a multi-node stage: it also gets a Service
+    # a multi-node stage (it also gets a Service): 2 processes of 2 rows make the batch of 4
+    run = _sft_only(name, cold_start, maxSteps=500, perDeviceBatchSize=2)
+    run["spec"]["stages"]["sft"]["nodes"] = 2
     run["spec"]["stages"]["sft"]["backoffLimit"] = 20  # still running when deleted
     apply(w.cp, run)
     wait_for(

@@ -180,11 +180,17 @@ def _maximal() -> dict[str, Any]:
     obj["metadata"]["name"] = "m" * 40
     spec = obj["spec"]
     spec["images"] = {"pullSecrets": [f"pull-{i}" for i in range(16)]}
+    # maxItems names, kept short: kubectl apply copies the object into a size-limited annotation
+    secrets = [f"s{i}" for i in range(32)]
+    spec["secrets"] = secrets
     stages = spec["stages"]
     for stage in ("synthesis", "filter", "sft", "grpo", "eval"):
         s = stages.setdefault(stage, {})
         s["env"] = [
-            {"name": f"V{i}", "valueFrom": {"secretKeyRef": {"name": "s", "key": f"k{i}"}}}
+            {
+                "name": f"V{i}",
+                "valueFrom": {"secretKeyRef": {"name": secrets[i % 32], "key": f"k{i}"}},
+            }
             if i % 2
             else {"name": f"V{i}", "value": "x" * 64}
             for i in range(256)

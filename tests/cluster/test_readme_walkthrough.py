@@ -10,6 +10,7 @@ them again at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_helpers import REPO, PortForward, condition, kget
+from cluster_helpers import REPO, PortForward, condition, kget, mlflow_login
 
 pytestmark = pytest.mark.cluster
 
@@ -77,21 +78,33 @@ def test_the_readme_walkthrough_runs_as_written(control_plane: Any, images: Any)
         # The chart's operator and MLflow run from the pushed images.
         pods = kget(cp, "pods", "-n", RELEASE_NS)["items"]
         by_component = {p["metadata"]["labels"].get("app.kubernetes.io/component"): p for p in pods}
-        for component, image in (("operator", "operator"), ("mlflow", "mlflow")):
+        # The chart's pods run the images the walkthrough pushed, by their digests (a node that
+        # cached an older image under the same tag does not run that one).
+        pushed = json.loads((REPO / ".visionr1" / "images" / "pushed.json").read_text())
+        for component in ("operator", "mlflow", "postgresql"):
             status = by_component[component]["status"]["containerStatuses"][0]
-            assert status["ready"] and f"/visionr1/{image}:dev" in status["image"], status
-        # MLflow, reached as the README says: the parent run and a nested run per stage.
+            digest = pushed[component].partition("@")[2]
+            assert status["ready"] and status["imageID"].endswith(digest), (status, digest)
+        # MLflow, reached as the README says, with the chart's admin login: the parent run and
+        # a nested run per stage.
         from mlflow.tracking import MlflowClient
 
-        with PortForward(cp, RELEASE_NS, f"svc/{RELEASE}-mlflow", 5000) as pf:
-            client = MlflowClient(pf.url)
-            parent = client.get_run(run["status"]["mlflowRunId"])
-            assert parent.info.status == "FINISHED"
-            children = client.search_runs(
-                [parent.info.experiment_id],
-                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-            )
-            names = {r.info.run_name for r in children}
-            assert {"synthesis", "filter", "sft", "grpo", "eval"} <= names, names
+        login = mlflow_login(cp, RELEASE_NS, RELEASE)
+        saved = {k: os.environ.get(k) for k in login}
+        os.environ.update(login)
+        try:
+            with PortForward(cp, RELEASE_NS, f"svc/{RELEASE}-mlflow", 5000) as pf:
+                client = MlflowClient(pf.url)
+                parent = client.get_run(run["status"]["mlflowRunId"])
+                assert parent.info.status == "FINISHED"
+                children = client.search_runs(
+                    [parent.info.experiment_id],
+                    filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                )
+                names = {r.info.run_name for r in children}
+                assert {"synthesis", "filter", "sft", "grpo", "eval"} <= names, names
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     finally:
         _clean(cp)
