@@ -591,3 +591,15 @@ def test_a_pod_creation_refusal_is_named_then_cleared_when_pods_exist() -> None:
     status = apply(status, plan(run, status, [created], T0), T0)
     progressing = next(c for c in status.conditions if c.type == "Progressing")
     assert progressing.reason == "StageRunning" and "gpu" not in progressing.message
+
+
+def test_the_next_stage_starts_with_empty_run_columns() -> None:
+    """STEP, ETA and METRIC of the run follow the running stage: SFT's last values never show
+    under STAGE grpo; a retry of the same stage keeps them until its poll."""
+    status = VisionR1RunStatus(
+        phase="Running", current_stage="sft", step="6/6", eta="0s", metric="loss=4.7"
+    )
+    retried = apply(status, [CreateStage("sft", 1, job_name("r", "sft", 1))], T0)
+    assert (retried.step, retried.metric) == ("6/6", "loss=4.7")
+    grpo = apply(status, [CreateStage("grpo", 0, job_name("r", "grpo", 0))], T0)
+    assert (grpo.current_stage, grpo.step, grpo.eta, grpo.metric) == ("grpo", None, None, None)

@@ -152,3 +152,77 @@ def test_each_finished_attempt_of_a_gpu_stage_is_charged_once() -> None:
     assert status.stages["sft"].gpu_hours == pytest.approx(2.0 + 12.0)
     assert status.gpu_hours == pytest.approx(14.0)
     assert rec.kube.calls == ["r-sft-0", "r-sft-1"]  # type: ignore[attr-defined]
+
+
+def test_the_run_shows_the_running_stages_metric_never_the_stage_before_its() -> None:
+    """GRPO has begun and logged steps but no reward yet: the run's METRIC is empty, not SFT's
+    final loss under STAGE grpo."""
+    status = VisionR1RunStatus(
+        phase="Running",
+        metric="loss=4.739",
+        stages={
+            "sft": StageStatus(phase="Succeeded", mlflow_run_id="s", metric="loss=4.739"),
+            "grpo": StageStatus(phase="Running", mlflow_run_id="g"),
+        },
+    )
+    shown = watch.apply_watch(status, "grpo", watch.StageWatch(2, 6, None, None))
+    assert (shown.step, shown.metric) == ("2/6", None)
+    assert shown.stages["sft"].metric == "loss=4.739"  # the stage keeps its own
+    later = watch.apply_watch(shown, "grpo", watch.StageWatch(3, 6, "reward=0.5", 10.0))
+    assert (later.step, later.metric) == ("3/6", "reward=0.5")
+
+
+class StatusWriter:
+    """The API server's side of a status patch: the precondition on resourceVersion included."""
+
+    def __init__(self, current_version: str) -> None:
+        self.current_version = current_version
+        self.patches: list[dict[str, Any]] = []
+
+    async def patch(self, api_version, plural, namespace, name, body, subresource=None):  # type: ignore[no-untyped-def]
+        from visionr1_operator.kube import ApiError
+
+        self.patches.append(body)
+        sent = (body.get("metadata") or {}).get("resourceVersion")
+        if sent is not None and sent != self.current_version:
+            raise ApiError(409, "PATCH", f"{plural} {namespace}/{name}", "object was modified")
+
+
+def test_a_poll_never_writes_columns_computed_from_a_status_older_than_the_api_servers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watch still shows SFT running after a reconcile moved the run to GRPO: the poll's
+    patch carries the version it read, the API server refuses it, and the poll goes on."""
+    rec = Reconciler(OperatorConfig())
+    obj = tiny().model_dump(by_alias=True, exclude_none=True)
+    obj["metadata"].update(namespace="ns", resourceVersion="41", generation=1)
+    obj["status"] = {
+        "phase": "Running",
+        "observedGeneration": 1,
+        "currentStage": "sft",
+        "stages": {"sft": {"phase": "Running", "mlflowRunId": "s"}},
+    }
+
+    async def read_run(key: tuple[str, str]) -> dict[str, Any]:
+        return obj
+
+    async def server(*args: Any) -> tuple[Any, None]:
+        return mlflow_runs.Server("http://mlflow"), None
+
+    async def metrics(uri: Any, fn: Any, run_id: str, stage: str) -> tuple[Any, None]:
+        from mlflow.entities import Metric
+
+        return ({"loss": 4.7, "total_steps": 6.0}, [Metric("loss", 4.7, 1, 6)]), None
+
+    monkeypatch.setattr(rec, "_read_run", read_run)
+    monkeypatch.setattr(rec, "_server", server)
+    monkeypatch.setattr(rec, "_mlflow", metrics)
+    rec.kube = StatusWriter(current_version="42")  # type: ignore[assignment]
+    assert asyncio.run(rec._watch_once("ns", obj["metadata"]["name"])) is True
+    (refused,) = rec.kube.patches  # type: ignore[attr-defined]
+    assert refused["metadata"] == {"resourceVersion": "41"}
+    assert refused["status"]["metric"] == "loss=4.7"
+    # once the watch shows the current version, the same poll's patch is taken
+    rec.kube.current_version = "41"  # type: ignore[attr-defined]
+    assert asyncio.run(rec._watch_once("ns", obj["metadata"]["name"])) is True
+    assert len(rec.kube.patches) == 2  # type: ignore[attr-defined]

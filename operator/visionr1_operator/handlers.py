@@ -660,14 +660,22 @@ class Reconciler:
                     # one last read of a finished stage; a stage that logged none keeps none
                     new.stages[stage].metric = new.stages[stage].metric or ""
             if new != status:
-                await self.kube.patch(
-                    API_VERSION,
-                    PLURAL,
-                    namespace,
-                    name,
-                    {"status": watch.patch(new)},
-                    subresource="status",
-                )
+                # On the resourceVersion read: the watch may not show yet a reconcile's newer
+                # status (a stage just finished, the next begun), and columns computed from the
+                # older one would then overwrite it. The API server refuses such a patch (409)
+                # and the next poll reads the newer status.
+                version = (obj.get("metadata") or {}).get("resourceVersion")
+                body: dict[str, Any] = {"status": watch.patch(new)}
+                if version:
+                    body["metadata"] = {"resourceVersion": version}
+                try:
+                    await self.kube.patch(
+                        API_VERSION, PLURAL, namespace, name, body, subresource="status"
+                    )
+                except ApiError as exc:
+                    if exc.status != 409:
+                        raise
+                    return True
             return any(watch.wants_watch(new, s, st) for s, st in new.stages.items())
 
     def _admit(

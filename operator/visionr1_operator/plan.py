@@ -427,6 +427,8 @@ def _apply_one(s: VisionR1RunStatus, a: Action, now: datetime) -> None:  # noqa:
         st.next_retry_time = None
         st.progress = None
         st.message = None
+        if s.current_stage != a.stage:  # the run's columns were the stage before's
+            s.step = s.eta = s.metric = None
         s.current_stage = a.stage
         if s.phase != "Suspended":
             s.phase = "Running"

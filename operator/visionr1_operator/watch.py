@@ -131,7 +131,8 @@ def apply_watch(status: VisionR1RunStatus, stage: str, watch: StageWatch) -> Vis
     else:
         out.step = None
     out.eta = duration(watch.eta_s) if running else None
-    out.metric = st.metric or out.metric
+    # A running stage's metric, or none yet (never the stage before it's)
+    out.metric = st.metric if running else st.metric or out.metric
     return out
 
 
