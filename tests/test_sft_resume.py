@@ -98,3 +98,20 @@ def test_resumed_sft_matches_uninterrupted_run(
     )
     # The run learned something, so equal losses are not equal because nothing moved.
     assert want[STEPS]["loss"] < 0.8 * want[1]["loss"]
+
+
+def test_an_attempt_that_finds_the_final_model_saved_reports_its_step(
+    world: dict[str, Path], uninterrupted: Path, tmp_path: Path
+) -> None:
+    """An attempt killed after saving the final model but before the manifest: the next one
+    trains nothing, and its manifest still says which step the weights are from."""
+    ws = tmp_path / "saved"
+    cfg = _config(world, ws)
+    shutil.copytree(uninterrupted / "sft" / "final", ws / "sft" / "final")
+    assert stage_main(["sft", "--config", str(cfg)]) == 0
+    manifest = read_manifest(ws, "sft")
+    assert manifest is not None and manifest.metrics["global_step"] == STEPS
+    assert "train_seconds_this_attempt" not in manifest.metrics  # nothing was trained
+    assert not (ws / "sft" / "checkpoints").exists() or not any(
+        (ws / "sft" / "checkpoints").iterdir()
+    )

@@ -13,6 +13,7 @@ format) atomically and logs/registers it in MLflow. Several processes or nodes: 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -102,6 +103,8 @@ def train(cfg: ResolvedStageConfig, params: SFTParams, folder: Path) -> StageMan
             log.warning(
                 "sft: %s is already complete (a previous attempt died after saving it)", final
             )
+            # what that attempt trained, as it saved it beside the weights
+            metrics.update(_saved_state(final))
         else:
             result = _fit(
                 cfg,
@@ -129,6 +132,17 @@ def train(cfg: ResolvedStageConfig, params: SFTParams, folder: Path) -> StageMan
         extra=extra,
     )
     return runtime.publish(cfg, manifest, world)
+
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def _saved_state(final: Path) -> dict[str, float]:
+    """global_step of a final model saved by an earlier attempt (none from an older image)."""
+    path = final / TRAINER_STATE
+    if not path.exists():
+        return {}
+    return {"global_step": float(json.loads(path.read_text())["global_step"])}
 
 
 def _fit(
@@ -190,6 +204,8 @@ def _fit(
         trainer.save_model(str(tmp))
         if world.is_main:
             processor.save_pretrained(str(tmp))
+            # the step the weights are from, for an attempt that finds them already saved
+            trainer.state.save_to_json(str(tmp / TRAINER_STATE))
 
     ckpt.save_final_atomically(final, write, world.is_main)
     out = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
