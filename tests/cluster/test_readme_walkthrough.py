@@ -42,7 +42,9 @@ def _clean(cp: Any) -> None:
         cp.kubectl("delete", "namespace", ns, "--ignore-not-found", "--timeout=180s", timeout=200)
 
 
-def test_the_readme_walkthrough_runs_as_written(control_plane: Any, images: Any) -> None:
+def test_the_readme_walkthrough_runs_as_written(
+    control_plane: Any, images: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cp = control_plane
     _clean(cp)
     env = {
@@ -89,22 +91,17 @@ def test_the_readme_walkthrough_runs_as_written(control_plane: Any, images: Any)
         # a nested run per stage.
         from mlflow.tracking import MlflowClient
 
-        login = mlflow_login(cp, RELEASE_NS, RELEASE)
-        saved = {k: os.environ.get(k) for k in login}
-        os.environ.update(login)
-        try:
-            with PortForward(cp, RELEASE_NS, f"svc/{RELEASE}-mlflow", 5000) as pf:
-                client = MlflowClient(pf.url)
-                parent = client.get_run(run["status"]["mlflowRunId"])
-                assert parent.info.status == "FINISHED"
-                children = client.search_runs(
-                    [parent.info.experiment_id],
-                    filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-                )
-                names = {r.info.run_name for r in children}
-                assert {"synthesis", "filter", "sft", "grpo", "eval"} <= names, names
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        for key, value in mlflow_login(cp, RELEASE_NS, RELEASE).items():
+            monkeypatch.setenv(key, value)
+        with PortForward(cp, RELEASE_NS, f"svc/{RELEASE}-mlflow", 5000) as pf:
+            client = MlflowClient(pf.url)
+            parent = client.get_run(run["status"]["mlflowRunId"])
+            assert parent.info.status == "FINISHED"
+            children = client.search_runs(
+                [parent.info.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+            )
+            names = {r.info.run_name for r in children}
+            assert {"synthesis", "filter", "sft", "grpo", "eval"} <= names, names
     finally:
         _clean(cp)
