@@ -212,6 +212,9 @@ RELEASE, RELEASE_NS = "vr1-load", "vr1-load-system"
 SERVICE_ACCOUNT = f"{RELEASE}-visionr1-operator"  # the chart's <release>-<chart> fullname
 PVC = "load-data-kwok"
 WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE", "DELETECOLLECTION", "APPLY"})
+# Reads that cost the API server per request (watches are long-lived: not counted); a LIST of
+# Events reads etcd itself (no watch cache), which made today's 200-run tail
+READ_VERBS = frozenset({"GET", "LIST"})
 METRIC = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
 
 
@@ -315,8 +318,8 @@ def _cpu_s(pid: int | None) -> float:
 
 
 def _api_requests(cp: Any) -> Counter[str]:
-    """The API server's own count of write requests so far (``apiserver_request_total``), by
-    ``VERB resource[/subresource]``: every writer together (the operator, the Job controller,
+    """The API server's own count of write and read requests so far (``apiserver_request_total``),
+    by ``VERB resource[/subresource]``: every client together (the operator, the Job controller,
     the scheduler, KWOK, the garbage collector)."""
     text = cp.kubectl("get", "--raw", "/metrics", timeout=60).stdout
     out: Counter[str] = Counter()
@@ -325,7 +328,7 @@ def _api_requests(cp: Any) -> Counter[str]:
         if not m:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m["labels"]))
-        if labels.get("verb") not in WRITE_VERBS:
+        if labels.get("verb") not in WRITE_VERBS | READ_VERBS:
             continue
         what = labels.get("resource", "") + (
             f"/{labels['subresource']}" if labels.get("subresource") else ""
@@ -471,7 +474,9 @@ def _one_round(
         load1 = os.getloadavg()[0]
         cpu = {k: round(_cpu_s(pids.get(k)) - v, 1) for k, v in cpu0.items() if pids.get(k)}
         cpu[kind] = round(_cpu_s(proc.pid) - own_cpu0, 1)
-        writes = _api_requests(cp) - writes0
+        requests = _api_requests(cp) - writes0
+        writes = Counter({k: v for k, v in requests.items() if k.split()[0] in WRITE_VERBS})
+        reads = Counter({k: v for k, v in requests.items() if k.split()[0] in READ_VERBS})
         events = _events_by_reason(cp, since=wall_clock0)
         # Delete while it still runs (a finalizer, if an operator ever adds one, is removed).
         print(f"{kind}: {n} runs measured, cleaning up", file=sys.stderr, flush=True)
@@ -507,6 +512,10 @@ def _one_round(
             "total": total_writes,
             "per_transition": round(total_writes / max(1, len(latencies)), 2),
             "by_request": dict(writes.most_common(12)),
+        },
+        "api_reads": {
+            "total": sum(reads.values()),
+            "by_request": dict(reads.most_common(8)),
         },
         "events": events,
         "wall_s": round(wall, 2),

@@ -306,12 +306,12 @@ class EventsKube:
         if plural == "workloads":
             return self.workloads
         want = field_selector or {}
-        return [
-            e
-            for e in self.events
-            if e["involvedObject"]["uid"] == want.get("involvedObject.uid")
-            and e["reason"] == want.get("reason")
-        ]
+        fields = {
+            "reason": lambda e: e["reason"],
+            "involvedObject.uid": lambda e: e["involvedObject"]["uid"],
+            "involvedObject.kind": lambda e: e["involvedObject"]["kind"],
+        }
+        return [e for e in self.events if all(fields[k](e) == v for k, v in want.items())]
 
 
 async def test_a_pod_less_job_has_its_refusal_read_on_a_backoff_and_dropped_with_pods(
@@ -341,7 +341,7 @@ async def test_a_pod_less_job_has_its_refusal_read_on_a_backoff_and_dropped_with
     assert kube.listed == [] and seen.pod_problem is None and after == 3.0
     clock[0] += 3
     [seen], after = await rec._why_waiting("ml", "tiny-cpu", [job])
-    assert kube.listed == [("events", {"involvedObject.uid": "job-uid", "reason": "FailedCreate"})]
+    assert kube.listed == [("events", {"reason": "FailedCreate", "involvedObject.kind": "Job"})]
     assert seen.pod_problem is not None and seen.pod_problem[0] == "QuotaExceeded"
     assert after == 6.0  # the next read backs off
     clock[0] += 1  # a reconcile in between reads nothing and keeps what was read
@@ -392,3 +392,51 @@ def test_a_pods_new_message_for_the_same_reason_is_not_news() -> None:
     assert not _same_reason(a, PodFacts("p", "j", "Running", a.problem))  # the phase is news
     assert not _same_reason(PodFacts("p", "j", "Pending"), a)  # a first problem is news
     assert not _same_reason(None, a)
+
+
+async def test_the_jobs_waiting_in_a_namespace_share_one_read_of_its_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The API server keeps no cache of Events: each list reads all of the namespace's from
+    etcd. Many Jobs waiting at once (a burst of runs) cost one list, not one each; each still
+    gets its own refusal, and a later read sees a refusal that came since."""
+    from visionr1_operator import handlers
+
+    clock = [1000.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+
+    def refused(uid: str, message: str) -> dict[str, Any]:
+        return {
+            "reason": "FailedCreate",
+            "message": message,
+            "involvedObject": {"kind": "Job", "name": uid, "uid": uid},
+        }
+
+    quota = (
+        'Error creating: pods "p" is forbidden: exceeded quota: gpu, requested: '
+        "requests.nvidia.com/gpu=2, used: requests.nvidia.com/gpu=0, limited: "
+        "requests.nvidia.com/gpu=1"
+    )
+    kube = EventsKube([refused("uid-0", quota)], [])
+    rec = Reconciler(OperatorConfig())
+    rec.kube = kube  # type: ignore[assignment]
+    rec.pod_index = {}
+    jobs = {
+        i: ObservedJob(f"r{i}-synthesis-0", "synthesis", 0, uid=f"uid-{i}", running_pods=0)
+        for i in range(20)
+    }
+    for i, job in jobs.items():
+        await rec._why_waiting("ml", f"r{i}", [job])
+    clock[0] += 3
+    seen = await asyncio.gather(
+        *(rec._why_waiting("ml", f"r{i}", [job]) for i, job in jobs.items())
+    )
+    assert len(kube.listed) == 1
+    problems = [s[0][0].pod_problem for s in seen]
+    assert problems[0] is not None and problems[0][0] == "QuotaExceeded"
+    assert problems[1:] == [None] * 19
+    # a refusal that comes later is seen once the namespace's read is older than its TTL
+    kube.events.append(refused("uid-1", quota))
+    clock[0] += handlers.EVENTS_TTL_S + 1
+    [job1], _ = await rec._why_waiting("ml", "r1", [jobs[1]])
+    assert len(kube.listed) == 2 and job1.pod_problem is not None

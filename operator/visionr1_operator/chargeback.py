@@ -8,6 +8,7 @@ now. Pure: pod objects in, hours out.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,25 +31,44 @@ def pod_gpus(pod: Mapping[str, Any]) -> int:
     return total
 
 
-def pod_seconds(pod: Mapping[str, Any], now: datetime) -> float:
-    """Seconds from the pod's start to its last container's end (or ``now`` while one runs)."""
+@dataclass(frozen=True)
+class Usage:
+    """What a pod holds and for how long: its GPUs, its start, its last container's end (None
+    while one runs). Small enough to keep for every watched pod, so charging a finished attempt
+    needs no list of its pods."""
+
+    gpus: int
+    start: datetime | None
+    end: datetime | None
+
+    def seconds(self, now: datetime) -> float:
+        if self.start is None:
+            return 0.0
+        return max(0.0, ((self.end or now) - self.start).total_seconds())
+
+
+def usage(pod: Mapping[str, Any]) -> Usage:
     status = pod.get("status") or {}
-    start = _time(status.get("startTime"))
-    if start is None:
-        return 0.0
     ends = [
         _time(((cs.get("state") or {}).get("terminated") or {}).get("finishedAt"))
         for cs in status.get("containerStatuses") or []
     ]
     finished = [e for e in ends if e is not None]
-    if finished and len(finished) == len(ends):
-        end_at = max(finished)  # every container has ended
-    else:
-        end_at = now
-    return max(0.0, (end_at - start).total_seconds())
+    end = max(finished) if finished and len(finished) == len(ends) else None  # all have ended
+    return Usage(pod_gpus(pod), _time(status.get("startTime")), end)
+
+
+def pod_seconds(pod: Mapping[str, Any], now: datetime) -> float:
+    """Seconds from the pod's start to its last container's end (or ``now`` while one runs)."""
+    return usage(pod).seconds(now)
+
+
+def usage_hours(usages: Iterable[Usage], now: datetime | None = None) -> float:
+    """GPU-hours of pods given by their Usage: the sum of each one's GPUs × running time."""
+    now = now or datetime.now(UTC)
+    return sum(u.gpus * u.seconds(now) for u in usages) / 3600.0
 
 
 def gpu_hours(pods: Iterable[Mapping[str, Any]], now: datetime | None = None) -> float:
     """GPU-hours of ``pods``: the sum of each pod's GPUs × running time."""
-    now = now or datetime.now(UTC)
-    return sum(pod_gpus(p) * pod_seconds(p, now) for p in pods) / 3600.0
+    return usage_hours(map(usage, pods), now)

@@ -48,6 +48,7 @@ from visionr1_jobs.config import (
     TERMINATION_LOG_ENV,
 )
 from visionr1_operator.api import API_VERSION, GROUP, KIND, VisionR1Run
+from visionr1_operator.chargeback import Usage, usage
 from visionr1_operator.plan import ObservedJob, job_name, parse_time
 from visionr1_operator.policy import ClusterPolicy, model_cache_sub_path
 from visionr1_operator.policy import workspace_sub_path as workspace_sub_path
@@ -604,6 +605,9 @@ class PodFacts:
     phase: str  # Pending, Running, Succeeded, Failed, Unknown
     problem: tuple[str, str] | None = None  # (reason, message): why it is stuck or died
     exit_code: int | None = None  # of the stage container, when it terminated with an error
+    # GPUs and running time, for chargeback; not compared: a pod's start or end time alone
+    # changes nothing the plan reads, so it triggers no reconcile
+    usage: Usage | None = dataclasses.field(default=None, compare=False)
 
 
 _PROGRESS_TAG = "VISIONR1_PROGRESS"
@@ -702,14 +706,15 @@ def observe_pod(obj: Mapping[str, Any]) -> PodFacts | None:
         obj.get("spec") or {},
         lab.get(LABEL_STAGE),
     )
+    used = usage(obj)
     if trouble is not None:
-        return PodFacts(name, job, phase, trouble.problem, trouble.exit_code)
+        return PodFacts(name, job, phase, trouble.problem, trouble.exit_code, used)
     for cond in status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
             reason = cond.get("reason") or "Unschedulable"
             text = f"pod {name} cannot be scheduled: {cond.get('message') or reason}"
-            return PodFacts(name, job, phase, (reason, text))
-    return PodFacts(name, job, phase)
+            return PodFacts(name, job, phase, (reason, text), usage=used)
+    return PodFacts(name, job, phase, usage=used)
 
 
 def with_pods(job: ObservedJob, pods: list[PodFacts]) -> ObservedJob:

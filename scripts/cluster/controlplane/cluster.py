@@ -591,10 +591,23 @@ def _start_node(layout: Layout, state: State, paths: node.NodePaths, echo: Echo)
     )
     node.ensure_node_images(layout, paths, echo)
     _wait("containerd", paths.containerd_sock.exists, 30, layout, state.pids)
+    # The socket comes before the CRI answers ("server is not initialized yet"), and a kubelet
+    # started in between exits: wait for the runtime API itself.
+    _wait("containerd's CRI", lambda: _cri_ready(layout, paths), 60, layout, state.pids)
     for name in ("kubelet", "kube-proxy", "coredns", "local-path-provisioner"):
         start(name)
     _wait("the node", lambda: node_condition(layout, state) == "ok", 120, layout, state.pids)
     node.patch_gpus(layout, kubectl)
+
+
+def _cri_ready(layout: Layout, paths: node.NodePaths) -> bool:
+    """Whether containerd's CRI answers its version and status calls (what the kubelet asks
+    first)."""
+    argv = [str(layout.binary("crictl")), f"--runtime-endpoint=unix://{paths.containerd_sock}"]
+    return all(
+        subprocess.run([*argv, *call], capture_output=True, timeout=10).returncode == 0
+        for call in (["version"], ["info"])
+    )
 
 
 def up(layout: Layout, echo: Echo, *, keep_data: bool = False) -> State:
