@@ -83,6 +83,9 @@ def test_which_stages_are_polled() -> None:
     assert watch.wants_watch(st, "eval", StageStatus(phase="Succeeded", mlflow_run_id="r"))
     done = StageStatus(phase="Succeeded", mlflow_run_id="r", metric="final.toy.accuracy=1")
     assert not watch.wants_watch(st, "eval", done)
+    # eval finished while its column showed a running accuracy: one more read for the final one
+    partial = StageStatus(phase="Succeeded", mlflow_run_id="r", metric="sft.toy.running_accuracy=1")
+    assert watch.wants_watch(st, "eval", partial)
     assert not watch.wants_watch(st, "filter", StageStatus(phase="Succeeded", mlflow_run_id="r"))
 
 

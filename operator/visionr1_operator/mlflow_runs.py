@@ -220,13 +220,14 @@ def end(uri: Tracking, run_id: str, status: str) -> None:
 
 
 def stage_metrics(uri: Tracking, run_id: str, stage: str) -> tuple[dict[str, float], list[Any]]:
-    """A stage run's latest metrics, and the history of its key metric (watch.key_metric; MLflow
-    Metric objects, [] when not logged yet). Read only: what ``kubectl get vr1`` shows."""
-    from visionr1_operator.watch import KEY_METRIC
+    """A stage run's latest metrics, and the history of the metric that gives its step
+    (watch.STEP_METRIC: SFT's loss, GRPO's reward, eval's rows done; MLflow Metric objects, []
+    when not logged yet). Read only: what ``kubectl get vr1`` shows."""
+    from visionr1_operator.watch import STEP_METRIC
 
     client = _client(uri)
     latest = dict(client.get_run(run_id).data.metrics)
-    key = KEY_METRIC.get(stage)
+    key = STEP_METRIC.get(stage)
     if key is None or key not in latest:
         return latest, []
     return latest, list(client.get_metric_history(run_id, key))

@@ -16,9 +16,17 @@ from visionr1_operator.api import StageStatus, VisionR1Run, VisionR1RunStatus
 
 #: The metric a stage is judged by, as its stage program logs it into the stage's MLflow run.
 KEY_METRIC = {"sft": "loss", "grpo": "reward"}
-#: The training callback logs the trainer's planned steps (plus the PTST offset) under this key.
+#: The eval stage's rows done so far (its shard 0's), logged with the count as the MLflow step
+#: while it generates.
+EVAL_PROGRESS_METRIC = "items_scored"
+#: The metric whose history (MLflow steps and timestamps) gives a stage's step and ETA.
+STEP_METRIC = {**KEY_METRIC, "eval": EVAL_PROGRESS_METRIC}
+#: The training callback logs the trainer's planned steps (plus the PTST offset) under this key;
+#: the eval stage the rows it will do in all.
 TOTAL_STEPS_METRIC = "total_steps"
 _ACCURACY_SUFFIX = "accuracy"
+#: ``<checkpoint>.<benchmark>.running_accuracy``: eval's accuracy over the rows done so far.
+_RUNNING_SUFFIX = "running_accuracy"
 
 
 @dataclass(frozen=True)
@@ -46,22 +54,35 @@ def checkpoint_slug(name: str) -> str:
 def key_metric(stage: str, latest: dict[str, float], checkpoints: Sequence[str] = ()) -> str | None:
     """The key metric's name for ``stage`` among the run's ``latest`` metrics: loss (SFT), reward
     (GRPO), an accuracy (eval: that of the last of ``checkpoints`` that has one, the trained
-    model, e.g. ``grpo.mathvista.accuracy``; else the first by name)."""
+    model, e.g. ``grpo.mathvista.accuracy``; else the first by name). Until eval logs its final
+    accuracies, its running accuracy picked the same way (``grpo.mathvista.running_accuracy``)."""
     if stage in KEY_METRIC:
         return KEY_METRIC[stage] if KEY_METRIC[stage] in latest else None
     if stage == "eval":
-        found = sorted(k for k in latest if k.split(".")[-1] == _ACCURACY_SUFFIX)
-        for checkpoint in reversed(list(checkpoints)):
-            mine = [k for k in found if k.split(".")[0] == checkpoint_slug(checkpoint)]
-            if mine:
-                return mine[0]
-        return found[0] if found else None
+        return _accuracy(latest, checkpoints, _ACCURACY_SUFFIX) or _accuracy(
+            latest, checkpoints, _RUNNING_SUFFIX
+        )
     return None
+
+
+def _accuracy(latest: dict[str, float], checkpoints: Sequence[str], suffix: str) -> str | None:
+    found = sorted(k for k in latest if k.split(".")[-1] == suffix)
+    for checkpoint in reversed(list(checkpoints)):
+        mine = [k for k in found if k.split(".")[0] == checkpoint_slug(checkpoint)]
+        if mine:
+            return mine[0]
+    return found[0] if found else None
+
+
+def is_running_metric(metric: str | None) -> bool:
+    """Whether a METRIC (``name=value``) is eval's running accuracy, not a final one."""
+    return bool(metric) and str(metric).partition("=")[0].split(".")[-1] == _RUNNING_SUFFIX
 
 
 def planned_steps(run: VisionR1Run, stage: str, logged_total: float | None) -> int | None:
     """GRPO: the PTST table's steps (the spec knows them all; the trainer knows one row at a
-    time); SFT: spec maxSteps, else what the trainer planned and logged."""
+    time); SFT: spec maxSteps, else what the trainer planned and logged; eval: the rows it
+    logged it will do."""
     if stage == "grpo":
         return sum(row.steps for row in run.spec.stages.grpo.params.ptst) or None
     if stage == "sft" and run.spec.stages.sft.params.max_steps:
@@ -75,7 +96,8 @@ def summarize(
     latest: dict[str, float],
     history: list[Point],
 ) -> StageWatch:
-    """``latest``: the stage run's metrics (latest values); ``history``: the key metric's points."""
+    """``latest``: the stage run's metrics (latest values); ``history``: the points of the
+    stage's :data:`STEP_METRIC` (the key metric of SFT and GRPO, eval's rows done)."""
     name = key_metric(stage, latest, run.spec.stages.eval.params.checkpoints)
     metric = (
         f"{name.split('.')[-1] if stage != 'eval' else name}={_short(latest[name])}"
@@ -83,7 +105,7 @@ def summarize(
         else None
     )
     total = planned_steps(run, stage, latest.get(TOTAL_STEPS_METRIC))
-    step = max((p.step for p in history), default=None) if stage in KEY_METRIC else None
+    step = max((p.step for p in history), default=None) if stage in STEP_METRIC else None
     eta = eta_seconds(history, total)
     return StageWatch(step, total, metric, eta)
 
@@ -126,6 +148,8 @@ def apply_watch(status: VisionR1RunStatus, stage: str, watch: StageWatch) -> Vis
     st.step, st.total_steps = watch.step, watch.total
     st.metric = watch.metric or st.metric
     running = st.phase == "Running"
+    if not running and is_running_metric(st.metric):
+        st.metric = None  # finished: its final metric, or none, never a running figure
     if running and watch.step is not None:
         out.step = f"{watch.step}/{watch.total}" if watch.total else str(watch.step)
     else:
@@ -133,18 +157,23 @@ def apply_watch(status: VisionR1RunStatus, stage: str, watch: StageWatch) -> Vis
     out.eta = duration(watch.eta_s) if running else None
     # A running stage's metric, or none yet (never the stage before it's)
     out.metric = st.metric if running else st.metric or out.metric
+    if not running and is_running_metric(out.metric):
+        out.metric = None
     return out
 
 
 def wants_watch(status: VisionR1RunStatus, stage: str, st: StageStatus) -> bool:
     """Stages worth a poll: running ones with an MLflow run, and a finished one that has no
-    metric yet (eval logs its accuracy at the very end)."""
+    metric yet, or only eval's running accuracy (eval logs its final accuracies at the very
+    end)."""
     if not st.mlflow_run_id:
         return False
     if st.phase == "Running":
         return True
     return (
-        st.phase == "Succeeded" and st.metric is None and (stage in KEY_METRIC or stage == "eval")
+        st.phase == "Succeeded"
+        and (st.metric is None or is_running_metric(st.metric))
+        and stage in STEP_METRIC
     )
 
 

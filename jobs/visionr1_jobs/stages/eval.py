@@ -35,12 +35,26 @@ summaries carry both accuracies. The judged rows are saved a part at a time as t
 (``visionr1_jobs.eval.judge_parts``), so a merge that dies resumes after the last saved part. A
 row whose judge request fails for good keeps its rule verdict, with the error recorded on the
 row and counted (``judge_errors``).
+
+While it generates, shard 0 logs its progress into the stage's MLflow run, for the operator's
+STEP, ETA and METRIC columns (:class:`LiveMetrics`): the rows it has done as the MLflow step (and
+as ``items_scored``), the rows it will do in all as ``total_steps`` (the key the training stages
+log their planned steps under), and per (checkpoint, benchmark) ``<checkpoint>.<benchmark>.
+running_accuracy``, the rule verdicts of its rows done so far. Only shard 0 logs: every shard
+owns the same number of rows of each benchmark (shard 0 one more where they do not divide) and
+the shards generate at once, so shard 0's progress and ETA stand for the stage's without the
+shards reading each other's files or the operator adding up runs. With ``n`` shards STEP
+counts shard 0's rows (about 1/n of the stage's) and its running accuracy is over every n-th
+row. The final metrics (``<checkpoint>.<benchmark>.accuracy``, the judge's where a judge
+scores) are logged by the merge, as before.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -65,6 +79,8 @@ from visionr1_jobs.eval.judge_parts import JUDGE_DIR
 
 if TYPE_CHECKING:
     from visionr1_jobs.generation import Generation, GenerationBackend
+
+log = logging.getLogger(__name__)
 
 # (checkpoint model path or hub id, params) -> an open generation backend for it.
 GeneratorFactory = Callable[[str, EvalParams], "GenerationBackend"]
@@ -183,6 +199,79 @@ def generate_with_retries(
     return rows
 
 
+# --------------------------------------------------------------------------- progress in MLflow
+
+#: Shard 0's rows done so far (also the MLflow step of every progress point).
+ITEMS_METRIC = "items_scored"
+#: The rows shard 0 will do in all (what SFT and GRPO log their planned steps under).
+TOTAL_METRIC = "total_steps"
+#: ``<checkpoint>.<benchmark>.running_accuracy``: the rule verdicts of shard 0's rows so far.
+RUNNING_ACCURACY = "running_accuracy"
+#: At most one progress point per this many seconds, plus one when a benchmark is done.
+PROGRESS_EVERY_S = 15.0
+
+
+class LiveMetrics:
+    """Shard 0's progress and running accuracies, into the stage's MLflow run while it generates.
+
+    Through the workspace's MLflow outbox (:mod:`visionr1_jobs.mlflow_spool`): generation never
+    waits on MLflow and never fails for it. Off (every method does nothing) on the other shards,
+    off rank 0 and without a known stage run id (the operator and the local executor pass one;
+    the merge logs into that run too)."""
+
+    def __init__(
+        self,
+        cfg: ResolvedStageConfig,
+        index: int,
+        total: int,
+        every_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        from visionr1_jobs.tracking import STAGE_ENV, is_rank_zero
+
+        run_id = cfg.mlflow.run_id or os.environ.get(STAGE_ENV)
+        self.run_id = run_id if index == 0 and is_rank_zero() else None
+        self.cfg, self.total, self.clock = cfg, total, clock
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.verdicts: dict[str, dict[int, bool]] = {}  # "<slug>.<bench>" -> row index -> correct
+        self.changed: set[str] = set()
+        self.last: float | None = None  # clock() at the last point logged
+        self.step: int | None = None  # its step
+
+    def score(self, name: str, bench: str, lines: Any) -> None:
+        """Score rows of ``name`` on ``bench`` (again: a row's verdict is kept by its index)."""
+        if self.run_id is None:
+            return
+        from visionr1_jobs.eval.scoring import score_row
+
+        key = f"{checkpoint_slug(name)}.{bench}"
+        mine = self.verdicts.setdefault(key, {})
+        for line in lines:
+            mine[int(line["row_index"])] = bool(score_row(bench, line)["correct"])
+            self.changed.add(key)
+
+    def log(self, done: int, *, force: bool = False) -> None:
+        """A progress point at step ``done`` unless nothing changed since the last one: the first
+        at once, then at most one per ``every_s`` seconds (``force``: now)."""
+        if self.run_id is None or (done == self.step and not self.changed):
+            return
+        now = self.clock()
+        if not force and self.last is not None and now - self.last < self.every_s:
+            return
+        values = {ITEMS_METRIC: float(done), TOTAL_METRIC: float(self.total)}
+        for key in sorted(self.changed):
+            mine = self.verdicts[key]
+            values[f"{key}.{RUNNING_ACCURACY}"] = sum(mine.values()) / len(mine)
+        self.changed.clear()
+        self.last, self.step = now, done
+        try:
+            from visionr1_jobs.tracking import outbox
+
+            outbox(self.cfg).metrics(self.run_id, values, step=done)
+        except Exception as exc:  # a progress point MLflow refuses must not fail the eval
+            log.warning("eval progress not logged to MLflow run %s: %s", self.run_id, exc)
+
+
 # --------------------------------------------------------------------------- files of a shard
 
 
@@ -254,6 +343,7 @@ def _generate_shards(
     """Generate this shard's missing rows; returns its marker."""
     total = sum(len(b.rows[index::count]) for b in benches.values()) * len(checkpoints)
     done = 0
+    live = LiveMetrics(cfg, index, total)
     files: dict[str, dict[str, Any]] = {}
     for name, model in checkpoints.items():
         folder = stage_dir(cfg) / checkpoint_slug(name)
@@ -268,7 +358,7 @@ def _generate_shards(
             try:
                 for bench, res in pending.items():
                     done = _generate_bench(
-                        params, name, backend, bench, res, folder, index, count, done, total
+                        params, name, backend, bench, res, folder, index, count, done, total, live
                     )
             finally:
                 backend.close()
@@ -277,6 +367,8 @@ def _generate_shards(
             for part in _part_files(folder, bench, index, count):  # a kill after the rename
                 part.unlink(missing_ok=True)
             rows = _read_jsonl(path)
+            if bench not in pending:  # done by an earlier pod: its rows count from the start
+                live.score(name, bench, rows)
             files[f"{checkpoint_slug(name)}/{bench}"] = {
                 "file": str(path.relative_to(stage_dir(cfg))),
                 "rows": len(rows),
@@ -284,6 +376,7 @@ def _generate_shards(
                 "sha256": sha256_file(path),
             }
         progress("eval", done, total, checkpoint=name, shard=index)
+        live.log(done, force=True)
     return {"shard": index, "shards": count, "files": files}
 
 
@@ -298,6 +391,7 @@ def _generate_bench(
     count: int,
     done: int,
     total: int,
+    live: LiveMetrics,
 ) -> int:
     """One (checkpoint, benchmark) of this shard, a saved batch at a time; returns rows done."""
     from visionr1_jobs.eval.scoring import scorer
@@ -319,6 +413,8 @@ def _generate_bench(
             flush=True,
         )
     done += len(saved)
+    live.score(name, bench, saved.values())
+    live.log(done)
     sampling = _sampling(params)
     system = params.system_prompt(name)
     # Numbered on from the last saved part (the names sort in that order).
@@ -342,6 +438,8 @@ def _generate_bench(
         )
         next_part += 1
         done += len(batch)
+        live.score(name, bench, (saved[index + k * count] for k in batch))
+        live.log(done)
         progress("eval", done, total, checkpoint=name, benchmark=bench, shard=index)
     ordered = [saved[index + k * count] for k in range(len(rows))]
     atomic_write(
@@ -350,6 +448,7 @@ def _generate_bench(
     )
     for part in _part_files(folder, bench, index, count):
         part.unlink(missing_ok=True)
+    live.log(done, force=True)  # the benchmark's last running accuracy is over all its rows
     return done
 
 
