@@ -328,7 +328,8 @@ def test_trainer_entry_point_is_the_stage_contract() -> None:
     assert ("ENTRYPOINT", '["python", "-m", "visionr1_jobs"]') in steps
     assert (REPO / "jobs" / "visionr1_jobs" / "__main__.py").is_file()
     env = env_of(steps)
-    assert env["HF_HOME"] == "/cache/huggingface"  # the PVC's model cache the operator mounts
+    # in a pod, the run's own .cache/huggingface is mounted there
+    assert env["HF_HOME"] == "/cache/huggingface"
     assert ("WORKDIR", "/workspace") in steps
 
 

@@ -140,6 +140,8 @@ def test_job_of_a_gpu_training_stage() -> None:
     assert env["VISIONR1_PARENT_RUN_ID"]["value"] == "p1"
     assert env["VISIONR1_STAGE_RUN_ID"]["value"] == "s1"
     assert env["HF_HOME"]["value"] == "/cache/huggingface"
+    # the hub base model, downloaded by the model-fetch init container
+    assert env["VISIONR1_BASE_MODEL_DIR"]["value"] == "/cache/base-model/snapshot"
     assert env["HF_TOKEN"] == {
         "name": "HF_TOKEN",
         "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}},
@@ -159,13 +161,27 @@ def test_job_of_a_gpu_training_stage() -> None:
         "subPath": "shared",
         "readOnly": True,
     }
-    # The model cache: one folder per namespace, shared by its runs, read-write (HF_HOME).
+    # The hub libraries' cache (HF_HOME): the run's own, in its folder, read-write.
     assert mounts["/cache/huggingface"] == {
         "name": "workspace",
         "mountPath": "/cache/huggingface",
-        "subPath": "ml/.cache/huggingface",
+        "subPath": "ml/qwen25vl-7b/.cache/huggingface",
     }
-    assert set(mounts) == {"/workspace", "/data", "/cache/huggingface", "/etc/visionr1", "/dev/shm"}
+    # The base model's folder of the namespace's model cache: read-only.
+    assert mounts["/cache/base-model"] == {
+        "name": "workspace",
+        "mountPath": "/cache/base-model",
+        "subPath": "ml/.cache/huggingface/models--Qwen--Qwen2.5-VL-7B-Instruct/main",
+        "readOnly": True,
+    }
+    assert set(mounts) == {
+        "/workspace",
+        "/data",
+        "/cache/huggingface",
+        "/cache/base-model",
+        "/etc/visionr1",
+        "/dev/shm",
+    }
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["workspace"]["persistentVolumeClaim"] == {"claimName": "visionr1-data"}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "128Gi"}
@@ -310,7 +326,7 @@ def test_mounts_are_the_runs_folder_and_the_configured_shared_folder_only() -> N
         {
             "name": "workspace",
             "mountPath": "/cache/huggingface",
-            "subPath": "ml/.cache/huggingface",
+            "subPath": "ml/qwen25vl-7b/.cache/huggingface",
         },
     ]
     # nothing in the pod mounts the PVC without a subPath
@@ -330,7 +346,8 @@ def test_fresh_pvc_the_init_container_creates_and_chowns_the_runs_folder(tmp_pat
     run = load("qwen25vl-7b.yaml")
     job = by_kind(stage_objects(run, "sft", 0), "Job")
     pod = job["spec"]["template"]["spec"]
-    [init] = pod["initContainers"]
+    [init] = [c for c in pod["initContainers"] if c["name"] == "workspace-init"]
+    assert pod["initContainers"][0] is init  # before the model-fetch, which writes as uid 1000
     # root (it must chown), but nothing more than it needs
     sc = init["securityContext"]
     assert sc["runAsUser"] == 0 and sc["allowPrivilegeEscalation"] is False
@@ -345,8 +362,17 @@ def test_fresh_pvc_the_init_container_creates_and_chowns_the_runs_folder(tmp_pat
     parent.mkdir(mode=0o755)
     args = [a.replace("/parent", str(parent)) for a in init["args"]]
     subprocess.run([*init["command"], *args], check=True)
-    # the run's folder and the namespace's model cache, both the stage user's
-    for made in (parent / "qwen25vl-7b", parent / ".cache" / "huggingface"):
+    # the run's folder, its hub cache, and each level of its base model's folder of the
+    # namespace's model cache: all the stage user's
+    model = parent / ".cache" / "huggingface" / "models--Qwen--Qwen2.5-VL-7B-Instruct"
+    made_here = [
+        parent / "qwen25vl-7b",
+        parent / "qwen25vl-7b" / ".cache" / "huggingface",
+        model.parent,
+        model,
+        model / "main",
+    ]
+    for made in made_here:
         st = made.stat()
         assert (st.st_uid, st.st_gid) == (1000, 1000), made
         assert st.st_mode & 0o777 == 0o775
@@ -621,8 +647,10 @@ def test_pods_for_a_restricted_namespace_meet_the_restricted_profile(
     for job in jobs:
         template = job["spec"]["template"]
         assert restricted_violations(template["spec"], template["metadata"]) == []
-        # the folder is made writable by the pod's fsGroup, not by a root init container
-        assert "initContainers" not in template["spec"]
+        # the folder is made writable by the pod's fsGroup, not by a root init container; the
+        # only init container left is the base model's fetch, as the stage user
+        inits = template["spec"].get("initContainers", [])
+        assert [c["name"] for c in inits] in ([], ["model-fetch"])
         sc = template["spec"]["securityContext"]
         assert (sc["fsGroup"], sc["fsGroupChangePolicy"]) == (1000, "OnRootMismatch")
 
@@ -684,7 +712,7 @@ def test_workspace_init_follows_the_namespace_unless_the_run_says() -> None:
     fs = run_with("FSGroup")
     assert not uses_root_init(fs, None)
     pod = by_kind(stage_objects(fs, "eval", 0), "Job")["spec"]["template"]["spec"]
-    assert "initContainers" not in pod
+    assert [c["name"] for c in pod["initContainers"]] == ["model-fetch"]
     insist = run_with("RootInitContainer")
     assert pod_security_problem(insist, "baseline") is None
     problem = pod_security_problem(insist, "restricted")

@@ -55,6 +55,26 @@ TERMINATION_LOG_ENV = "VISIONR1_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 
 
+#: Where a stage pod finds its hub base model already downloaded, read-only: the folder the
+#: operator's fetch init container (``python -m visionr1_jobs.fetch_model``) renamed into place
+#: with the completion marker in it. Unset on a laptop and for a base model that is a folder.
+BASE_MODEL_DIR_ENV = "VISIONR1_BASE_MODEL_DIR"
+#: The completion marker the fetch writes into a downloaded model's folder before it renames
+#: the folder into place: a folder with it holds the whole model.
+FETCH_MARKER = ".visionr1-fetch.json"
+
+
+def local_base_model(model: Any) -> str:
+    """``model``, or the folder the fetch downloaded it into when it is the run's hub base model
+    and that folder is complete (:data:`BASE_MODEL_DIR_ENV`, :data:`FETCH_MARKER`). Every other
+    model (a teacher, a checkpoint, a laptop run) is returned as it is."""
+    folder = os.environ.get(BASE_MODEL_DIR_ENV)
+    if folder and str(model) == os.environ.get(BASE_MODEL_ENV):
+        if os.path.isfile(os.path.join(folder, FETCH_MARKER)):
+            return folder
+    return str(model)
+
+
 def model_revision(model: Any) -> str | None:
     """The hub revision (commit or tag) to load ``model`` at: ``spec.baseModel.revision`` when
     ``model`` is the run's base model, else None (the hub's default; ignored for local paths)."""

@@ -30,6 +30,7 @@ from visionr1_jobs.config import (
     Model,
     ResolvedStageConfig,
     compatible_params,
+    local_base_model,
 )
 
 MANIFEST = "_manifest.json"
@@ -190,7 +191,8 @@ def input_path(cfg: ResolvedStageConfig, name: str, output_key: str | None = Non
             and not Path(loc.path).is_absolute()
             and not resolve_path(cfg.workspace, loc.path).exists()
         ):
-            return Path(loc.path)  # a hub id
+            # a hub id: the folder the fetch downloaded it into, when it is the base model
+            return Path(local_base_model(loc.path))
         return resolve_path(cfg.workspace, loc.path)
     man = read_manifest(cfg.workspace, loc.path)
     if man is None:

@@ -68,7 +68,13 @@ class BaseModelRef(Model):
         max_length=512,
         description="Hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct) or a path on the run's storage.",
     )
-    revision: str | None = Field(None, max_length=256, description="Hub revision (commit or tag).")
+    revision: str | None = Field(
+        None,
+        max_length=256,
+        description="Hub revision (commit, tag or branch; unset = main). On a cluster the "
+        "namespace's model cache keeps one download per model and revision: a branch or tag is "
+        "downloaded when first used and reused as it was then, so pin a commit to choose.",
+    )
 
 
 class Storage(Model):
@@ -102,13 +108,17 @@ class Storage(Model):
         max_length=1024,
         pattern=r"^[^/].*$",
         description="Folder inside the namespace's folder of the PVC (<namespace>/<modelCache>) "
-        "where stage pods download models (HF_HOME), shared by the namespace's runs and pods so a "
-        "model downloads once per namespace; mounted read-write at /cache/huggingface.",
+        "holding the namespace's hub base models, one folder per model and revision "
+        "(models--<owner>--<name>/<revision>), so each downloads once per namespace. A stage pod "
+        "that loads the base model downloads it there with its model-fetch init container (the "
+        "only container that mounts the folder writable; the download appears whole or not at "
+        "all) and mounts it read-only at /cache/base-model. Other hub downloads (teachers, "
+        "datasets) go to the run's own <workspace>/.cache/huggingface (HF_HOME).",
     )
     workspace_init: Literal["Auto", "RootInitContainer", "FSGroup"] = Field(
         "Auto",
-        description="How the run's folder and the model cache on the PVC are made writable by "
-        "the stage user (uid and gid 1000). RootInitContainer: an init container running as "
+        description="How the run's folder and its base model's folder of the model cache on the "
+        "PVC are made writable by the stage user (uid and gid 1000). RootInitContainer: an init container running as "
         "root (only CHOWN, DAC_OVERRIDE and FOWNER) creates them and hands them to uid 1000; "
         "works on any volume, but a namespace enforcing the restricted Pod Security Standard "
         "refuses it. FSGroup: no init container; the pod's fsGroup 1000 (fsGroupChangePolicy "

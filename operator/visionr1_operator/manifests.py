@@ -17,6 +17,18 @@ namespace that enforces the restricted Pod Security Standard refuses a root cont
 container and relies on its fsGroup (fsGroupChangePolicy OnRootMismatch); a stage that then
 finds its workspace not writable fails (exit 65) saying what to do.
 
+The model cache: a hub base model (``spec.baseModel``) is downloaded once per namespace, model
+and revision, into its own folder ``<namespace>/<spec.storage.modelCache>/models--<owner>--<name>/
+<revision>`` (:func:`~visionr1_operator.policy.base_model_cache_sub_path`), by the ``model-fetch``
+init container of each stage pod that loads it: the one container that mounts that folder
+read-write, running a fixed program (``python -m visionr1_jobs.fetch_model``) with no secret but
+the run's HF token. It renames a complete download into place with a marker, or finds one there
+and skips. The stage container mounts the folder read-only and loads the model from it
+(``VISIONR1_BASE_MODEL_DIR``), so no run, whatever its code, can change the weights another run
+loads. Everything else the hub libraries write (teacher models, datasets, tokens, locks) goes
+to HF_HOME, the run's own ``.cache/huggingface`` of its workspace folder. A base model that is a
+folder (``/data/models/…``) is loaded where it is: no fetch.
+
 Failures explain themselves: the stage container's termination message (``FallbackToLogsOnError``;
 the stage program writes its one-line reason to the file) and an OOMKilled container's memory
 limit go into the stage's message, and from there into the run's conditions and Events.
@@ -40,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from visionr1_jobs.config import (
+    BASE_MODEL_DIR_ENV,
     BASE_MODEL_ENV,
     BASE_MODEL_REVISION_ENV,
     DEFAULT_TERMINATION_LOG,
@@ -50,7 +63,12 @@ from visionr1_jobs.config import (
 from visionr1_operator.api import API_VERSION, GROUP, KIND, VisionR1Run
 from visionr1_operator.chargeback import Usage, usage
 from visionr1_operator.plan import ObservedJob, job_name, parse_time
-from visionr1_operator.policy import ClusterPolicy, model_cache_sub_path
+from visionr1_operator.policy import (
+    DEFAULT_REVISION,
+    ClusterPolicy,
+    base_model_cache_sub_path,
+    model_cache_sub_path,
+)
 from visionr1_operator.policy import workspace_sub_path as workspace_sub_path
 from visionr1_operator.resolve import resolve_stage_config
 
@@ -63,6 +81,7 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 CONTAINER = "stage"
 INIT_CONTAINER = "workspace-init"
+FETCH_CONTAINER = "model-fetch"
 WORKSPACE = "/workspace"
 # The PVC's shared data folder, read-only: raw data, benchmarks and models shared across runs
 # (the workspace is only this run's subPath of the same PVC).
@@ -70,10 +89,14 @@ SHARED_DATA = "/data"
 INIT_MOUNT = "/parent"
 CONFIG_DIR = "/etc/visionr1"
 CONFIG_FILE = f"{CONFIG_DIR}/config.json"
-# The model cache: spec.storage.modelCache under the namespace's folder of the PVC, shared by the
-# namespace's runs (not the run's workspace; not across tenants, who could poison each other's
-# weights), so sixteen synthesis pods and the next run reuse one download of each model.
+# The hub libraries' cache (HF_HOME, the trainer image's too): the run's own
+# <workspace>/.cache/huggingface, writable, shared by the run's pods only.
 HF_HOME = "/cache/huggingface"
+HF_HOME_IN_WORKSPACE = ".cache/huggingface"
+# The hub base model's folder of the model cache (module docstring): read-write in the fetch
+# container, read-only in the stage container, which loads SNAPSHOT from it.
+BASE_MODEL_MOUNT = "/cache/base-model"
+BASE_MODEL_SNAPSHOT = f"{BASE_MODEL_MOUNT}/snapshot"  # visionr1_jobs.fetch_model.SNAPSHOT
 RDZV_PORT = 29500
 SHARDED = ("synthesis", "filter", "eval")
 DISTRIBUTED = ("sft", "grpo")
@@ -207,6 +230,46 @@ def _torchrun_env(run: VisionR1Run, stage: str, attempt: int) -> list[dict[str, 
     return env
 
 
+# Backends that load a model's weights (toy and openai ones load none).
+_LOADING_BACKENDS = ("transformers", "vllm", "auto")
+
+
+def _strings(value: Any) -> Any:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def fetches_base_model(run: VisionR1Run, stage: str) -> bool:
+    """Whether the pods of ``stage`` get the base model from the model cache: the run's base
+    model is a hub model and the stage loads it (an input of the stage, e.g. SFT's model or
+    eval's ``base`` checkpoint, or a backend of its parameters naming it)."""
+    if base_model_cache_sub_path(run) is None:
+        return False
+    name = run.spec.base_model.name
+    cfg = resolve_stage_config(run, stage, WORKSPACE)
+    if any(loc.format == "model" and loc.path == name for loc in cfg.inputs.values()):
+        return True
+    if stage == "synthesis":  # a teacher naming no model is the base model
+        params = run.spec.stages.synthesis.params
+        for teacher in (params.describer, params.reasoner):
+            if teacher.backend.kind in _LOADING_BACKENDS and not teacher.backend.model:
+                return True
+    return any(s == name for s in _strings(cfg.params))
+
+
+def _hf_token(run: VisionR1Run) -> list[dict[str, Any]]:
+    ref = run.spec.hf_token_secret
+    if ref is None:
+        return []
+    return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+
+
 def _env(
     run: VisionR1Run,
     stage: str,
@@ -225,6 +288,8 @@ def _env(
     ]
     if spec.base_model.revision:  # every loader of the base model loads this revision
         env.append({"name": BASE_MODEL_REVISION_ENV, "value": spec.base_model.revision})
+    if fetches_base_model(run, stage):  # the loaders load it from the model cache's folder
+        env.append({"name": BASE_MODEL_DIR_ENV, "value": BASE_MODEL_SNAPSHOT})
     uri = spec.mlflow.tracking_uri or mlflow_uri
     if uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": uri})
@@ -234,11 +299,7 @@ def _env(
         env.append({"name": "VISIONR1_STAGE_RUN_ID", "value": stage_run_id})
     if stage in SHARDED:
         env.append({"name": "VISIONR1_SHARDS", "value": str(spec.stages.get(stage).nodes)})
-    if spec.hf_token_secret is not None:
-        ref = spec.hf_token_secret
-        env.append(
-            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
-        )
+    env += _hf_token(run)
     for var in spec.stages.get(stage).env:
         env.append(var.dump())
     env_from: list[dict[str, Any]] = []
@@ -288,15 +349,29 @@ def pod_security_problem(run: VisionR1Run, pod_security: str | None) -> str | No
     return None
 
 
-def _workspace_init(run: VisionR1Run, image: str, pull_policy: str) -> dict[str, Any]:
-    """Creates the run's folder and gives it to the stage user (see the module docstring)."""
+def _hf_home_sub_path(run: VisionR1Run) -> str:
+    """The run's own hub cache in the PVC, mounted at HF_HOME: inside its workspace folder."""
+    return f"{posixpath.normpath(workspace_sub_path(run)).strip('/')}/{HF_HOME_IN_WORKSPACE}"
+
+
+def _workspace_init(
+    run: VisionR1Run, image: str, pull_policy: str, *, fetch: bool = False
+) -> dict[str, Any]:
+    """Creates the run's folder, its hub cache and (``fetch``) its base model's folder of the
+    model cache, and gives each to the stage user (see the module docstring)."""
     sub = posixpath.normpath(workspace_sub_path(run)).strip("/")
     namespace = run.metadata.namespace or "default"
+    folders = [sub, _hf_home_sub_path(run)]
+    key = base_model_cache_sub_path(run) if fetch else None
     if sub.startswith(f"{namespace}/"):  # always on a cluster (policy): the namespace's folder
         parent = namespace
-        folders = [sub, model_cache_sub_path(run)]
+        if key is not None:
+            # the cache, the model's folder and its revision's: each level the stage user's
+            cache = posixpath.normpath(model_cache_sub_path(run))
+            model_dir = posixpath.dirname(posixpath.normpath(key))
+            folders += [cache, model_dir, posixpath.normpath(key)]
     else:  # `visionr1 render` of a manifest the operator would refuse: the run's folder only
-        parent, folders = posixpath.dirname(sub), [sub]
+        parent = posixpath.dirname(sub)
     mount: dict[str, Any] = {"name": "workspace", "mountPath": INIT_MOUNT}
     if parent:
         mount["subPath"] = parent
@@ -333,7 +408,66 @@ def _workspace_init(run: VisionR1Run, image: str, pull_policy: str) -> dict[str,
     }
 
 
-def pod_failure_policy(multi_node: bool) -> dict[str, Any]:
+def _model_fetch(run: VisionR1Run, image: str, pull_policy: str) -> dict[str, Any]:
+    """The one writer of the base model's folder of the model cache (module docstring): a fixed
+    program, the run's HF token and nothing else secret, the stage user, no privileges."""
+    model = run.spec.base_model
+    key = base_model_cache_sub_path(run)
+    assert key is not None
+    return {
+        "name": FETCH_CONTAINER,
+        "image": image,
+        "imagePullPolicy": pull_policy,
+        "command": [
+            "python",
+            "-m",
+            "visionr1_jobs.fetch_model",
+            "--name",
+            model.name,
+            "--revision",
+            model.revision or DEFAULT_REVISION,
+            "--dest",
+            BASE_MODEL_MOUNT,
+            "--workspace",
+            WORKSPACE,
+        ],
+        "env": [
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            # huggingface_hub's own caches (e.g. Xet chunks) stay beside the model, not in the
+            # container's writable layer
+            {"name": "HF_HOME", "value": f"{BASE_MODEL_MOUNT}/.hf-home"},
+            {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+            {"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG},
+            *_hf_token(run),
+        ],
+        "volumeMounts": [
+            {"name": "workspace", "mountPath": BASE_MODEL_MOUNT, "subPath": key},
+            # only to see whether the run's workspace has a folder named like the model, which
+            # the stage would load instead
+            {
+                "name": "workspace",
+                "mountPath": WORKSPACE,
+                "subPath": workspace_sub_path(run),
+                "readOnly": True,
+            },
+        ],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "resources": {
+            "requests": {"cpu": "250m", "memory": "512Mi"},
+            "limits": {"cpu": "2", "memory": "4Gi"},
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+
+
+def pod_failure_policy(multi_node: bool, fetch: bool = False) -> dict[str, Any]:
     """How the Job controller reads a failed pod (every Job has ``backoffLimit: 0``).
 
     * exit 65 / 66: FailJob (reason ``PodFailurePolicy``, the code in the message): the plan
@@ -367,6 +501,17 @@ def pod_failure_policy(multi_node: bool) -> dict[str, Any]:
             "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
         },
     ]
+    if fetch:  # no such model or revision, or no access to it: as permanent as invalid input
+        rules.append(
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": FETCH_CONTAINER,
+                    "operator": "In",
+                    "values": [EXIT_INVALID_INPUT],
+                },
+            }
+        )
     return {"rules": rules}
 
 
@@ -407,6 +552,13 @@ def job(
         env += _torchrun_env(run, stage, attempt)
     env.append({"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG})
     image = stage_spec.image or spec.images.trainer
+    fetch = fetches_base_model(run, stage)
+    base_model_mounts: list[dict[str, Any]] = []
+    if fetch:
+        key = base_model_cache_sub_path(run)
+        base_model_mounts.append(
+            {"name": "workspace", "mountPath": BASE_MODEL_MOUNT, "subPath": key, "readOnly": True}
+        )
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
@@ -422,7 +574,8 @@ def job(
                 "subPath": posixpath.normpath(policy.shared_data_path).strip("/"),
                 "readOnly": True,
             },
-            {"name": "workspace", "mountPath": HF_HOME, "subPath": model_cache_sub_path(run)},
+            {"name": "workspace", "mountPath": HF_HOME, "subPath": _hf_home_sub_path(run)},
+            *base_model_mounts,
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
@@ -462,8 +615,13 @@ def job(
         "containers": [container],
         "volumes": volumes,
     }
+    init_containers: list[dict[str, Any]] = []
     if uses_root_init(run, pod_security):
-        pod_spec["initContainers"] = [_workspace_init(run, image, spec.images.pull_policy)]
+        init_containers.append(_workspace_init(run, image, spec.images.pull_policy, fetch=fetch))
+    if fetch:
+        init_containers.append(_model_fetch(run, image, spec.images.pull_policy))
+    if init_containers:
+        pod_spec["initContainers"] = init_containers
     if stage_spec.node_selector:
         pod_spec["nodeSelector"] = dict(stage_spec.node_selector)
     if stage_spec.tolerations:
@@ -483,7 +641,7 @@ def job(
         "parallelism": nodes,
         "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
         "suspend": bool(spec.queue_name),  # Kueue admits (unsuspends) queued Jobs
-        "podFailurePolicy": pod_failure_policy(is_multi_node(run, stage)),
+        "podFailurePolicy": pod_failure_policy(is_multi_node(run, stage), fetch),
         "template": {
             "metadata": {"labels": labels(run.metadata.name, stage, attempt)},
             "spec": pod_spec,

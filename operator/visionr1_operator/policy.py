@@ -14,7 +14,9 @@ names the field and what to set. Runs in the system namespaces are never reconci
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import posixpath
+import re
 from dataclasses import dataclass
 
 from visionr1_operator.api import Images, VisionR1Run, enabled_stages
@@ -57,9 +59,57 @@ def workspace_sub_path(run: VisionR1Run) -> str:
 
 
 def model_cache_sub_path(run: VisionR1Run) -> str:
-    """The model cache folder in the PVC: ``<namespace>/<spec.storage.modelCache>``."""
+    """The namespace's model cache in the PVC: ``<namespace>/<spec.storage.modelCache>``, one
+    folder per hub model and revision under it (:func:`base_model_cache_sub_path`)."""
     namespace = run.metadata.namespace or "default"
     return f"{namespace}/{posixpath.normpath(run.spec.storage.model_cache).strip('/')}"
+
+
+# A hub model id: ``name`` or ``owner/name`` of letters, digits, ``_``, ``.`` and ``-`` (the hub's
+# own rule, huggingface_hub.utils.validate_repo_id: at most 96 characters, no ``--`` or ``..``).
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9_.-]+/)?[A-Za-z0-9_.-]+$")
+# A revision used as it is in a folder name; any other is slugged and given a hash.
+_SAFE_REVISION = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
+# The hub's default branch: an unset spec.baseModel.revision is this one.
+DEFAULT_REVISION = "main"
+
+
+def is_hub_model(name: str) -> bool:
+    """Whether ``spec.baseModel.name`` names a hub model (downloaded into the model cache)
+    rather than a folder: an absolute path (e.g. /data/models/…) or any other path is a folder,
+    loaded where it is."""
+    return (
+        not name.startswith("/")
+        and len(name) <= 96
+        and _HUB_ID.match(name) is not None
+        and "--" not in name
+        and ".." not in name
+        and not name.startswith(("./", "."))
+    )
+
+
+def model_cache_key(name: str, revision: str | None) -> str:
+    """The model cache's folder of one hub model at one revision, relative to the cache:
+    ``models--<owner>--<name>/<revision>``, the hub cache's own naming of a model. The same for
+    the same model and revision in every run; a revision that is no safe folder name (``/``,
+    a leading dot, over 64 characters) becomes a slug and 12 hex digits of its SHA-256. An unset
+    revision is the hub's default branch, ``main``."""
+    if not is_hub_model(name):
+        raise ValueError(f"{name!r} is not a hub model id (owner/name)")
+    rev = revision or DEFAULT_REVISION
+    if not _SAFE_REVISION.match(rev):
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", rev).strip(".-")[:40] or "revision"
+        rev = f"{slug}-{hashlib.sha256(rev.encode()).hexdigest()[:12]}"
+    return f"models--{name.replace('/', '--')}/{rev}"
+
+
+def base_model_cache_sub_path(run: VisionR1Run) -> str | None:
+    """The folder of the PVC holding the run's hub base model (``<namespace>/<modelCache>/
+    <key>``, :func:`model_cache_key`), None for a base model that is a folder."""
+    model = run.spec.base_model
+    if not is_hub_model(model.name):
+        return None
+    return f"{model_cache_sub_path(run)}/{model_cache_key(model.name, model.revision)}"
 
 
 def _norm(path: str) -> str:

@@ -1023,6 +1023,54 @@ def _trained(w: World, attempt: int, name: str) -> list[dict[str, Any]]:
     return [x for x in lines if x.get("stage") == "sft" and "loss" in x]
 
 
+def test_a_hub_base_model_is_read_only_from_its_folder_of_the_model_cache(
+    world: World, cold_start: str
+) -> None:
+    """The model cache on a real cluster, without the hub: the tiny model seeded as the complete
+    fetch of a hub id (its folder of the namespace's cache, with the completion marker), and an
+    SFT run naming that id. The pod's model-fetch init container finds the marker and downloads
+    nothing (the hub is not reachable from the cluster, so a download would fail the run), the
+    stage mounts the folder read-only and trains from it, and the folder is as it was."""
+    from visionr1_jobs.config import FETCH_MARKER
+
+    w, name, model = world, "hub-model", "visionr1/tiny-qwen25vl"
+    key = w.pv / NS / ".cache" / "huggingface" / "models--visionr1--tiny-qwen25vl" / "main"
+    snapshot = key / "snapshot"
+    if not snapshot.exists():
+        shutil.copytree(w.pv / "shared" / "models" / "tiny-qwen25vl", snapshot)
+        files = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())
+        marker = {"name": model, "revision": "main", "commit": "seeded", "files": files}
+        (snapshot / FETCH_MARKER).write_text(json.dumps(marker))
+        for d, _, names in os.walk(key):
+            os.chmod(d, 0o755)
+            for f in names:
+                os.chmod(os.path.join(d, f), 0o644)
+    before = {
+        str(p.relative_to(snapshot)): p.read_bytes() for p in snapshot.rglob("*") if p.is_file()
+    }
+    run = _sft_only(name, cold_start, maxSteps=2)
+    run["spec"]["baseModel"] = {"name": model}
+    apply(w.cp, run)
+    obj = w.wait_phase(name, ("Succeeded", "Failed"), 600)
+    assert obj["status"]["phase"] == "Succeeded", w.diagnose(name)
+    for pod in w.pods(name):
+        spec = pod["spec"]
+        assert [c["name"] for c in spec["initContainers"]] == ["workspace-init", "model-fetch"]
+        [stage] = spec["containers"]
+        [mount] = [m for m in stage["volumeMounts"] if m["mountPath"] == "/cache/base-model"]
+        assert mount["readOnly"] is True
+        assert mount["subPath"] == f"{NS}/.cache/huggingface/models--visionr1--tiny-qwen25vl/main"
+        pod_name = pod["metadata"]["name"]
+        log = w.cp.kubectl("logs", pod_name, "-n", NS, "-c", "model-fetch").stdout
+        assert "commit seeded" in log, log
+    after = {
+        str(p.relative_to(snapshot)): p.read_bytes() for p in snapshot.rglob("*") if p.is_file()
+    }
+    assert after == before
+    assert not list(key.glob(".partial*"))
+    w.assert_no_forbidden()
+
+
 def test_a_restricted_namespace_runs_the_tiny_example(world: World) -> None:
     """Pod Security "restricted" enforced on the runs' namespace (last in this module: it changes
     the namespace). On a PVC of the default StorageClass (local-path: a folder the pods' user may

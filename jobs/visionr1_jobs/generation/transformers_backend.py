@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from visionr1_jobs.config import Sampling, model_revision
+from visionr1_jobs.config import Sampling, local_base_model, model_revision
 from visionr1_jobs.generation.base import (
     ChatRequest,
     Generation,
@@ -46,6 +46,7 @@ class TransformersBackend(GenerationBackend):
         self.batch_size = batch_size
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = _torch_dtype(dtype, self.device)
+        model = local_base_model(model)  # the fetched base model, on a cluster
         revision = model_revision(model)  # spec.baseModel.revision for the base model
         try:
             self.model = AutoModelForImageTextToText.from_pretrained(

@@ -32,7 +32,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from visionr1_jobs.config import Sampling, model_revision
+from visionr1_jobs.config import Sampling, local_base_model, model_revision
 from visionr1_jobs.contract import InvalidInput
 from visionr1_jobs.generation.base import (
     ChatRequest,
@@ -112,6 +112,7 @@ def engine_args(
     seed: int = 0,
 ) -> dict[str, Any]:
     """The keyword arguments of ``vllm.LLM`` for one engine."""
+    model = local_base_model(model)  # the fetched base model, on a cluster
     kwargs: dict[str, Any] = {
         "model": model,
         "tensor_parallel_size": tensor_parallel_size,
@@ -266,7 +267,8 @@ class VLLMBackend(GenerationBackend):
         if processor is None:
             from transformers import AutoProcessor
 
-            processor = AutoProcessor.from_pretrained(model, revision=model_revision(model))
+            source = local_base_model(model)  # the fetched base model, on a cluster
+            processor = AutoProcessor.from_pretrained(source, revision=model_revision(source))
         self.processor = processor
         self.layout = engine_layout(
             pod_gpus() if gpus is None else gpus, tensor_parallel_size, data_parallel_size
