@@ -62,7 +62,7 @@ def test_two_replicas_cluster_wide_peer_in_one_cluster_peering() -> None:
 
 
 def test_one_replica_is_standalone_without_peering_rights_or_crds() -> None:
-    docs = render({})
+    docs = render({"operator": {"replicas": 1}})
     deployment = one(docs, "Deployment", "operator")
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     args = build_parser().parse_args(container(deployment)["args"])
@@ -75,6 +75,8 @@ def test_one_replica_is_standalone_without_peering_rights_or_crds() -> None:
     assert [d["metadata"]["name"] for d in find(docs, "CustomResourceDefinition")] == [
         "visionr1runs.visionr1.io"
     ]
+    assert find(docs, "PodDisruptionBudget") == []
+    assert "affinity" not in deployment["spec"]["template"]["spec"]
 
 
 def test_a_release_per_tenant_namespace_shares_no_cluster_scoped_name() -> None:
