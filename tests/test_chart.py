@@ -290,7 +290,7 @@ def test_values_schema_accepts_every_value_set() -> None:
 
 
 def test_chart_crd_is_the_generated_crd(docs: dict[str, list[dict[str, Any]]]) -> None:
-    chart_copy = copy.deepcopy(one(docs["default"], "CustomResourceDefinition"))
+    chart_copy = copy.deepcopy(run_crd(docs["default"]))
     meta = chart_copy["metadata"]
     assert meta.pop("annotations") == {"helm.sh/resource-policy": "keep"}
     assert meta.pop("labels")["app.kubernetes.io/part-of"] == "visionr1"
@@ -328,9 +328,20 @@ def test_chart_crd_generator_names_a_missing_chart(
     assert "no Chart.yaml" in capsys.readouterr().err
 
 
+def run_crd(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The VisionR1Run CRD among the rendered CRDs (kopf's peering CRDs come with standby
+    replicas, the default)."""
+    (crd,) = [
+        d
+        for d in find(docs, "CustomResourceDefinition")
+        if d["metadata"]["name"] == "visionr1runs.visionr1.io"
+    ]
+    return crd
+
+
 def test_crd_install_and_keep_toggles() -> None:
     no_keep = documents(render({"crds": {"keep": False}}))
-    assert "annotations" not in one(no_keep, "CustomResourceDefinition")["metadata"]
+    assert "annotations" not in run_crd(no_keep)["metadata"]
     assert find(documents(render({"crds": {"install": False}})), "CustomResourceDefinition") == []
 
 
@@ -443,9 +454,10 @@ def test_namespaced_rbac_grants_only_the_watched_namespaces(
     bindings = find(namespaced, "RoleBinding")
     assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(watched)
     assert sorted(b["metadata"]["namespace"] for b in bindings) == sorted(watched)
-    cluster_perms = permissions(split_cluster_rbac(docs["default"], "ClusterRole")[0][0])
+    # the same rules, with the peering objects of the standby replicas in each namespace
+    used = operator_permissions() | operator_permissions("CREDENTIAL_RULES")
     for role in roles:
-        assert permissions(role) == cluster_perms
+        assert permissions(role) == used | operator_permissions("PEERING_RULES")
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "Role"
         (subject,) = binding["subjects"]
@@ -462,9 +474,13 @@ def test_namespaced_rbac_grants_only_the_watched_namespaces(
 
 def test_rbac_rules_equal_what_the_operator_uses(docs: dict[str, list[dict[str, Any]]]) -> None:
     used = operator_permissions() | operator_permissions("CREDENTIAL_RULES")
-    assert permissions(split_cluster_rbac(docs["default"], "ClusterRole")[0][0]) == used
+    # standby replicas (the default): the release's peering object, cluster-wide or per namespace
+    cluster_role = split_cluster_rbac(docs["default"], "ClusterRole")[0][0]
+    assert permissions(cluster_role) == used | operator_permissions("CLUSTER_PEERING_RULES")
     for role in find(docs["namespaced-rbac"], "Role"):
-        assert permissions(role) == used
+        assert permissions(role) == used | operator_permissions("PEERING_RULES")
+    standalone = documents(render({"operator": {"replicas": 1}}))
+    assert permissions(split_cluster_rbac(standalone, "ClusterRole")[0][0]) == used
 
 
 def test_existing_service_account_is_bound_and_not_created(
@@ -482,12 +498,17 @@ def test_existing_service_account_is_bound_and_not_created(
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
-def test_operator_deployment_is_single_restricted_and_probed(
+def test_operator_deployment_is_replicated_restricted_and_probed(
     name: str, docs: dict[str, list[dict[str, Any]]]
 ) -> None:
     deployment = one(docs[name], "Deployment", "operator")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    # one active pod and one on standby; a rollout starts the new pod before the old one goes
+    assert spec["replicas"] == 2 and spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    (pdb,) = find(docs[name], "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}

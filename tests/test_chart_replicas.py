@@ -43,12 +43,16 @@ def test_two_replicas_watching_namespaces_peer_in_each_namespace() -> None:
     assert env_of(ctr)["POD_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     for role in find(docs, "Role"):
         assert permissions(role) == rules(rbac.RULES, rbac.CREDENTIAL_RULES, rbac.PEERING_RULES)
-    # the peering CRDs come with the VisionR1Run CRD, as crds/ ships them
-    crds = {d["metadata"]["name"]: d for d in find(docs, "CustomResourceDefinition")}
+    # The peering CRDs are in the chart's crds/ folder (Helm installs them when absent and never
+    # owns them: a second release, or one after an uninstall, installs beside them), the same
+    # as crds/ ships them; never among the release's templates.
+    assert [d["metadata"]["name"] for d in find(docs, "CustomResourceDefinition")] == [
+        "visionr1runs.visionr1.io"
+    ]
+    in_chart = REPO / "charts" / "visionr1-operator" / "crds" / "kopf-peering.yaml"
     shipped = [d for d in yaml.safe_load_all((REPO / "crds/kopf-peering.yaml").read_text()) if d]
     assert len(shipped) == 2
-    for doc in shipped:
-        assert crds[doc["metadata"]["name"]]["spec"] == doc["spec"]
+    assert [d for d in yaml.safe_load_all(in_chart.read_text()) if d] == shipped
 
 
 def test_two_replicas_cluster_wide_peer_in_one_cluster_peering() -> None:
@@ -62,7 +66,7 @@ def test_two_replicas_cluster_wide_peer_in_one_cluster_peering() -> None:
 
 
 def test_one_replica_is_standalone_without_peering_rights_or_crds() -> None:
-    docs = render({})
+    docs = render({"operator": {"replicas": 1}})
     deployment = one(docs, "Deployment", "operator")
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     args = build_parser().parse_args(container(deployment)["args"])
@@ -75,6 +79,8 @@ def test_one_replica_is_standalone_without_peering_rights_or_crds() -> None:
     assert [d["metadata"]["name"] for d in find(docs, "CustomResourceDefinition")] == [
         "visionr1runs.visionr1.io"
     ]
+    assert find(docs, "PodDisruptionBudget") == []
+    assert "affinity" not in deployment["spec"]["template"]["spec"]
 
 
 def test_a_release_per_tenant_namespace_shares_no_cluster_scoped_name() -> None:

@@ -8,7 +8,13 @@ from typing import Any
 import helm_python as helm
 import yaml
 
-from visionr1_operator.rbac import CREDENTIAL_RULES, KUEUE_RULES, RULES
+from visionr1_operator.rbac import (
+    CLUSTER_PEERING_RULES,
+    CREDENTIAL_RULES,
+    KUEUE_RULES,
+    PEERING_RULES,
+    RULES,
+)
 
 from repo_paths import REPO
 
@@ -45,13 +51,13 @@ def expected(rules: tuple[Any, ...]) -> set[tuple[str, str, str]]:
 
 
 def test_workload_access_only_with_kueue_enabled() -> None:
+    base = RULES + CREDENTIAL_RULES + CLUSTER_PEERING_RULES  # standby replicas: the default
     (default,) = roles({})
-    assert permissions(default) == expected(RULES + CREDENTIAL_RULES)
+    assert permissions(default) == expected(base)
     (with_kueue,) = roles({"kueue": {"enabled": True}})
-    assert permissions(with_kueue) == expected(RULES + CREDENTIAL_RULES + KUEUE_RULES)
+    assert permissions(with_kueue) == expected(base + KUEUE_RULES)
     assert ("kueue.x-k8s.io", "workloads", "patch") in permissions(with_kueue)
     namespaced = roles({"kueue": {"enabled": True}, "watchNamespaces": ["a", "b"]})
     assert len(namespaced) == 2
-    assert all(
-        permissions(r) == expected(RULES + CREDENTIAL_RULES + KUEUE_RULES) for r in namespaced
-    )
+    in_namespace = RULES + CREDENTIAL_RULES + PEERING_RULES + KUEUE_RULES
+    assert all(permissions(r) == expected(in_namespace) for r in namespaced)

@@ -73,10 +73,11 @@ def covers(api_group: str, resource: str, verb: str) -> Rule | None:
     return None
 
 
-def as_policy_rules() -> list[dict[str, object]]:
-    """RULES and CREDENTIAL_RULES as rbac.authorization.k8s.io/v1 PolicyRule dicts (what the
-    chart's (Cluster)Role renders)."""
+def as_policy_rules(peering: tuple[Rule, ...] = ()) -> list[dict[str, object]]:
+    """RULES and CREDENTIAL_RULES (and ``peering``: PEERING_RULES or CLUSTER_PEERING_RULES with
+    standby replicas) as rbac.authorization.k8s.io/v1 PolicyRule dicts (what the chart's
+    (Cluster)Role renders)."""
     return [
         {"apiGroups": [r.api_group], "resources": [r.resource], "verbs": sorted(r.verbs)}
-        for r in (*RULES, *CREDENTIAL_RULES)
+        for r in (*RULES, *CREDENTIAL_RULES, *peering)
     ]

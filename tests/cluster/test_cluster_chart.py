@@ -23,7 +23,13 @@ from cluster_helpers import (
     tiny_cluster_run,
 )
 
-from visionr1_operator.rbac import CREDENTIAL_RULES, RULES, as_policy_rules
+from visionr1_operator.rbac import (
+    CLUSTER_PEERING_RULES,
+    CREDENTIAL_RULES,
+    PEERING_RULES,
+    RULES,
+    as_policy_rules,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -128,7 +134,8 @@ def test_install_upgrade_uninstall_as_the_readme_says(
     sa = kget(cp, "serviceaccount", FULLNAME, "-n", NS)
     assert sa["automountServiceAccountToken"] is False
     role = kget(cp, "clusterrole", CLUSTER_NAME)
-    assert _triples(role["rules"]) == _triples(as_policy_rules())
+    # with the chart's standby replica (the default) the release's cluster-wide peering object
+    assert _triples(role["rules"]) == _triples(as_policy_rules(CLUSTER_PEERING_RULES))
     binding = kget(cp, "clusterrolebinding", CLUSTER_NAME)
     assert binding["roleRef"]["name"] == CLUSTER_NAME
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NS}]
@@ -195,7 +202,7 @@ def test_install_upgrade_uninstall_as_the_readme_says(
     assert kget_or_none(cp, "clusterrolebinding", CLUSTER_NAME) is None
     for ns in WATCHED:
         assert _triples(kget(cp, "role", FULLNAME, "-n", ns)["rules"]) == _triples(
-            as_policy_rules()
+            as_policy_rules(PEERING_RULES)
         )
         assert kget(cp, "rolebinding", FULLNAME, "-n", ns)["subjects"][0]["name"] == FULLNAME
         assert _sa_can(cp, "create", "jobs.batch", ns)

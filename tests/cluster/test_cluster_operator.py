@@ -197,6 +197,9 @@ def world(
                     "image": {**_image_values(images["operator"]), "pullPolicy": "IfNotPresent"},
                     "operator": {
                         "trainerImage": TRAINER,  # the runs' image: allowed (deny by default)
+                        # one pod: these tests kill and restart the operator (the standby's
+                        # takeover is test_cluster_lifecycle's)
+                        "replicas": 1,
                         "retryBackoffSeconds": 1,
                         "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
                     },
