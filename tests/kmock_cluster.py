@@ -154,6 +154,28 @@ class Emulator(kmock.KubernetesEmulator):
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault("resourceVersion", "1")
             meta.setdefault("generation", 1)
+        elif (
+            request.action == kmock.action.UPDATE
+            and request.subresource is None
+            and isinstance(data, dict)
+            and "spec" in data
+            and request.resource is not None
+        ):
+            # as the API server does: a spec change is a new generation (kmock bumps none)
+            res = request.resource
+            stored = next(
+                (
+                    o.raw
+                    for (r, _ns, name), o in list(self.objects.items())
+                    if (r.group, r.plural) == (res.group, res.plural)
+                    and name == request.name
+                    and not o.deleted
+                ),
+                None,
+            )
+            if stored is not None:
+                generation = int((stored.get("metadata") or {}).get("generation") or 1)
+                data.setdefault("metadata", {})["generation"] = generation + 1
         return await super()._handle(request)
 
 

@@ -290,6 +290,8 @@ class Reconciler:
         self.last_write: dict[tuple[str, str], float] = {}
         # (namespace, run) → monotonic time its timer fires
         self.due: dict[tuple[str, str], float] = {}
+        # runs whose events this process has reconciled at least once
+        self.resumed: set[tuple[str, str]] = set()
         # namespace → (monotonic expiry, its FailedCreate Events), and the read under way
         self.failed_creates: dict[str, tuple[float, list[dict[str, Any]]]] = {}
         self.failed_creates_reading: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
@@ -361,6 +363,7 @@ class Reconciler:
         self.written.pop(key, None)
         self.last_write.pop(key, None)
         self.due.pop(key, None)
+        self.resumed.discard(key)
 
     def state_of(self, namespace: str, name: str) -> dict[str, Any]:
         """What this process keeps about one run (for tests and debugging)."""
@@ -426,7 +429,9 @@ class Reconciler:
         found = next(iter(index.get(key, [])), None)
         if found is None:
             return None
-        obj = copy.deepcopy(found)  # the reconcile's own, never the index's
+        # The reconcile's own top level (its status may be replaced below); what is under it is
+        # the index's and only read (a deep copy per reconcile was 5% of the operator's CPU)
+        obj = dict(found)
         mine = self.written.get(key)
         if mine is not None:
             status, at = mine
@@ -1359,7 +1364,9 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
         id="job_index",
         registry=registry,
     )
-    def job_index(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
+    async def job_index(
+        namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any
+    ) -> Any:
         seen = manifests.observe_job(body)
         if seen is None:
             return None
@@ -1369,30 +1376,49 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
     @kopf.index(
         "v1", "pods", labels={manifests.LABEL_RUN: kopf.PRESENT}, id="pod_index", registry=registry
     )
-    def pod_index(namespace: str, body: kopf.Body, **_: Any) -> Any:
+    async def pod_index(namespace: str, body: kopf.Body, **_: Any) -> Any:
         facts = manifests.observe_pod(body)
         return None if facts is None else {(namespace, facts.job): facts}
 
     @kopf.index(GROUP, VERSION, PLURAL, id="run_index", registry=registry)
-    def run_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> Any:
+    async def run_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> Any:
         return {(namespace, name): _indexed_run(body)}
 
-    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
-    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
-    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
-    async def run_changed(
-        name: str, namespace: str, job_index: Any, pod_index: Any, run_index: Any, **_: Any
+    # A run's own events: it is new (or listed when the operator starts), or its spec changed
+    # (a generation the status has not observed). Not kopf's on.create/on.update/on.resume:
+    # those make kopf copy and compare the whole object on every event of the run (each status
+    # write is one), 11% of the operator's CPU at 1,000 runs, and store a copy of the spec in
+    # an annotation; a status write of our own triggers nothing here.
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    async def run_event(
+        event: Mapping[str, Any],
+        body: kopf.Body,
+        namespace: str,
+        name: str,
+        job_index: Any,
+        pod_index: Any,
+        run_index: Any,
+        **_: Any,
     ) -> None:
         rec.job_index, rec.pod_index, rec.run_index = job_index, pod_index, run_index
-        try:
-            await rec.reconcile(namespace, name)
-        except ApiError as exc:
-            raise kopf.TemporaryError(str(exc), delay=config.error_delay_s) from exc
-
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    async def run_event(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
-        if event.get("type") == "DELETED":
+        kind = event.get("type")
+        if kind == "DELETED":
             await rec.deleted(body)
+            return
+        generation = (body.get("metadata") or {}).get("generation")
+        observed = (body.get("status") or {}).get("observedGeneration")
+        key = (namespace, name)
+        # not yet reconciled by this process: a standby that takes over resumes every run
+        # from the first event it processes, whatever its type
+        # (no generation: an API server that keeps none, e.g. an emulator: every event)
+        if (
+            kind in (None, "ADDED")
+            or generation is None
+            or observed != generation
+            or key not in rec.resumed
+        ):
+            rec.resumed.add(key)
+            await rec.reconcile_quietly(namespace, name)
 
     # Jobs: a Job gone changes the plan (its stage may need a retry), so it reconciles too.
     # Pods: a pod going away changes nothing the Job does not report itself.

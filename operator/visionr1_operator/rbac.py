@@ -19,8 +19,8 @@ class Rule(NamedTuple):
 
 
 RULES: tuple[Rule, ...] = (
-    # the runs: watched by kopf; patched for the finalizer and kopf's annotations
-    Rule("visionr1.io", "visionr1runs", frozenset({"list", "watch", "patch"})),
+    # the runs: watched by kopf (and only their status written: no finalizer, no annotation)
+    Rule("visionr1.io", "visionr1runs", frozenset({"list", "watch"})),
     Rule("visionr1.io", "visionr1runs/status", frozenset({"patch"})),
     # the stage Jobs: watched for progress, created per attempt, patched to suspend/resume;
     # get: on a create conflict, to see whether the existing one is this run's (its owner);

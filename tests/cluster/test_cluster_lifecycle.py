@@ -232,6 +232,7 @@ def test_the_standby_takes_over_from_a_killed_active_operator_and_users_see_prog
 
     takeover_s: float | None = None
     seen: list[dict[str, Any]] = []  # the run's watch columns while a stage trains
+    seen_eval: list[dict[str, Any]] = []  # and while eval generates
     wide: list[str] = []
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
@@ -246,6 +247,8 @@ def test_the_standby_takes_over_from_a_killed_active_operator_and_users_see_prog
             seen.append({k: st.get(k) for k in ("currentStage", "step", "eta", "metric")})
             if len(wide) < 4:
                 wide.append(cp.kubectl("get", "vr1", name, "-n", NS, "-o", "wide").stdout)
+        elif st.get("step") and stage == "eval":
+            seen_eval.append({k: st.get(k) for k in ("step", "eta", "metric")})
         if st.get("phase") in ("Succeeded", "Failed"):
             break
         time.sleep(0.3)
@@ -289,6 +292,15 @@ def test_the_standby_takes_over_from_a_killed_active_operator_and_users_see_prog
     ]
     assert seen[0]["step"] in wide[0] or any(r["step"] in w for r in seen for w in wide)
     _say("kubectl get vr1 -o wide, while training:\n" + wide[0])
+
+    # While eval generated: its rows done of all its rows, and a running accuracy (or none yet)
+    _say(f"watched during eval: {seen_eval[:2]} ... {seen_eval[-2:]}")
+    assert seen_eval, "no poll saw eval's step while it ran"
+    for row in seen_eval:
+        done, _, total = row["step"].partition("/")
+        assert 0 <= int(done) <= int(total), row
+        # a running accuracy, the final one if it came before the stage's end, or none yet
+        assert row["metric"] is None or re.search(r"\.(running_)?accuracy=", row["metric"]), row
 
     # After the run: GPU-hours per stage and in total (the tiny run asks for no GPU: 0), and
     # the eval stage's accuracy as the run's metric (read once after it finished).

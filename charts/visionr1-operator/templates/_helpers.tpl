@@ -87,11 +87,11 @@ The permissions the operator uses in every namespace it watches, as written in
 operator/visionr1_operator/rbac.py (tests/test_chart.py keeps the two equal).
 */}}
 {{- define "visionr1.rbac.namespacedRules" -}}
-# The runs: kopf watches them (the reconciler reads them from that watch) and patches its
-# finalizer and annotations; the reconciler writes their status subresource.
+# The runs: kopf watches them (the reconciler reads them from that watch); the reconciler
+# writes only their status subresource (no finalizer, no annotation).
 - apiGroups: ["visionr1.io"]
   resources: ["visionr1runs"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["visionr1.io"]
   resources: ["visionr1runs/status"]
   verbs: ["patch"]
