@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,18 @@ class JudgeServer:
             text = self.script.pop(0) if self.script else self.answer(prompt)
         usage = {"prompt_tokens": 50, "completion_tokens": 8}
         return 200, chat_completion(SERVED, text, usage), {}
+
+
+def _settle(srv: JudgeServer, quiet_s: float = 0.5, timeout_s: float = 10.0) -> None:
+    """Wait until the server has recorded no new request for ``quiet_s``."""
+    deadline, seen = time.monotonic() + timeout_s, -1
+    while time.monotonic() < deadline:
+        with srv.lock:
+            now = len(srv.bodies)
+        if now == seen:
+            return
+        seen = now
+        time.sleep(quiet_s)
 
 
 @pytest.fixture
@@ -495,6 +508,9 @@ def test_judged_parts_are_saved_as_they_finish_and_a_rerun_skips_them(
     assert [len(p.read_text().splitlines()) for p in parts] == [2, 2]
     assert not (tmp_path / "eval" / "_manifest.json").exists()
     asked = {b["messages"][-1]["content"] for b in server.bodies[:4]}
+    # A request sent beside the refused one was cancelled by the client, but the server may
+    # still be recording it: let it finish before counting the rerun's requests.
+    _settle(server)
 
     server.fail = lambda prompt, served: None
     server.bodies.clear()

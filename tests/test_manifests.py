@@ -460,6 +460,24 @@ def test_running_counts_only_running_pods_not_pending_ones() -> None:
     assert _job_progress(seen) == "0/2 pods done, 1 running, 1 pending"
 
 
+def test_a_pod_done_before_its_job_counts_it_is_not_shown_as_pending() -> None:
+    """The Job controller records a pod's success a moment after the pod ends (seconds under
+    load): until then the stage's progress is unchanged, not "0 running, 1 pending"."""
+    from dataclasses import replace
+
+    from visionr1_operator.plan import _job_progress
+
+    job = running_job()  # 2 completions, both pods active
+    running = [observe_pod(pod("Running")), observe_pod(pod("Running"))]
+    before = _job_progress(with_pods(job, [p for p in running if p is not None]))
+    one_done = [observe_pod(pod("Succeeded")), observe_pod(pod("Running"))]
+    seen = with_pods(job, [p for p in one_done if p is not None])
+    assert _job_progress(seen) == before == "0/2 pods done, 2 running"
+    counted = replace(job, active=1, succeeded=1)  # the Job's next status
+    seen = with_pods(counted, [p for p in one_done if p is not None])
+    assert _job_progress(seen) == "1/2 pods done, 1 running"
+
+
 def test_a_failed_jobs_message_carries_the_failing_pods_reason_and_exit_code() -> None:
     from visionr1_operator.plan import ObservedJob
 

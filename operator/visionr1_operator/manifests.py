@@ -876,8 +876,12 @@ def observe_pod(obj: Mapping[str, Any]) -> PodFacts | None:
 
 
 def with_pods(job: ObservedJob, pods: list[PodFacts]) -> ObservedJob:
-    """``job`` with what its pods say: how many run, what is wrong, the failing exit code."""
+    """``job`` with what its pods say: how many run, what is wrong, the failing exit code.
+    A pod that has succeeded while the Job has not counted it yet still counts as running: its
+    Job's next status says it is done (the stage's end, written at once); "0 pods running, 1
+    pending" in between is wrong, and under load it cost a status write per stage."""
     running = sum(1 for p in pods if p.phase == "Running")
+    running += max(0, sum(1 for p in pods if p.phase == "Succeeded") - job.succeeded)
     problems = [p for p in pods if p.problem is not None]
     if job.outcome == "failed":
         failed = next((p for p in problems if p.exit_code is not None), None) or (
