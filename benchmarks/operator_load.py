@@ -438,6 +438,7 @@ def _one_round(
     last_jobs = [f"{name}-{STAGES[-1]}-0" for name in names]
     try:
         time.sleep(5.0)  # it logs in and starts its watches
+        rss_start = ps.memory_info().rss  # imports and empty watches: what no run costs
         if proc.poll() is not None:
             raise RuntimeError(f"the {kind} exited at start: see {tmp / (kind + '.log')}")
         writes0 = _api_requests(cp)
@@ -507,6 +508,7 @@ def _one_round(
         # the first transitions meet the burst of n runs starting at once
         "by_transition_s": {k: _summary(v) for k, v in by_pair.items()},
         "rss_mb_peak": round(rss_peak / 2**20, 1),
+        "rss_mb_at_start": round(rss_start / 2**20, 1),
         "cpu_s": cpu,
         "api_writes": {
             "total": total_writes,
