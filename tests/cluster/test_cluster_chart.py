@@ -72,11 +72,16 @@ def _hand_crd_to_release(cp: Any) -> None:
 
 
 def _sa_can(cp: Any, verb: str, resource: str, namespace: str) -> bool:
+    """``resource``: ``plural[.group]``, or ``plural/subresource[.group]`` (kubectl takes the
+    subresource as a flag: given in the name it checks something else)."""
+    name, _, group = resource.partition(".")
+    plural, _, sub = name.partition("/")
     out = cp.kubectl(
         "auth",
         "can-i",
         verb,
-        resource,
+        f"{plural}.{group}" if group else plural,
+        *([f"--subresource={sub}"] if sub else []),
         "--as",
         f"system:serviceaccount:{NS}:{FULLNAME}",
         "-n",
@@ -157,6 +162,7 @@ def test_install_upgrade_uninstall_as_the_readme_says(
         ("watch", "secrets"),
         ("delete", "pods"),
         ("delete", "visionr1runs.visionr1.io"),
+        ("patch", "visionr1runs.visionr1.io"),  # only their status: no finalizer, no annotation
         ("list", "namespaces"),
         ("create", "customresourcedefinitions.apiextensions.k8s.io"),
     ]:
