@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -172,6 +172,35 @@ async def test_pod_progress_waits_for_the_interval_a_stage_change_does_not(
             what="the progress, later",
         )
         assert asyncio.get_running_loop().time() - written > interval - 1.0
+
+
+async def test_a_new_reason_for_waiting_is_written_at_once_interval_or_not(
+    k8s: Any, client: httpx.AsyncClient
+) -> None:
+    """Why a stage waits is not progress: when the quota that refuses a stage's pods says
+    something new (same reason, new numbers), the run says it at the next check, not once the
+    progress interval has passed."""
+    interval = 120.0
+    async with operator(k8s, None, progress_interval_s=interval):
+        await create_run(client, run_object(tiny(), name="refused"))
+        job = await next_job(k8s, "synthesis", run="refused")
+        started = asyncio.get_running_loop().time()
+        await refuse_pods(client, job, QUOTA_REFUSAL)
+
+        def said(text: str) -> Callable[[], bool]:
+            return lambda: text in (
+                (status(k8s, "refused").get("stages") or {}).get("synthesis", {}).get("message")
+                or ""
+            )
+
+        await wait_for(said("limited requests.nvidia.com/gpu=1"), timeout=20, what="refusal")
+        later = QUOTA_REFUSAL.replace("limited: requests.nvidia.com/gpu=1", "limited: ...gpu=0")
+        await asyncio.sleep(1.1)  # a newer lastTimestamp (whole seconds)
+        await refuse_pods(client, job, later, n=2)
+        await wait_for(said("limited ...gpu=0"), timeout=40, what="new reason")
+        assert asyncio.get_running_loop().time() - started < interval / 2
+        # one Event for the reason, not one per message: the condition says the newest
+        assert [r for r, _ in events(k8s, "refused")].count("QuotaExceeded") == 1
 
 
 async def test_five_stage_run_succeeds_with_status_events_and_mlflow(
@@ -555,18 +584,15 @@ QUOTA_REFUSAL = (
 )
 
 
-async def refused_then_invalid(
-    k8s: Any, client: httpx.AsyncClient, name: str = "refused", tracked: bool = False
-) -> dict[str, Any]:
-    """A run whose Job's pods are refused (the Job controller's FailedCreate Event, as a
-    ResourceQuota makes it): the run names the quota; then an edit makes its spec invalid: the
-    run fails and its live Job is deleted. Returns the run's last status."""
-    await create_run(client, run_object(tiny(), name=name))
-    job = await next_job(k8s, "synthesis", run=name)
+async def refuse_pods(
+    client: httpx.AsyncClient, job: dict[str, Any], message: str, n: int = 1
+) -> None:
+    """Post the FailedCreate Event the Job controller posts when the API server refuses the
+    Job's pods (a ResourceQuota, a LimitRange, Pod Security)."""
     refusal = {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"name": f"{job['metadata']['name']}.1", "namespace": NS},
+        "metadata": {"name": f"{job['metadata']['name']}.{n}", "namespace": NS},
         "involvedObject": {
             "apiVersion": "batch/v1",
             "kind": "Job",
@@ -576,11 +602,22 @@ async def refused_then_invalid(
         },
         "reason": "FailedCreate",
         "type": "Warning",
-        "message": QUOTA_REFUSAL,
+        "message": message,
         "lastTimestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     r = await client.post(f"/api/v1/namespaces/{NS}/events", json=refusal)
     r.raise_for_status()
+
+
+async def refused_then_invalid(
+    k8s: Any, client: httpx.AsyncClient, name: str = "refused", tracked: bool = False
+) -> dict[str, Any]:
+    """A run whose Job's pods are refused (the Job controller's FailedCreate Event, as a
+    ResourceQuota makes it): the run names the quota; then an edit makes its spec invalid: the
+    run fails and its live Job is deleted. Returns the run's last status."""
+    await create_run(client, run_object(tiny(), name=name))
+    job = await next_job(k8s, "synthesis", run=name)
+    await refuse_pods(client, job, QUOTA_REFUSAL)
 
     def named() -> dict[str, Any] | None:
         cond = next(

@@ -228,13 +228,14 @@ def _indexed_run(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def _progress_only(old: VisionR1RunStatus, new: VisionR1RunStatus, actions: list[Action]) -> bool:
     """Whether ``new`` differs from ``old`` only in what a person reads while a stage runs (a
-    stage's progress and message, a condition's message) and nothing is said in an Event."""
+    stage's progress, a condition's message) and nothing is said in an Event. A stage's message
+    is not progress: it says why the stage waits (Kueue's reason, a quota that refuses its
+    pods), read at most once per check, and a person waits for it."""
     if any(describe(a) is not None for a in actions):
         return False
 
     def shape(s: VisionR1RunStatus) -> VisionR1RunStatus:
-        stages = {k: v.model_copy(update={"progress": None, "message": None})
-                  for k, v in s.stages.items()}  # fmt: skip
+        stages = {k: v.model_copy(update={"progress": None}) for k, v in s.stages.items()}
         conditions = [c.model_copy(update={"message": ""}) for c in s.conditions]
         return s.model_copy(update={"stages": stages, "conditions": conditions})
 
