@@ -188,9 +188,12 @@ async def test_a_new_reason_for_waiting_is_written_at_once_interval_or_not(
         await refuse_pods(client, job, QUOTA_REFUSAL)
 
         def said(text: str) -> Callable[[], bool]:
-            return lambda: text in (
-                (status(k8s, "refused").get("stages") or {}).get("synthesis", {}).get("message")
-                or ""
+            return lambda: (
+                text
+                in (
+                    (status(k8s, "refused").get("stages") or {}).get("synthesis", {}).get("message")
+                    or ""
+                )
             )
 
         await wait_for(said("limited requests.nvidia.com/gpu=1"), timeout=20, what="refusal")
