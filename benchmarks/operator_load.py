@@ -395,6 +395,40 @@ def _wait_empty(cp: Any, timeout: float) -> float:
     raise RuntimeError(f"{LOAD_NS} not empty {timeout:.0f} s after deleting: {left[:300]}")
 
 
+# Packages of this checkout's environment (the scripts' and tests' official client) that the
+# operator image does not install; kopf imports ``kubernetes`` whenever it can (about 20 MB of
+# RSS), so the operator and the floor run with them hidden, as their processes are in the image.
+NOT_IN_OPERATOR_IMAGE = ("kubernetes", "kubernetes_validate")
+IMAGE_CONSTRAINTS = REPO / "images" / "operator" / "constraints.txt"
+
+
+def as_in_image(tmp: Path) -> Path:
+    """A folder for PYTHONPATH whose sitecustomize hides ``NOT_IN_OPERATOR_IMAGE``; refuses
+    to when the operator image's constraints install one of them after all."""
+    pinned = {
+        line.split("==")[0].strip().lower().replace("-", "_")
+        for line in IMAGE_CONSTRAINTS.read_text().splitlines()
+        if "==" in line and not line.lstrip().startswith("#")
+    }
+    if pinned & set(NOT_IN_OPERATOR_IMAGE):
+        raise RuntimeError(
+            f"{IMAGE_CONSTRAINTS} installs {sorted(pinned & set(NOT_IN_OPERATOR_IMAGE))}: "
+            "drop it from NOT_IN_OPERATOR_IMAGE"
+        )
+    folder = tmp / "as-in-image"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"_HIDDEN = {NOT_IN_OPERATOR_IMAGE!r}\n"
+        "class _NotInImage:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in _HIDDEN:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (not in the image)')\n"
+        "sys.meta_path.insert(0, _NotInImage())\n"
+    )
+    return folder
+
+
 def _one_round(
     cp: Any, api: Any, kind: str, n: int, timeout: float, kubeconfig: Path
 ) -> dict[str, Any]:
@@ -419,7 +453,12 @@ def _one_round(
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("VISIONR1_MLFLOW_URI", None)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO / "operator"), str(REPO / "jobs"), env.get("PYTHONPATH", "")]
+        [
+            str(as_in_image(tmp)),
+            str(REPO / "operator"),
+            str(REPO / "jobs"),
+            env.get("PYTHONPATH", ""),
+        ]
     )
     if kind == "operator":
         # the runs' pods go to KWOK's nodes: the cluster's lists must admit its selector and

@@ -440,3 +440,35 @@ async def test_the_jobs_waiting_in_a_namespace_share_one_read_of_its_events(
     clock[0] += handlers.EVENTS_TTL_S + 1
     [job1], _ = await rec._why_waiting("ml", "r1", [jobs[1]])
     assert len(kube.listed) == 2 and job1.pod_problem is not None
+
+
+async def test_at_most_the_configured_reconciles_run_at_once_and_waiting_ones_coalesce() -> None:
+    """Many runs changing at once are reconciled a bounded number at a time, in the order they
+    came; triggers of a run that waits for its turn add no reconcile of their own."""
+    rec = Reconciler(OperatorConfig(max_concurrent_reconciles=3))
+    rec.kube = RecordingKube(None)  # type: ignore[assignment]
+    running: set[str] = set()
+    most = 0
+    order: list[str] = []
+
+    async def read(key: tuple[str, str]) -> dict[str, Any]:
+        return {"metadata": {"name": key[1]}}
+
+    async def reconcile(namespace: str, name: str, obj: dict[str, Any]) -> None:
+        nonlocal most
+        running.add(name)
+        most = max(most, len(running))
+        order.append(name)
+        await asyncio.sleep(0.01)
+        running.discard(name)
+
+    rec._read_run = read  # type: ignore[method-assign]
+    rec._reconcile = reconcile  # type: ignore[method-assign]
+    names = [f"run-{i:02d}" for i in range(20)]
+    tasks = [asyncio.create_task(rec.reconcile("ml", n)) for n in names]
+    await asyncio.sleep(0)  # all 20 are waiting or running now
+    # five more triggers of the last run while it waits for a slot: one reconcile in all
+    tasks += [asyncio.create_task(rec.reconcile("ml", names[-1])) for _ in range(5)]
+    await asyncio.gather(*tasks)
+    assert most == 3
+    assert order == names, "each run once, first come first served"

@@ -178,6 +178,10 @@ class OperatorConfig:
     # validation of the run by the API server. A stage's start, end and failure, and whatever
     # an Event says, are written at once.
     progress_interval_s: float = 30.0
+    # How many runs are reconciled at once; the others wait their turn (FIFO), each with the
+    # latest state once it runs. Unbounded, 1,000 runs created at once were 1,000 reconciles
+    # in flight, each holding its run, manifests and requests: the operator's peak memory.
+    max_concurrent_reconciles: int = 32
 
 
 class ObjectInTheWay(Exception):
@@ -285,6 +289,8 @@ class Reconciler:
         # Runs with a reconcile waiting for their lock: a trigger that comes meanwhile rides on
         # it (it reads the run, its Jobs and pods only once it holds the lock).
         self.queued: set[tuple[str, str]] = set()
+        # the reconciles allowed to run at once (config.max_concurrent_reconciles)
+        self.slots = asyncio.Semaphore(max(1, config.max_concurrent_reconciles))
         # namespace → (monotonic expiry, its Pod Security enforce level)
         self.pod_security_levels: dict[str, tuple[float, str | None]] = {}
         # (namespace, run) → monotonic time of this process's last status write
@@ -400,7 +406,8 @@ class Reconciler:
             return
         self.queued.add(key)
         try:
-            async with self.locks[key]:
+            # waiting for a slot still counts as queued: what comes meanwhile is read then
+            async with self.locks[key], self.slots:
                 self.queued.discard(key)
                 obj = await self._read_run(key)
                 if obj is not None:
