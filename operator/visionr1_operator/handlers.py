@@ -118,7 +118,7 @@ from visionr1_operator.validate import accepted_run, validate_object
 
 # Recorded in kopf's settings; no handler needs it, so kopf adds none and removes a stale one.
 FINALIZER = f"{GROUP}/finalizer"
-# kopf's copy of the last spec it handled (settings.persistence.diffbase_storage below)
+# kopf's copy of the last spec it handled, as operators with change handlers stored it on runs
 KOPF_DIFFBASE = f"{GROUP}/last-handled-configuration"
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 # A live Job without pods: when its FailedCreate Events (or a Kueue-suspended Job's Workload) are
@@ -182,6 +182,23 @@ class OperatorConfig:
     # latest state once it runs. Unbounded, 1,000 runs created at once were 1,000 reconciles
     # in flight, each holding its run, manifests and requests: the operator's peak memory.
     max_concurrent_reconciles: int = 32
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf's base for change handlers, for an operator that has none: nothing built, nothing
+    stored. Runs are reconciled from their own watch events, never by comparing a spec with a
+    copy of the last one handled; yet kopf builds that copy (a deep copy of the whole object,
+    managedFields included) for every watch event of every Job, pod and run it watches: 16% of
+    the operator's CPU at 500 runs. With no change handler registered, it is never read."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        return None
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: Any, essence: Any) -> None:
+        return None
 
 
 class ObjectInTheWay(Exception):
@@ -1315,9 +1332,7 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=GROUP, key="last-handled-configuration"
-        )
+        settings.persistence.diffbase_storage = NoDiffBase()
         if config.peering:
             # Standby replicas (peering.py): kopf pauses all but the oldest live pod.
             settings.peering.name = config.peering
