@@ -473,3 +473,51 @@ async def test_at_most_the_configured_reconciles_run_at_once_and_waiting_ones_co
     await asyncio.gather(*tasks)
     assert most == 3
     assert order == names, "each run once, first come first served"
+
+
+async def test_an_urgent_reconcile_goes_first_and_a_waiting_run_moves_up() -> None:
+    """A Job's change (the next stage waits on it) is reconciled before pods' progress that
+    came earlier; a run waiting with routine work that then gets a Job change moves up too."""
+    from visionr1_operator import slots
+
+    rec = Reconciler(OperatorConfig(max_concurrent_reconciles=1))
+    rec.kube = RecordingKube(None)  # type: ignore[assignment]
+    order: list[str] = []
+
+    async def read(key: tuple[str, str]) -> dict[str, Any]:
+        return {"metadata": {"name": key[1]}}
+
+    async def reconcile(namespace: str, name: str, obj: dict[str, Any]) -> None:
+        order.append(name)
+        await asyncio.sleep(0.01)
+
+    rec._read_run = read  # type: ignore[method-assign]
+    rec._reconcile = reconcile  # type: ignore[method-assign]
+    tasks = [asyncio.create_task(rec.reconcile("ml", f"pods-{i}")) for i in range(4)]
+    await asyncio.sleep(0)  # pods-0 runs, the others wait
+    tasks.append(asyncio.create_task(rec.reconcile("ml", "new", slots.RUN_CHANGED)))
+    tasks.append(asyncio.create_task(rec.reconcile("ml", "job", slots.JOB_CHANGED)))
+    await asyncio.sleep(0)
+    # pods-3 waits with routine work; its Job completes: one reconcile, moved up
+    tasks.append(asyncio.create_task(rec.reconcile("ml", "pods-3", slots.JOB_CHANGED)))
+    await asyncio.gather(*tasks)
+    assert order == ["pods-0", "pods-3", "job", "new", "pods-1", "pods-2"]
+    assert rec.slots.free == 1 and rec.slots.waiting() == 0
+
+
+async def test_a_cancelled_wait_for_a_slot_gives_nothing_away() -> None:
+    from visionr1_operator.slots import ROUTINE, Slots
+
+    pool = Slots(1)
+    async with pool.slot("a", ROUTINE):
+        waiting = asyncio.create_task(pool.slot("b", ROUTINE).__aenter__())
+        await asyncio.sleep(0)
+        assert pool.waiting() == 1
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert pool.waiting() == 0
+    assert pool.free == 1
+    async with pool.slot("c", ROUTINE):
+        assert pool.free == 0
+    assert pool.free == 1

@@ -77,6 +77,7 @@ async def operator(
     retry: RetryPolicy | None = None,
     policy: ClusterPolicy | None = None,
     progress_interval_s: float = 0.5,
+    progress_writes_per_s: float = 5.0,
 ) -> AsyncIterator[Any]:
     """The operator under kopf's KopfRunner (a thread with its own event loop), stopped without
     blocking this test's event loop, which is the one kmock serves the API from: kopf stops
@@ -95,6 +96,7 @@ async def operator(
         mlflow_timeout_s=5.0,
         mlflow_retry_s=0.5,
         progress_interval_s=progress_interval_s,
+        progress_writes_per_s=progress_writes_per_s,
     )
     runner = KopfRunner(
         ["run", "--standalone", "-n", NS, "--verbose"], registry=make_registry(config), timeout=30
@@ -172,6 +174,38 @@ async def test_pod_progress_waits_for_the_interval_a_stage_change_does_not(
             what="the progress, later",
         )
         assert asyncio.get_running_loop().time() - written > interval - 1.0
+
+
+async def test_with_many_runs_going_each_runs_progress_waits_longer(
+    k8s: Any, client: httpx.AsyncClient
+) -> None:
+    """Progress writes of all runs together stay under a rate: with three runs going and one
+    progress write per 3 s allowed, a run's pods' progress waits 9 s after its last write, not
+    the 1 s interval; its stage's end does not wait."""
+    async with operator(k8s, None, progress_interval_s=1.0, progress_writes_per_s=1 / 3):
+        for name in ("a", "b", "c"):
+            await create_run(client, run_object(tiny(), name=name))
+        job = await next_job(k8s, "synthesis", run="a")
+        for name in ("b", "c"):
+            await next_job(k8s, "synthesis", run=name)
+        await wait_for(lambda: status(k8s, "c").get("currentStage") == "synthesis", what="c")
+        await wait_for(lambda: status(k8s, "a").get("currentStage") == "synthesis", what="a")
+        written = asyncio.get_running_loop().time()
+        await job_running(client, job["metadata"]["name"])
+
+        def progress() -> str | None:
+            return status(k8s, "a")["stages"]["synthesis"].get("progress")
+
+        await asyncio.sleep(4.0)  # four times the interval of a run alone
+        assert progress() != "1 pod running", "held back: three runs share the write rate"
+        await wait_for(lambda: progress() == "1 pod running", timeout=30, what="the progress")
+        assert asyncio.get_running_loop().time() - written > 9.0 - 1.0
+        await job_succeeded(client, job["metadata"]["name"])
+        ended = asyncio.get_running_loop().time()
+        await wait_for(
+            lambda: status(k8s, "a")["stages"]["synthesis"]["phase"] == "Succeeded", what="end"
+        )
+        assert asyncio.get_running_loop().time() - ended < 5.0
 
 
 async def test_a_new_reason_for_waiting_is_written_at_once_interval_or_not(
