@@ -77,7 +77,6 @@ from visionr1_operator import (
     mlflow_runs,
     peering,
     refusals,
-    slots,
     watch,
 )
 from visionr1_operator.api import (
@@ -115,7 +114,6 @@ from visionr1_operator.policy import (
     namespace_problem,
     policy_problems,
 )
-from visionr1_operator.slots import Slots
 from visionr1_operator.validate import accepted_run, validate_object
 
 # Recorded in kopf's settings; no handler needs it, so kopf adds none and removes a stale one.
@@ -184,10 +182,6 @@ class OperatorConfig:
     # going than this times progress_interval_s, each run's interval grows (1,000 runs: 200 s).
     # Progress is what a person glances at; a stage's start and end are never held back.
     progress_writes_per_s: float = 5.0
-    # How many runs are reconciled at once; the others wait their turn (FIFO), each with the
-    # latest state once it runs. Unbounded, 1,000 runs created at once were 1,000 reconciles
-    # in flight, each holding its run, manifests and requests: the operator's peak memory.
-    max_concurrent_reconciles: int = 32
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -312,8 +306,6 @@ class Reconciler:
         # Runs with a reconcile waiting for their lock: a trigger that comes meanwhile rides on
         # it (it reads the run, its Jobs and pods only once it holds the lock).
         self.queued: set[tuple[str, str]] = set()
-        # the reconciles allowed to run at once (config.max_concurrent_reconciles)
-        self.slots = Slots(config.max_concurrent_reconciles)
         # namespace → (monotonic expiry, its Pod Security enforce level)
         self.pod_security_levels: dict[str, tuple[float, str | None]] = {}
         # (namespace, run) → monotonic time of this process's last status write
@@ -378,12 +370,10 @@ class Reconciler:
 
         self.wait_timers[key] = asyncio.create_task(later())
 
-    async def reconcile_quietly(
-        self, namespace: str, name: str, priority: int = slots.ROUTINE
-    ) -> None:
+    async def reconcile_quietly(self, namespace: str, name: str) -> None:
         """For triggers kopf does not retry (Job events, timers): log and try again later."""
         try:
-            await self.reconcile(namespace, name, priority)
+            await self.reconcile(namespace, name)
         except Exception as exc:  # noqa: BLE001 (any failure: retry the whole reconcile)
             log.warning("reconcile %s/%s failed, retrying: %s", namespace, name, exc)
             self.schedule(namespace, name, self.config.error_delay_s)
@@ -406,7 +396,6 @@ class Reconciler:
         self.written.pop(key, None)
         self.last_write.pop(key, None)
         self.active.discard(key)
-        self.slots.forget(key)
         self.due.pop(key, None)
         self.resumed.discard(key)
 
@@ -434,7 +423,7 @@ class Reconciler:
 
     # ------------------------------------------------------------------ the reconcile
 
-    async def reconcile(self, namespace: str, name: str, priority: int = slots.ROUTINE) -> None:
+    async def reconcile(self, namespace: str, name: str) -> None:
         """Bring the run one step closer to its spec. Triggers that come while a reconcile of
         the same run waits for its lock are dropped: that one reads everything after it gets
         the lock. (A burst of pod and Job events used to queue one reconcile each behind the
@@ -442,12 +431,10 @@ class Reconciler:
         assert self.kube is not None, "not logged in"
         key = (namespace, name)
         if key in self.queued:
-            self.slots.raise_priority(key, priority)  # served sooner if this one is urgent
             return
         self.queued.add(key)
         try:
-            # waiting for a slot still counts as queued: what comes meanwhile is read then
-            async with self.locks[key], self.slots.slot(key, priority):
+            async with self.locks[key]:
                 self.queued.discard(key)
                 obj = await self._read_run(key)
                 if obj is not None:
@@ -1282,7 +1269,6 @@ def _watch_children(
     seen: dict[tuple[str, str], dict[str, Any]],
     *,
     reconcile_on_delete: bool,
-    priority: int,
     refresh_s: float | None = None,
 ) -> None:
     """Register an event handler for a run's child objects (Jobs, pods) of ``resource``.
@@ -1290,8 +1276,7 @@ def _watch_children(
     Only objects labelled with their run reach it (the same label the startup handler gives
     the API server as a watch selector). What ``observe`` makes of an object is kept in
     ``seen`` (run → object name → facts) and the run is reconciled only when that changes,
-    or when the object is deleted and ``reconcile_on_delete``, with ``priority`` among the
-    reconciles waiting for a slot (slots.py). With ``refresh_s``, facts whose
+    or when the object is deleted and ``reconcile_on_delete``. With ``refresh_s``, facts whose
     ``problem`` keeps its reason and changes only its message (a Pending pod's new scheduler
     message) reconcile at most once per ``refresh_s`` seconds.
     """
@@ -1338,7 +1323,7 @@ def _watch_children(
                 return  # only the message changed, and it was said moments ago
             refreshed[(namespace, name)] = now
             seen[key][name] = facts
-        await rec.reconcile_quietly(namespace, run_name, priority)
+        await rec.reconcile_quietly(namespace, run_name)
 
 
 def _same_reason(old: Any, new: Any) -> bool:
@@ -1470,7 +1455,7 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
             or key not in rec.resumed
         ):
             rec.resumed.add(key)
-            await rec.reconcile_quietly(namespace, name, slots.RUN_CHANGED)
+            await rec.reconcile_quietly(namespace, name)
 
     # Jobs: a Job gone changes the plan (its stage may need a retry), so it reconciles too.
     # Pods: a pod going away changes nothing the Job does not report itself.
@@ -1482,7 +1467,6 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
         manifests.observe_job,
         rec.seen,
         reconcile_on_delete=True,
-        priority=slots.JOB_CHANGED,
     )
     _watch_children(
         registry,
@@ -1492,7 +1476,6 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
         manifests.observe_pod,
         rec.seen_pods,
         reconcile_on_delete=False,
-        priority=slots.ROUTINE,
         refresh_s=PROBLEM_REFRESH_S,
     )
 

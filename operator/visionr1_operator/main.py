@@ -119,14 +119,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "that `kubectl get vr1` shows (default: %(default)s)",
     )
     parser.add_argument(
-        "--max-concurrent-reconciles",
-        type=int,
-        default=int(os.environ.get("VISIONR1_MAX_CONCURRENT_RECONCILES", "32")),
-        metavar="N",
-        help="runs reconciled at once; the others wait their turn with their latest state "
-        "(bounds the operator's memory when many runs change together; default: %(default)s)",
-    )
-    parser.add_argument(
         "--peering",
         default=os.environ.get("VISIONR1_PEERING") or None,
         metavar="NAME",
@@ -220,7 +212,6 @@ def main(args: Any) -> int:
         mlflow_credentials=own_credentials,
         retry=RetryPolicy(base_s=args.retry_backoff, max_s=max(600.0, args.retry_backoff)),
         metrics_interval_s=max(1.0, args.metrics_interval),
-        max_concurrent_reconciles=max(1, args.max_concurrent_reconciles),
         peering=args.peering,
         peering_lifetime_s=max(12, args.peering_lifetime),
         namespaces=tuple(namespaces),
