@@ -171,12 +171,12 @@ class OperatorConfig:
     clusterwide: bool = False
     # How long a namespace's Pod Security label, once read, is taken as it was.
     pod_security_ttl_s: float = 10.0
-    # A status write that changes only what a person reads while a stage runs (its pods'
-    # progress and message) waits until this long after the run's previous write. At 5 s,
+    # A status write that changes only its pods' progress (what a person reads while a stage
+    # runs) waits until this long after the run's previous write. At 5 s,
     # stages slowed by a busy control plane wrote "1 pod running", then "0 pods running"
     # before their Job completed: two thirds of the status writes at 200 runs, each a full
-    # validation of the run by the API server. A stage's start, end and failure, and whatever
-    # an Event says, are written at once.
+    # validation of the run by the API server. A stage's start, end and failure, why it waits,
+    # and whatever an Event says, are written at once.
     progress_interval_s: float = 30.0
     # ... and at most this many such writes per second for all runs together: with more runs
     # going than this times progress_interval_s, each run's interval grows (1,000 runs: 200 s).
@@ -413,12 +413,13 @@ class Reconciler:
             "wait_timers": self.wait_timers,
             "written": self.written,
             "last_write": self.last_write,
-            "active": dict.fromkeys(self.active, True),
             "due": self.due,
         }
         out = {k: store[key] for k, store in stores.items() if key in store}
         if key in self.queued:
             out["queued"] = True
+        if key in self.active:
+            out["active"] = True
         return out
 
     # ------------------------------------------------------------------ the reconcile
