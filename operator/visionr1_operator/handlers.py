@@ -78,6 +78,7 @@ from visionr1_operator import (
     peering,
     refusals,
     watch,
+    watch_stream,
 )
 from visionr1_operator.api import (
     API_VERSION,
@@ -131,6 +132,12 @@ MAX_CHECK_S = 60.0
 EVENTS_TTL_S = 5.0
 # A pod's trouble with the same reason and a new message reconciles at most this often.
 PROBLEM_REFRESH_S = 60.0
+# A Job's or pod's change that only updates what the status shows (a Job seen, its pods
+# counted, a pod running or done) reconciles within this many seconds, one reconcile for all
+# such changes of the run meanwhile; an end, a suspension, a pod's trouble reconcile at once.
+# (A stage's start brought about seven reconciles, one per watch event: at 1,000 runs they
+# queued the one reconcile that creates the next stage.)
+COALESCE_S = 1.0
 # How long the status this process wrote stands in for the one its watch shows, which should
 # catch up within a second: if it never does (someone else wrote the status), the watch wins.
 WRITTEN_TRUST_S = 30.0
@@ -319,8 +326,26 @@ class Reconciler:
         # namespace → (monotonic expiry, its FailedCreate Events), and the read under way
         self.failed_creates: dict[str, tuple[float, list[dict[str, Any]]]] = {}
         self.failed_creates_reading: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
+        # (namespace, run) → the reconcile coalescing its Jobs' and pods' minor changes
+        self.soon: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------------ triggers
+
+    def reconcile_soon(self, namespace: str, name: str) -> None:
+        """Reconcile the run within ``COALESCE_S`` seconds, with every trigger of it meanwhile
+        (a reconcile that starts before then reads them all and takes this one's place)."""
+        key = (namespace, name)
+        task = self.soon.get(key)
+        if task is not None and not task.done():
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(COALESCE_S)
+            if self.soon.get(key) is asyncio.current_task():
+                del self.soon[key]
+            await self.reconcile_quietly(namespace, name)
+
+        self.soon[key] = asyncio.create_task(later())
 
     def progress_interval_s(self) -> float:
         """How long after a run's last status write its pods' progress alone is written:
@@ -366,9 +391,22 @@ class Reconciler:
             await asyncio.sleep(after_s)
             if self.wait_timers.get(key) is asyncio.current_task():
                 del self.wait_timers[key]
-            await self.reconcile_quietly(namespace, name)
+            if self._still_waits(key):
+                await self.reconcile_quietly(namespace, name)
 
         self.wait_timers[key] = asyncio.create_task(later())
+
+    def _still_waits(self, key: tuple[str, str]) -> bool:
+        """Whether a Job the run's last reconcile found waiting still waits, as far as the
+        watch shows: Kueue keeps it suspended, or it has no pods yet. (Under load the Job
+        controller often takes longer than the first check to create a Job's pods; those
+        pods' events reconcile the run themselves.)"""
+        for job, check in (self.waiting.get(key) or {}).items():
+            if check.kind != "refusal" or self.pod_index is None:
+                return True
+            if not list(self.pod_index.get((key[0], job), [])):
+                return True
+        return False
 
     async def reconcile_quietly(self, namespace: str, name: str) -> None:
         """For triggers kopf does not retry (Job events, timers): log and try again later."""
@@ -381,7 +419,7 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         """Drop every piece of in-memory state of a run (it was deleted)."""
         key = (namespace, name)
-        for timers in (self.timers, self.wait_timers, self.watchers):
+        for timers in (self.timers, self.wait_timers, self.watchers, self.soon):
             timer = timers.pop(key, None)
             if timer is not None and timer is not asyncio.current_task():
                 timer.cancel()
@@ -414,6 +452,7 @@ class Reconciler:
             "written": self.written,
             "last_write": self.last_write,
             "due": self.due,
+            "soon": self.soon,
         }
         out = {k: store[key] for k, store in stores.items() if key in store}
         if key in self.queued:
@@ -437,6 +476,9 @@ class Reconciler:
         try:
             async with self.locks[key]:
                 self.queued.discard(key)
+                soon = self.soon.pop(key, None)
+                if soon is not None and soon is not asyncio.current_task():
+                    soon.cancel()  # this reconcile reads what it was waiting to read
                 obj = await self._read_run(key)
                 if obj is not None:
                     await self._reconcile(namespace, name, obj)
@@ -1250,7 +1292,12 @@ class Reconciler:
         await self._end(uri, status.mlflow_run_id, "KILLED")
 
     async def close(self) -> None:
-        for task in [*self.timers.values(), *self.watchers.values(), *self.background]:
+        for task in [
+            *self.timers.values(),
+            *self.watchers.values(),
+            *self.soon.values(),
+            *self.background,
+        ]:
             task.cancel()
         if self.kube is not None:
             await self.kube.close()
@@ -1324,7 +1371,26 @@ def _watch_children(
                 return  # only the message changed, and it was said moments ago
             refreshed[(namespace, name)] = now
             seen[key][name] = facts
+            if not _urgent(old, facts):
+                rec.reconcile_soon(namespace, run_name)
+                return
         await rec.reconcile_quietly(namespace, run_name)
+
+
+def _urgent(old: Any, new: Any) -> bool:
+    """Whether a Job's or pod's change needs its run reconciled at once: a Job that ended or
+    was suspended or resumed (the next stage waits on it), a pod in trouble or failed. Any
+    other change (a Job first seen, its pods counted, a pod running or done) only updates the
+    status, within ``COALESCE_S``."""
+    if isinstance(new, ObservedJob):
+        if old is None:  # first seen already ended (its events came as one)
+            return new.outcome in ("succeeded", "failed")
+        return old.outcome != new.outcome
+    if isinstance(new, manifests.PodFacts):
+        if new.phase == "Failed" or new.exit_code is not None:
+            return old is None or (old.phase, old.exit_code) != (new.phase, new.exit_code)
+        return new.problem is not None and (old is None or old.problem != new.problem)
+    return True
 
 
 def _same_reason(old: Any, new: Any) -> bool:
@@ -1345,6 +1411,7 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        watch_stream.install()  # before the first watch: orjson, without managedFields
         settings.persistence.finalizer = FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = NoDiffBase()
