@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -174,6 +175,47 @@ async def test_pod_progress_waits_for_the_interval_a_stage_change_does_not(
             what="the progress, later",
         )
         assert asyncio.get_running_loop().time() - written > interval - 1.0
+
+
+async def test_a_stages_minor_changes_reconcile_together_and_its_end_at_once(
+    k8s: Any, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Job counted and its pod running are two watch events and one reconcile, within the
+    coalescing delay; the Job's end reconciles at once (the next stage waits on it). A wait
+    timer set while the Job had no pods reconciles nothing once the pod is there."""
+    from visionr1_operator import handlers
+
+    monkeypatch.setattr(handlers, "COALESCE_S", 5.0)
+    calls: list[float] = []
+    reconcile = handlers.Reconciler.reconcile
+
+    async def counted(self: Any, namespace: str, name: str) -> None:
+        calls.append(time.monotonic())
+        await reconcile(self, namespace, name)
+
+    monkeypatch.setattr(handlers.Reconciler, "reconcile", counted)
+    async with operator(k8s, None, progress_interval_s=0.5):
+        await create_run(client, tiny())
+        job = await next_job(k8s, "synthesis")
+        await wait_for(lambda: status(k8s).get("currentStage") == "synthesis", what="started")
+        await asyncio.sleep(5.5)  # the creation's own events (coalesced) are reconciled
+        since = len(calls)
+        ran = time.monotonic()
+        await job_running(client, job["metadata"]["name"])  # Job active=1, then pod Running
+
+        def progress() -> str | None:
+            return status(k8s)["stages"]["synthesis"].get("progress")
+
+        await asyncio.sleep(2.5)
+        assert progress() != "1 pod running", "a minor change waits for the others"
+        assert len(calls) == since, "no reconcile yet"
+        await wait_for(lambda: progress() == "1 pod running", timeout=30, what="the progress")
+        assert len(calls) == since + 1, "both changes (and no wait timer) in one reconcile"
+        assert calls[-1] - ran > 4.0
+        ended = time.monotonic()
+        await job_succeeded(client, job["metadata"]["name"])
+        await next_job(k8s, "filter")
+        assert time.monotonic() - ended < 2.5, "the end is not coalesced"
 
 
 async def test_with_many_runs_going_each_runs_progress_waits_longer(
