@@ -403,8 +403,10 @@ IMAGE_CONSTRAINTS = REPO / "images" / "operator" / "constraints.txt"
 
 
 def as_in_image(tmp: Path) -> Path:
-    """A folder for PYTHONPATH whose sitecustomize hides ``NOT_IN_OPERATOR_IMAGE``; refuses
-    to when the operator image's constraints install one of them after all."""
+    """A folder for PYTHONPATH whose sitecustomize hides ``NOT_IN_OPERATOR_IMAGE`` and
+    records each full (oldest generation) garbage collection's pause into ``gc-pauses.txt``
+    next to it (:func:`gc_pauses`); refuses when the operator image's constraints install one
+    of them after all."""
     pinned = {
         line.split("==")[0].strip().lower().replace("-", "_")
         for line in IMAGE_CONSTRAINTS.read_text().splitlines()
@@ -425,8 +427,32 @@ def as_in_image(tmp: Path) -> Path:
         "        if name.split('.')[0] in _HIDDEN:\n"
         "            raise ModuleNotFoundError(f'No module named {name!r} (not in the image)')\n"
         "sys.meta_path.insert(0, _NotInImage())\n"
+        "import gc, time\n"
+        f"_PAUSES = open({str(tmp / GC_PAUSES)!r}, 'a', buffering=1)\n"
+        "_started = [0.0]\n"
+        "def _pause(phase, info):\n"
+        "    if phase == 'start':\n"
+        "        _started[0] = time.perf_counter()\n"
+        "    elif info['generation'] == 2:\n"
+        "        _PAUSES.write(f'{(time.perf_counter() - _started[0]) * 1000:.1f}\\n')\n"
+        "gc.callbacks.append(_pause)\n"
     )
     return folder
+
+
+GC_PAUSES = "gc-pauses.txt"
+
+
+def gc_pauses(tmp: Path) -> dict[str, Any]:
+    """The full garbage collections the process of ``tmp`` made: how many, their pauses."""
+    path = tmp / GC_PAUSES
+    ms = [float(x) for x in path.read_text().split()] if path.exists() else []
+    return {
+        "count": len(ms),
+        "total_s": round(sum(ms) / 1000, 2),
+        "max_ms": round(max(ms, default=0.0), 1),
+        "p50_ms": round(statistics.median(ms), 1) if ms else None,
+    }
 
 
 def _one_round(
@@ -549,6 +575,8 @@ def _one_round(
         "rss_mb_peak": round(rss_peak / 2**20, 1),
         "rss_mb_at_start": round(rss_start / 2**20, 1),
         "cpu_s": cpu,
+        # Python's full collections stop the whole process: a pause delays every transition
+        "gc_full_collections": gc_pauses(tmp),
         "api_writes": {
             "total": total_writes,
             "per_transition": round(total_writes / max(1, len(latencies)), 2),

@@ -53,7 +53,6 @@ same handlers with their own settings.
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import logging
 import math
@@ -66,6 +65,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import kopf
+import orjson
 from pydantic import ValidationError
 
 from visionr1_jobs.config import STAGES
@@ -242,16 +242,20 @@ def _status_patch(status: VisionR1RunStatus) -> dict[str, Any]:
     return {"status": status.model_dump(mode="json", by_alias=True)}
 
 
-def _indexed_run(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What a reconcile reads of a run, kept in memory per run: its metadata without
-    managedFields and without kopf's annotation that holds a copy of the whole spec."""
+def _indexed_run(body: Mapping[str, Any]) -> bytes:
+    """What a reconcile reads of a run, kept in memory per run as JSON: its metadata without
+    managedFields and without kopf's annotation that holds a copy of the whole spec. Bytes,
+    not the dicts: a run's spec and status are hundreds of small objects that each full
+    garbage collection walks (at 1,000 runs they paused the operator 0.1-1.1 s each time) and
+    about five times the memory; decoding one per reconcile costs tens of microseconds. (A
+    deep copy per event, which this replaces, was 3.5% of the operator's CPU at 500 runs.)"""
     meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
     notes = meta.get("annotations") or {}
     kept = {k: v for k, v in notes.items() if k != KOPF_DIFFBASE}
     if notes:
         meta["annotations"] = kept
     out = {k: body.get(k) for k in ("apiVersion", "kind", "spec", "status") if k in body}
-    return copy.deepcopy({**out, "metadata": meta})
+    return orjson.dumps({**out, "metadata": meta})
 
 
 def _progress_only(old: VisionR1RunStatus, new: VisionR1RunStatus, actions: list[Action]) -> bool:
@@ -507,13 +511,11 @@ class Reconciler:
         found = next(iter(index.get(key, [])), None)
         if found is None:
             return None
-        # The reconcile's own top level (its status may be replaced below); what is under it is
-        # the index's and only read (a deep copy per reconcile was 5% of the operator's CPU)
-        obj = dict(found)
+        obj: dict[str, Any] = orjson.loads(found)  # the reconcile's own copy
         mine = self.written.get(key)
         if mine is not None:
             status, at = mine
-            if _status(found) == status or time.monotonic() - at > WRITTEN_TRUST_S:
+            if _status(obj) == status or time.monotonic() - at > WRITTEN_TRUST_S:
                 del self.written[key]  # the watch has caught up
             else:
                 obj["status"] = _status_patch(status)["status"]

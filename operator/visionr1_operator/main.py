@@ -161,6 +161,26 @@ def policy_from(args: Any) -> ClusterPolicy:
     )
 
 
+# A full garbage collection only after this many collections of the middle generation
+# (Python's default: 10). See tune_gc.
+FULL_GC_AFTER = 100
+
+
+def tune_gc() -> None:
+    """Fewer, smaller full garbage collections. Each one stops the operator while it walks
+    every container object alive; at 1,000 runs the default thresholds made 85 of them in one
+    benchmark round, of 100,000-430,000 objects, 0.14-1.1 s each (48 s in all), each freeing
+    1,000-10,000 objects: they were the stage transitions' tail. The objects alive once
+    everything is imported (modules, classes, functions) are frozen out of every collection,
+    and a full collection comes after ``FULL_GC_AFTER`` younger ones instead of 10. Cycles
+    are still collected, later; the young generations are collected as often as before."""
+    import gc
+
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_GC_AFTER)
+
+
 def main(args: Any) -> int:
     import asyncio
 
@@ -218,6 +238,7 @@ def main(args: Any) -> int:
         clusterwide=bool(args.all_namespaces),
         policy=policy,
     )
+    tune_gc()
     asyncio.run(
         kopf.operator(
             registry=make_registry(config),
