@@ -441,3 +441,32 @@ async def test_the_jobs_waiting_in_a_namespace_share_one_read_of_its_events(
     clock[0] += handlers.EVENTS_TTL_S + 1
     [job1], _ = await rec._why_waiting("ml", "r1", [jobs[1]])
     assert len(kube.listed) == 2 and job1.pod_problem is not None
+
+
+def test_the_operator_process_leaves_its_startup_objects_out_of_collections() -> None:
+    """What tune_gc leaves the interpreter with (in a process of its own: it changes global
+    state): the objects alive at startup out of the collections, the thresholds as Python's,
+    and a cycle made afterwards still collected."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import gc, weakref\n"
+        "from visionr1_operator.main import tune_gc\n"
+        "default = gc.get_threshold()\n"
+        "tune_gc()\n"
+        "assert gc.get_threshold() == default\n"
+        "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+        "class Node: pass\n"
+        "a, b = Node(), Node()\n"
+        "a.other, b.other = b, a\n"
+        "gone = weakref.ref(a)\n"
+        "del a, b\n"
+        "gc.collect()\n"
+        "assert gone() is None\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
