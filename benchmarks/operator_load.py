@@ -429,12 +429,13 @@ def as_in_image(tmp: Path) -> Path:
         "sys.meta_path.insert(0, _NotInImage())\n"
         "import gc, time\n"
         f"_PAUSES = open({str(tmp / GC_PAUSES)!r}, 'a', buffering=1)\n"
-        "_started = [0.0]\n"
+        "_started = [0.0, 0.0]\n"
         "def _pause(phase, info):\n"
         "    if phase == 'start':\n"
-        "        _started[0] = time.perf_counter()\n"
+        "        _started[:] = time.perf_counter(), time.thread_time()\n"
         "    elif info['generation'] == 2:\n"
-        "        _PAUSES.write(f'{(time.perf_counter() - _started[0]) * 1000:.1f}\\n')\n"
+        "        wall, cpu = time.perf_counter() - _started[0], time.thread_time() - _started[1]\n"
+        "        _PAUSES.write(f'{wall * 1000:.1f} {cpu * 1000:.1f}\\n')\n"
         "gc.callbacks.append(_pause)\n"
     )
     return folder
@@ -444,14 +445,19 @@ GC_PAUSES = "gc-pauses.txt"
 
 
 def gc_pauses(tmp: Path) -> dict[str, Any]:
-    """The full garbage collections the process of ``tmp`` made: how many, their pauses."""
+    """The full garbage collections the process of ``tmp`` made: how many, their pauses, and
+    the CPU time of those pauses (a pause much longer than its CPU time waited for a core)."""
     path = tmp / GC_PAUSES
-    ms = [float(x) for x in path.read_text().split()] if path.exists() else []
+    rows = [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+    ms = [float(row[0]) for row in rows]
+    cpu_ms = [float(row[1]) for row in rows if len(row) > 1]
     return {
         "count": len(ms),
         "total_s": round(sum(ms) / 1000, 2),
         "max_ms": round(max(ms, default=0.0), 1),
         "p50_ms": round(statistics.median(ms), 1) if ms else None,
+        "cpu_total_s": round(sum(cpu_ms) / 1000, 2),
+        "cpu_p50_ms": round(statistics.median(cpu_ms), 1) if cpu_ms else None,
     }
 
 

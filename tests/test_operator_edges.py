@@ -445,19 +445,31 @@ async def test_the_jobs_waiting_in_a_namespace_share_one_read_of_its_events(
 
 def test_the_operator_process_leaves_its_startup_objects_out_of_collections() -> None:
     """What tune_gc leaves the interpreter with (in a process of its own: it changes global
-    state): the objects alive at startup out of the collections, the thresholds as Python's,
-    and a cycle made afterwards still collected."""
+    state): the objects alive at startup out of the collections; an object alive through 30
+    young collections still young (with Python's thresholds it is in the oldest generation
+    by then, where only full collections look); and a cycle made afterwards still collected."""
     import subprocess
     import sys
 
     probe = (
         "import gc, weakref\n"
         "from visionr1_operator.main import tune_gc\n"
-        "default = gc.get_threshold()\n"
-        "tune_gc()\n"
-        "assert gc.get_threshold() == default\n"
-        "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
         "class Node: pass\n"
+        "def churn():\n"  # cyclic garbage: young collections, as a watch event's objects make
+        "    young = gc.get_threshold()[0]\n"
+        "    for _ in range(30 * young):\n"
+        "        a, b = Node(), Node()\n"
+        "        a.other, b.other = b, a\n"
+        "def oldest(obj):\n"
+        "    return any(o is obj for o in gc.get_objects(generation=2))\n"
+        "before = [Node()]\n"
+        "churn()\n"
+        "assert oldest(before), 'with Python thresholds 30 young collections promote'\n"
+        "tune_gc()\n"
+        "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+        "in_flight = [Node()]\n"
+        "churn()\n"
+        "assert not oldest(in_flight), 'promoted to the oldest generation'\n"
         "a, b = Node(), Node()\n"
         "a.other, b.other = b, a\n"
         "gone = weakref.ref(a)\n"

@@ -70,6 +70,7 @@ from pydantic import ValidationError
 
 from visionr1_jobs.config import STAGES
 from visionr1_operator import (
+    acyclic_bodies,
     chargeback,
     compat,
     kueue,
@@ -1414,6 +1415,7 @@ def make_registry(config: OperatorConfig | None = None) -> kopf.OperatorRegistry
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         watch_stream.install()  # before the first watch: orjson, without managedFields
+        acyclic_bodies.install()  # each event's object freed once kopf is done with it
         settings.persistence.finalizer = FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = NoDiffBase()
